@@ -1,0 +1,1 @@
+"""onnx-gpfq: GPFQ post-training quantization for ONNX models."""
