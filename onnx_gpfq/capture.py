@@ -1,0 +1,117 @@
+"""Stage 3: run calibration data through the network in segments, one stream at a time.
+
+A ``Stream`` holds the *frontier*: the tensors computed so far that nodes not yet run still need,
+for every calibration batch. ``advance`` runs only the nodes not yet run that the requested tensors
+depend on (one onnxruntime session for that segment, over all batches), adds their outputs to the
+frontier and drops what nothing later reads. So over a whole quantization run every node executes
+at most once per calibration sample and stream, and no prefix of the network is ever re-run.
+
+Two streams advance side by side: the float network (X) and the partially quantized network (X~),
+whose graph changes between segments as layers get quantized (see ``rewrite.apply``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .graph import node_inputs
+
+Batch = dict[str, np.ndarray]
+
+
+class Stream:
+    """Segment-by-segment execution of one network over a fixed list of calibration batches."""
+
+    def __init__(self, batches: Sequence[Batch], model: onnx.ModelProto, threads: int = 0):
+        self.n_batches = len(batches)
+        self.values: dict[str, list[np.ndarray]] = {name: [b[name] for b in batches] for name in batches[0]}
+        self.done: set[str] = set()  # nodes already run, by name
+        self.opset_import = list(model.opset_import)
+        self.ir_version = model.ir_version
+        self.functions = list(model.functions)
+        self.threads = threads
+        self.nodes_run = 0  # for tests: total node executions (per batch)
+
+    def advance(
+        self,
+        nodes: list[onnx.NodeProto],
+        inits: dict[str, onnx.TensorProto],
+        needed: Iterable[str],
+        collect: set[str] | frozenset[str] = frozenset(),
+    ) -> list[str]:
+        """Compute ``needed`` tensors (and keep any ``collect`` tensor the segment produces).
+
+        nodes: the current graph's nodes in topological order; inits: its initializers.
+        Returns the names in ``collect`` that this segment produced.
+        """
+        needed = list(needed)
+        producer = {out: node for node in nodes for out in node.output if out}
+        selected: dict[str, onnx.NodeProto] = {}
+        stack = [n for n in needed if n not in self.values]
+        while stack:
+            name = stack.pop()
+            node = producer.get(name)
+            if node is None:
+                if name in inits:
+                    continue
+                raise RuntimeError(f"tensor {name!r} is neither computed, nor a graph input, nor an initializer")
+            if node.name in selected or node.name in self.done:
+                continue
+            selected[node.name] = node
+            stack.extend(n for n in node_inputs(node) if n not in self.values and n not in inits)
+        segment = [n for n in nodes if n.name in selected]
+        produced_collect: list[str] = []
+        if segment:
+            produced = {o for n in segment for o in n.output if o}
+            pending = [n for n in nodes if n.name not in selected and n.name not in self.done]
+            later_reads = {i for n in pending for i in node_inputs(n)}
+            outputs = sorted(o for o in produced if o in later_reads or o in needed or o in collect)
+            produced_collect = [o for o in outputs if o in collect]
+            results = self._run(segment, inits, outputs)
+            self.values.update(results)
+            self.done.update(selected)
+            self.nodes_run += len(segment)
+        self._prune(nodes, keep=set(needed) | set(produced_collect))
+        return produced_collect
+
+    def _run(self, segment: list[onnx.NodeProto], inits: dict[str, onnx.TensorProto], outputs: list[str]) -> dict[str, list[np.ndarray]]:
+        import onnxruntime as ort
+
+        produced = {o for n in segment for o in n.output}
+        reads: list[str] = []
+        for n in segment:
+            reads.extend(i for i in node_inputs(n) if i not in produced and i not in reads)
+        feeds = [r for r in reads if r in self.values]
+        used_inits = [inits[r] for r in reads if r not in self.values and r in inits]
+        inputs = []
+        for name in feeds:
+            sample = self.values[name][0]
+            inputs.append(helper.make_tensor_value_info(
+                name, helper.np_dtype_to_tensor_dtype(sample.dtype), [None] * sample.ndim))
+        graph = helper.make_graph(segment, "segment", inputs, [onnx.ValueInfoProto(name=o) for o in outputs],
+                                  initializer=used_inits)
+        model = helper.make_model(graph, opset_imports=self.opset_import, ir_version=self.ir_version)
+        model.functions.extend(self.functions)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.log_severity_level = 3
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+        session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        results: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
+        for b in range(self.n_batches):
+            arrays = session.run(outputs, {name: self.values[name][b] for name in feeds})
+            for name, array in zip(outputs, arrays):
+                results[name].append(array)
+        return results
+
+    def _prune(self, nodes: list[onnx.NodeProto], keep: set[str]) -> None:
+        """Forget frontier tensors that no node still to run reads."""
+        still_read = {i for n in nodes if n.name not in self.done for i in node_inputs(n)}
+        for name in list(self.values):
+            if name not in still_read and name not in keep:
+                del self.values[name]

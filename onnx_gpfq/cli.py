@@ -1,0 +1,177 @@
+"""Command line: ``onnx-gpfq quantize`` and ``onnx-gpfq evaluate``.
+
+User errors print one line on stderr and exit 2 (``--debug`` shows the traceback); a failed
+CI-gate threshold in ``evaluate`` exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from . import __version__
+from .errors import UserError
+
+EXAMPLES = """examples:
+  onnx-gpfq quantize models/digits_cnn.onnx -o cnn.w4a8.onnx --calib models/digits_calib.npz
+  onnx-gpfq evaluate models/digits_cnn.onnx cnn.w4a8.onnx --data models/digits_test.npz --max-accuracy-drop 1
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def _bits(value: str):
+    from .options import parse_weight_bits
+
+    return parse_weight_bits(value)
+
+
+def _act_bits(value: str):
+    if value.lower() == "none":
+        return None
+    if value == "8":
+        return 8
+    raise UserError(f"--act-bits must be 8 or none (got {value!r})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnx-gpfq", description="Post-training quantization of ONNX models with GPFQ "
+                     "(greedy path-following quantization).", epilog=EXAMPLES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"onnx-gpfq {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    q = sub.add_parser("quantize", help="quantize a model's Conv/Gemm/MatMul weights (and activations)",
+                       description="Quantize every Conv/Gemm/MatMul weight of MODEL with GPFQ and write a QDQ model "
+                       "that onnxruntime runs with integer kernels.")
+    q.add_argument("model", metavar="MODEL.onnx", help="the float model to quantize (never modified)")
+    q.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write the quantized model")
+    q.add_argument("--calib", required=True, metavar="DATA.npz",
+                   help="calibration data: a .npz with one array per model input, named after it, samples along axis 0")
+    q.add_argument("--weight-bits", type=_bits, default=4, metavar="{2..8,ternary}",
+                   help="weight bit width; ternary = levels {-1,0,1} x step (default: 4)")
+    q.add_argument("--act-bits", type=_act_bits, default=8, metavar="{8,none}",
+                   help="activation bits (uint8 asymmetric, min-max), or none for weight-only (default: 8)")
+    q.add_argument("--method", choices=["gpfq", "rtn"], default="gpfq",
+                   help="gpfq: greedy path-following with error feedback; rtn: round to nearest, the baseline (default: gpfq)")
+    q.add_argument("--seed", type=int, default=0, help="seed for patch subsampling (default: 0)")
+    q.add_argument("--granularity", choices=["channel", "tensor"], default="channel",
+                   help="one weight step per output channel or per layer (default: channel)")
+    q.add_argument("--scale-rule", choices=["search", "fixed"], default="search",
+                   help="step = C * max|w| / K; search: C minimising each channel's exact output error; "
+                   "fixed: C given by --c (default: search)")
+    q.add_argument("--c", type=float, default=1.0, help="C for --scale-rule fixed (default: 1.0)")
+    q.add_argument("--sparsity", default=None, metavar="{soft,hard}:LAMBDA",
+                   help="sparsity-promoting thresholding with absolute threshold LAMBDA (default: off)")
+    q.add_argument("--bias-correction", action="store_true", help="add the mean output shift back to each bias")
+    q.add_argument("--full-range", action="store_true", help="use the full two's-complement range [-2^(b-1), 2^(b-1)-1]")
+    q.add_argument("--batch-size", type=int, default=32, help="calibration samples per onnxruntime run (default: 32)")
+    q.add_argument("--max-patches", type=int, default=256,
+                   help="rows of X sampled per calibration sample and layer (conv patches, tokens) (default: 256)")
+    q.add_argument("--exclude", action="append", default=[], metavar="GLOB|OP",
+                   help="leave nodes in float: a node-name glob or an op type (repeatable)")
+    q.add_argument("--report", metavar="FILE.json", help="also write the per-layer report as JSON")
+    q.add_argument("--quiet", action="store_true", help="no progress bar and no report table")
+    q.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    e = sub.add_parser("evaluate", help="compare models on a data set (and gate CI on thresholds)",
+                       description="Accuracy (when the data has 'labels'), top-1 agreement and output SQNR against "
+                       "the float model, latency per batch and size, for FLOAT and each QUANT model.")
+    e.add_argument("float_model", metavar="FLOAT.onnx", help="the reference float model")
+    e.add_argument("models", nargs="*", metavar="QUANT.onnx", help="models to compare with it")
+    e.add_argument("--data", required=True, metavar="DATA.npz", help="inputs named after the model inputs, and optionally 'labels'")
+    e.add_argument("--batch-size", type=int, default=64, help="samples per run (default: 64)")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    e.add_argument("--min-accuracy", type=float, help="fail (exit 1) if a model's accuracy is below this (0..1)")
+    e.add_argument("--max-accuracy-drop", type=float, help="fail if accuracy drops more than this many points vs float")
+    e.add_argument("--min-agreement", type=float, help="fail if top-1 agreement with float is below this (0..1)")
+    e.add_argument("--min-sqnr", type=float, help="fail if output SQNR vs float is below this (dB)")
+    e.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def _cmd_quantize(args) -> int:
+    from .graph import check_output_path, save_model
+    from .options import Options, parse_sparsity
+    from .quantize import quantize
+
+    check_output_path(args.output, [args.model, args.calib])
+    if args.report:
+        check_output_path(args.report, [args.model, args.calib, args.output])
+    options = Options(
+        weight_bits=args.weight_bits, act_bits=args.act_bits, method=args.method, seed=args.seed,
+        granularity=args.granularity, scale_rule=args.scale_rule, c=args.c, sparsity=parse_sparsity(args.sparsity),
+        bias_correction=args.bias_correction, full_range=args.full_range, batch_size=args.batch_size,
+        max_patches=args.max_patches, exclude=tuple(args.exclude), quiet=args.quiet,
+    )
+    model, report = quantize(args.model, args.calib, options)
+    save_model(model, args.output)
+    if args.report:
+        from .graph import write_text
+
+        write_text(args.report, json.dumps(report.to_dict(), indent=2, default=_json_default) + "\n")
+    if not args.quiet:
+        print(report.table(), file=sys.stderr)
+    return 0
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+def _cmd_evaluate(args) -> int:
+    from .evaluate import Thresholds, check_thresholds, evaluate
+
+    metrics = evaluate(args.float_model, args.models, args.data, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps({"models": [_finite(vars(m)) for m in metrics]}))
+    else:
+        print(f"{'model':40s} {'accuracy':>9s} {'agree':>7s} {'SQNR dB':>8s} {'ms/batch':>9s} {'speedup':>8s} {'size KiB':>9s}")
+        for m in metrics:
+            acc = "-" if m.accuracy is None else f"{m.accuracy:.4f}"
+            sqnr = "-" if m.sqnr_db is None else f"{m.sqnr_db:.2f}"
+            print(f"{m.path[-40:]:40s} {acc:>9s} {m.agreement:7.4f} {sqnr:>8s} {m.latency_ms:9.3f} {m.speedup:8.2f} {m.size_bytes / 1024:9.1f}")
+    reason = check_thresholds(metrics, Thresholds(args.min_accuracy, args.max_accuracy_drop, args.min_agreement, args.min_sqnr))
+    if reason:
+        print(f"onnx-gpfq: threshold failed: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _finite(d: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            build_parser().print_help(sys.stderr)
+            return 2
+        return _cmd_quantize(args) if args.command == "quantize" else _cmd_evaluate(args)
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"onnx-gpfq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onnx-gpfq: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not the user's fault: still one line unless --debug
+        if debug:
+            raise
+        print(f"onnx-gpfq: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Stage 1: load an ONNX model and normalise its graph.
+
+Normalising means: opset high enough for per-channel QDQ, constants folded into initializers and
+BatchNormalization fused into the preceding Conv (onnxruntime's basic-level offline optimiser does
+both), every node named, and the nodes in topological order. Nothing here knows about quantization.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import UserError
+
+MIN_OPSET = 13  # per-channel (axis) DequantizeLinear
+
+
+def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """Read a model from a path (external data included) or take a ModelProto as is."""
+    if isinstance(source, onnx.ModelProto):
+        return source
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"model file not found: {path}")
+    if not path.is_file():
+        raise UserError(f"model path is not a file: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several types for garbage and truncated files
+        raise UserError(f"{path} is not a valid ONNX model (cannot parse it: {type(exc).__name__})") from None
+    if not model.graph.node:
+        raise UserError(f"{path} is not a valid ONNX model (its graph has no nodes)")
+    _load_external_data(model, path.parent)
+    return model
+
+
+def _load_external_data(model: onnx.ModelProto, base: Path) -> None:
+    """Load tensors stored outside the .onnx file, refusing locations outside the model's folder."""
+    from onnx.external_data_helper import _get_all_tensors, load_external_data_for_tensor, uses_external_data
+
+    root = base.resolve()
+    for tensor in _get_all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (root / location).resolve()
+        if os.path.isabs(location) or (root not in target.parents and target != root):
+            raise UserError(f"external data location {location!r} of tensor {tensor.name!r} points outside the model's folder")
+        if not target.is_file():
+            raise UserError(f"external data file {location!r} of tensor {tensor.name!r} not found next to the model")
+        load_external_data_for_tensor(tensor, str(root))
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 0
+
+
+def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a normalised copy of ``model`` (the input is never modified)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    if opset_version(model) < MIN_OPSET:
+        try:
+            model = onnx.version_converter.convert_version(model, MIN_OPSET)
+        except Exception as exc:
+            raise UserError(f"cannot upgrade the model from opset {opset_version(model)} to {MIN_OPSET}: {exc}") from None
+    model = _ort_basic_optimise(model)
+    _name_nodes(model.graph)
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        pass  # shapes are only a convenience: capture reads real tensors
+    return model
+
+
+def _ort_basic_optimise(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant folding, Constant nodes -> initializers, Conv+BatchNormalization fusion."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="onnx_gpfq_") as tmp:
+        src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
+        onnx.save(model, src)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = dst
+        so.log_severity_level = 3
+        try:
+            ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"onnxruntime cannot load the model: {message}") from None
+        optimised = onnx.load(dst)
+    # onnxruntime drops the model-level metadata it does not use: keep the user's.
+    optimised.producer_name, optimised.producer_version = model.producer_name, model.producer_version
+    optimised.ir_version = max(optimised.ir_version, model.ir_version)
+    del optimised.metadata_props[:]
+    optimised.metadata_props.extend(model.metadata_props)
+    return optimised
+
+
+def _name_nodes(graph: onnx.GraphProto) -> None:
+    """Give every unnamed node a unique name (reports and --exclude refer to nodes by name)."""
+    taken = {n.name for n in graph.node if n.name}
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+
+
+class GraphIndex:
+    """Read-only lookups over a graph: initializers, producers and consumers of each tensor."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.output:
+                if name:
+                    self.producer[name] = node
+            for name in node_inputs(node):
+                self.consumers.setdefault(name, []).append(node)
+        self.graph_outputs = {o.name for o in graph.output}
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.initializers[name])
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.initializers
+
+
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Every tensor a node reads: its inputs and the outer-scope names its subgraphs use."""
+    names = [n for n in node.input if n]
+    for attr in node.attribute:
+        for sub in _subgraphs(attr):
+            names.extend(n for n in _outer_names(sub) if n not in names)
+    return names
+
+
+def _subgraphs(attr: onnx.AttributeProto) -> Iterable[onnx.GraphProto]:
+    if attr.type == onnx.AttributeProto.GRAPH:
+        yield attr.g
+    elif attr.type == onnx.AttributeProto.GRAPHS:
+        yield from attr.graphs
+
+
+def _outer_names(graph: onnx.GraphProto) -> list[str]:
+    """Names a subgraph reads from the enclosing scope."""
+    local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        local.update(node.output)
+    outer: list[str] = []
+    for node in graph.node:
+        for name in node_inputs(node):
+            if name not in local and name not in outer:
+                outer.append(name)
+    for out in graph.output:
+        if out.name not in local and out.name not in outer:
+            outer.append(out.name)
+    return outer
+
+
+def check_output_path(output: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Refuse an output path that would overwrite an input or cannot be written, before any work."""
+    out = Path(output)
+    for src in inputs:
+        if isinstance(src, (str, os.PathLike)) and Path(src).exists() and out.resolve() == Path(src).resolve():
+            raise UserError(f"output path {out} is the same as an input file: choose another name")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"output folder {parent} is not writable")
+    if out.is_dir():
+        raise UserError(f"output path {out} is a folder")
+    return out
+
+
+def save_model(model: onnx.ModelProto, output: str | os.PathLike) -> None:
+    """Write atomically: a temporary file in the same folder, renamed into place when complete.
+
+    A crash, an interrupt or a full disk leaves no partial output and no temporary file.
+    """
+    _write_atomic(Path(output), model.SerializeToString())
+
+
+def write_text(output: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (see ``save_model``)."""
+    _write_atomic(Path(output), text.encode())
+
+
+def _write_atomic(out: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

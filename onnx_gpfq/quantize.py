@@ -1,0 +1,287 @@
+"""The pipeline: load and normalise -> find targets -> calibrate and capture -> quantize -> rewrite -> validate.
+
+``quantize(model, calibration, options)`` returns the quantized ModelProto and a ``Report``.
+Layers are quantized in topological order. For layer k, X is its input in the float network and
+X~ its input in the network whose layers before k are already quantized, with the activation
+QuantizeLinear/DequantizeLinear pairs the output graph will have; both come from two ``Stream``s
+that advance segment by segment, so no node runs twice for the same sample and stream.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from . import gpfq, rewrite
+from .calib import load_batches, model_inputs
+from .capture import Stream
+from .errors import UserError
+from .graph import GraphIndex, load_model, normalise
+from .options import Options
+from .rewrite import ActQuant, QuantizedLayer, act_quant_from_range, dq_name
+from .targets import Skipped, Target, find_targets
+
+REMOVABLE_ACTIVATIONS = ("Relu", "Clip")
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One row of the report. Errors are relative output errors ||XW - X~Q||^2 / ||XW||^2."""
+
+    node: str
+    op_type: str
+    weight_shape: tuple[int, ...]
+    bits: str
+    granularity: str
+    scale_rule: str
+    c: float  # median chosen C over output channels
+    rel_error: float
+    rel_error_rtn: float
+    sparsity: float
+    form: str  # "gram" | "residual" | "shared"
+    rows: int  # rows of X used (samples x patches)
+    seconds: float
+
+
+@dataclass
+class Report:
+    layers: list[LayerReport] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    activations: int = 0  # activation tensors with QDQ
+    float_weight_bytes: int = 0
+    quant_weight_bytes: int = 0
+    calibration_samples: int = 0
+    seconds: float = 0.0
+    options: dict = field(default_factory=dict)
+
+    def table(self) -> str:
+        """The report as a text table (one row per layer, then totals)."""
+        head = f"{'layer':32s} {'op':6s} {'weight':>16s} {'bits':>7s} {'gran':>7s} {'C':>5s} {'err gpfq':>9s} {'err rtn':>9s} {'zeros':>6s} {'form':>8s} {'rows':>7s} {'s':>6s}"
+        lines = [head, "-" * len(head)]
+        for r in self.layers:
+            shape = "x".join(str(d) for d in r.weight_shape)
+            lines.append(f"{r.node[-32:]:32s} {r.op_type:6s} {shape:>16s} {r.bits:>7s} {r.granularity:>7s} {r.c:5.2f} "
+                         f"{r.rel_error:9.2e} {r.rel_error_rtn:9.2e} {r.sparsity:6.1%} {r.form[:8]:>8s} {r.rows:7d} {r.seconds:6.2f}")
+        for s in self.skipped:
+            lines.append(f"{s.node[-32:]:32s} {s.op_type:6s} left in float: {s.reason}")
+        ratio = self.float_weight_bytes / max(self.quant_weight_bytes, 1)
+        lines.append(f"{len(self.layers)} layers quantized, {len(self.skipped)} left in float, {self.activations} activation "
+                     f"tensors quantized; weights {self.float_weight_bytes / 1024:.1f} KiB -> {self.quant_weight_bytes / 1024:.1f} KiB "
+                     f"({ratio:.1f}x); {self.calibration_samples} calibration samples; {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": [vars(layer) | {"weight_shape": list(layer.weight_shape)} for layer in self.layers],
+            "left_in_float": [vars(s) for s in self.skipped],
+            "activation_tensors_quantized": self.activations,
+            "float_weight_bytes": self.float_weight_bytes,
+            "quant_weight_bytes": self.quant_weight_bytes,
+            "calibration_samples": self.calibration_samples,
+            "seconds": self.seconds,
+            "options": self.options,
+        }
+
+
+def activation_tensors(graph: onnx.GraphProto, targets: list[Target]) -> set[str]:
+    """Which activation tensors get QuantizeLinear/DequantizeLinear (the placement rule).
+
+    - the input of every quantized layer (what makes its kernel integer on the input side);
+    - the output of every quantized Conv, taken after a chain of Relu/Clip that only it feeds, so
+      that onnxruntime fuses DQ -> Conv -> (Relu) -> Q into QLinearConv (Relu/Clip fold into the
+      uint8 range). A residual Add fed by two such tensors then runs as QLinearAdd.
+    Nothing else is quantized: masks, softmax inputs, normalisation statistics stay float.
+    """
+    index = GraphIndex(graph)
+    chosen: set[str] = set()
+    for t in targets:
+        if not index.is_constant(t.x):
+            chosen.add(t.x)
+        if t.op_type != "Conv":
+            continue
+        out = _node_output(graph, t.node)
+        while out not in index.graph_outputs:
+            consumers = index.consumers.get(out, [])
+            if len(consumers) == 1 and consumers[0].op_type in REMOVABLE_ACTIVATIONS:
+                out = consumers[0].output[0]
+            else:
+                break
+        chosen.add(out)
+    return chosen
+
+
+def _node_output(graph: onnx.GraphProto, name: str) -> str:
+    return next(n.output[0] for n in graph.node if n.name == name)
+
+
+def _observe(values: list[np.ndarray]) -> ActQuant:
+    """Min-max calibration of one activation tensor over all batches."""
+    lo = min(float(v.min()) for v in values)
+    hi = max(float(v.max()) for v in values)
+    return act_quant_from_range(lo, hi)
+
+
+def _observe_new(quant_acts: set[str], acts: dict[str, ActQuant], stream: Stream) -> None:
+    """Calibrate every activation tensor to quantize that the float stream now holds for the first time."""
+    for name in sorted(quant_acts - set(acts)):
+        if name in stream.values:
+            acts[name] = _observe(stream.values[name])
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims, dtype=np.int64)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
+def quantize(model, calibration, options: Options | None = None, **kwargs) -> tuple[onnx.ModelProto, Report]:
+    """Quantize ``model`` (path or ModelProto) with GPFQ on ``calibration`` data.
+
+    calibration: a .npz path, an iterable of {input: array} batches, or a CalibrationDataReader.
+    options: an Options, or its fields as keyword arguments.
+    """
+    if options is None:
+        options = Options(**kwargs)
+    elif kwargs:
+        raise TypeError("pass either options or keyword options, not both")
+    start = time.perf_counter()
+    original = load_model(model)
+    base = normalise(original)
+    graph = base.graph
+    index = GraphIndex(graph)
+    inputs = model_inputs(base)
+    batches = load_batches(calibration, inputs, options.batch_size)
+
+    targets, skipped = find_targets(graph)
+    kept = []
+    for t in targets:
+        if options.is_excluded(t.node, t.op_type):
+            skipped.append(Skipped(t.node, t.op_type, "excluded by --exclude"))
+        else:
+            kept.append(t)
+    targets = kept
+    if not targets:
+        raise UserError("nothing to quantize: the model has no Conv/Gemm/MatMul layer with a constant weight"
+                        + (f" ({len(skipped)} left in float: {skipped[0].reason})" if skipped else ""))
+
+    report = Report(skipped=skipped, calibration_samples=sum(next(iter(b.values())).shape[0] for b in batches),
+                    options={k: (str(v) if not isinstance(v, (int, float, bool, type(None), tuple)) else v)
+                             for k, v in vars(options).items()})
+    quant_acts = activation_tensors(graph, targets) if options.act_bits else set()
+    spec = options.spec()
+    float_stream, quant_stream = Stream(batches, base), Stream(batches, base)
+    acts: dict[str, ActQuant] = {}
+    layers: dict[str, QuantizedLayer] = {}
+    by_weight: dict[str, QuantizedLayer] = {}
+    moments_cache: dict[tuple, gpfq.Moments] = {}
+
+    progress = _progress(len(targets), options.quiet)
+    for k, t in enumerate(targets):
+        progress.set_postfix_str(t.node[-40:], refresh=False)
+        layer_start = time.perf_counter()
+        if t.w in by_weight:  # a weight shared by several nodes: quantized once, at its first use
+            first = by_weight[t.w]
+            layers[t.node] = QuantizedLayer(t, first.codes, first.scale, None)
+            report.layers.append(LayerReport(t.node, t.op_type, t.w_shape, str(options.weight_bits), options.granularity,
+                                             options.scale_rule, float("nan"), float("nan"), float("nan"),
+                                             float(np.mean(first.codes == 0)), f"shared with {first.target.node}", 0, 0.0))
+            progress.update()
+            continue
+        float_stream.advance(list(graph.node), index.initializers, [t.x], quant_acts)
+        _observe_new(quant_acts, acts, float_stream)
+        nodes_q, inits_q = rewrite.apply(graph, layers, acts)
+        x_tilde = dq_name(t.x) if t.x in acts else t.x
+        quant_stream.advance(nodes_q, inits_q, [x_tilde])
+
+        w = index.array(t.w).astype(np.float64)
+        W = t.to_matrix(w)
+        moments = moments_cache.get(t.patch_key)
+        if moments is None:
+            moments = _accumulate(t, float_stream.values[t.x], quant_stream.values[x_tilde], W.shape, options, k)
+            moments_cache = {t.patch_key: moments}  # only consecutive layers reading the same tensor share
+        result = gpfq.quantize_layer(W, moments, spec)
+
+        codes = t.from_matrix(result.codes).astype(np.int8)
+        if options.granularity == "tensor":
+            scale = np.array(result.scale.reshape(-1)[0], np.float32)
+        else:
+            scale = result.scale[:, 0, :].reshape(-1).astype(np.float32)
+        bias = _corrected_bias(t, index, result, graph) if options.bias_correction else None
+        layers[t.node] = by_weight[t.w] = QuantizedLayer(t, codes, scale, bias)
+        report.layers.append(LayerReport(
+            t.node, t.op_type, t.w_shape, str(options.weight_bits), options.granularity, options.scale_rule,
+            float(np.median(result.C)), float(result.rel_error), float(result.rel_error_rtn), float(result.sparsity),
+            result.form, int(moments.m), time.perf_counter() - layer_start))
+        progress.update()
+    progress.close()
+
+    # Activation tensors after the last quantized layer (e.g. its output) are calibrated on the
+    # float network too: run what is left of it once.
+    remaining = sorted(quant_acts - set(acts))
+    if remaining:
+        float_stream.advance(list(graph.node), index.initializers, remaining, quant_acts)
+        _observe_new(quant_acts, acts, float_stream)
+
+    nodes, inits = rewrite.apply(graph, layers, acts)
+    out = rewrite.build_model(base, nodes, inits)
+    validate(out, batches[0])
+    report.activations = len(acts)
+    report.float_weight_bytes = sum(_tensor_bytes(index.initializers[w]) for w in by_weight)
+    report.quant_weight_bytes = sum(int(q.codes.size) for q in by_weight.values())
+    report.seconds = time.perf_counter() - start
+    return out, report
+
+
+def _accumulate(t: Target, xs: list[np.ndarray], xts: list[np.ndarray], w_shape, options: Options, k: int) -> gpfq.Moments:
+    """G, H, F and column means of layer ``t`` over all calibration batches (same rows in both streams)."""
+    positions = [t.positions(x.shape, options.max_patches, np.random.default_rng([options.seed, k, b]))
+                 for b, x in enumerate(xs)]
+    m = sum(p.size if p is not None else t.rows(x[:1], None).shape[1] * x.shape[0] for p, x in zip(positions, xs))
+    groups, n0, n1 = w_shape
+    moments = gpfq.Moments(groups, n0, gpfq.choose_form(m, n0, n1, groups))
+    for x, xt, pos in zip(xs, xts, positions):
+        moments.update(t.rows(x, pos), t.rows(xt, pos))
+    return moments
+
+
+def _corrected_bias(t: Target, index: GraphIndex, result, graph: onnx.GraphProto) -> np.ndarray | None:
+    """b' = b + mu_X^T W - mu_X~^T Q, in the bias's ONNX shape (Gemm: divided by beta, times alpha)."""
+    if result.bias_delta is None or t.op_type == "MatMul":
+        return None
+    delta = result.bias_delta.reshape(-1)
+    if t.op_type == "Gemm":
+        node = next(n for n in graph.node if n.name == t.node)
+        alpha, beta = rewrite._gemm_alpha_beta(node)
+        delta = delta * alpha / beta
+    base = index.array(t.b).astype(np.float64) if t.b else np.zeros(t.n_out)
+    return (base + delta.reshape(base.shape)).astype(np.float32)
+
+
+def validate(model: onnx.ModelProto, batch: dict[str, np.ndarray]) -> None:
+    """The output must pass the full ONNX checker and run in onnxruntime."""
+    import onnxruntime as ort
+
+    onnx.checker.check_model(model, full_check=True)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    outputs = session.run(None, batch)
+    for out in outputs:
+        if isinstance(out, np.ndarray) and out.dtype.kind == "f" and not np.isfinite(out).all():
+            raise RuntimeError("the quantized model produces NaN/Inf on the calibration data")
+
+
+class _NoProgress:
+    def set_postfix_str(self, *a, **k): ...
+    def update(self, *a): ...
+    def close(self): ...
+
+
+def _progress(total: int, quiet: bool):
+    if quiet:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="quantizing", unit="layer", file=sys.stderr, leave=False, dynamic_ncols=True)

@@ -1,0 +1,217 @@
+"""Stage 5: rewrite the normalised float graph into a QDQ graph.
+
+One function, ``apply``, serves twice: during capture it builds the partially quantized network
+(the layers quantized so far, the activation QDQ calibrated so far) whose outputs are X~, and at the
+end it builds the output model. Both runs go through the same code, so the X~ that GPFQ saw is
+exactly what the deployed graph computes (onnxruntime runs QDQ pairs as fake quantization when its
+optimiser is off, and fuses them into integer kernels when it is on).
+
+Layout, per quantized layer::
+
+    x -> QuantizeLinear -> DequantizeLinear -> Conv/Gemm/MatMul -> ...
+    w_quantized (int8 codes) -> DequantizeLinear(w_scale per output channel, zero point 0) -^
+    b_quantized (int32, scale = x_scale * w_scale) -> DequantizeLinear -----------------------^
+
+Every consumer of a quantized activation tensor reads its DequantizeLinear output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .graph import GraphIndex
+from .targets import Target
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """Affine quantization of one activation tensor: real = (q - zero_point) * scale."""
+
+    scale: float
+    zero_point: int
+    dtype: type = np.uint8
+
+
+@dataclass(frozen=True)
+class QuantizedLayer:
+    """What the greedy pass chose for one layer, in ONNX layout."""
+
+    target: Target
+    codes: np.ndarray  # int8, the ONNX weight's shape
+    scale: np.ndarray  # float32, (n_out,) per channel or () per tensor
+    bias: np.ndarray | None  # float32 bias after bias correction (None: keep the model's)
+
+
+def q_name(tensor: str) -> str:
+    return f"{tensor}_QuantizeLinear_Output"
+
+
+def dq_name(tensor: str) -> str:
+    return f"{tensor}_DequantizeLinear_Output"
+
+
+def act_quant_from_range(lo: float, hi: float) -> ActQuant:
+    """Asymmetric uint8 parameters covering [lo, hi] (always including 0, so zero is exact)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if hi - lo <= 0 or not np.isfinite(hi - lo):
+        return ActQuant(1.0, 0)
+    scale = np.float32((hi - lo) / 255.0)
+    zero_point = int(np.clip(np.round(-lo / scale), 0, 255))
+    return ActQuant(float(scale), zero_point)
+
+
+def apply(
+    graph: onnx.GraphProto,
+    layers: dict[str, QuantizedLayer],
+    acts: dict[str, ActQuant],
+) -> tuple[list[onnx.NodeProto], dict[str, onnx.TensorProto]]:
+    """Nodes (topological order) and initializers of ``graph`` with ``layers`` and ``acts`` quantized.
+
+    layers: keyed by node name; acts: keyed by tensor name. Unchanged initializers are shared with
+    ``graph`` (not copied).
+    """
+    index = GraphIndex(graph)
+    inits: dict[str, onnx.TensorProto] = dict(index.initializers)
+    nodes: list[onnx.NodeProto] = []
+    emitted_weights: set[str] = set()
+
+    def emit_act_qdq(tensor: str) -> None:
+        quant = acts[tensor]
+        scale, zp = f"{tensor}_scale", f"{tensor}_zero_point"
+        inits[scale] = numpy_helper.from_array(np.array(quant.scale, np.float32), scale)
+        inits[zp] = numpy_helper.from_array(np.array(quant.zero_point, quant.dtype), zp)
+        nodes.append(helper.make_node("QuantizeLinear", [tensor, scale, zp], [q_name(tensor)], name=f"{tensor}_QuantizeLinear"))
+        nodes.append(helper.make_node("DequantizeLinear", [q_name(tensor), scale, zp], [dq_name(tensor)], name=f"{tensor}_DequantizeLinear"))
+
+    graph_inputs = [i.name for i in graph.input if i.name not in inits]
+    for name in graph_inputs:
+        if name in acts:
+            emit_act_qdq(name)
+
+    for node in graph.node:
+        layer = layers.get(node.name)
+        new = node
+        rewired = [dq_name(n) if n in acts else n for n in node.input]
+        if layer is not None:
+            t = layer.target
+            w_dq = f"{t.w}_DequantizeLinear_Output"
+            if t.w not in emitted_weights:
+                emitted_weights.add(t.w)
+                nodes.append(_weight_dq(t, layer, inits))
+            rewired[1] = w_dq
+            bias_input = _bias(t, layer, node, acts, inits, nodes)
+            if bias_input is not None:
+                while len(rewired) < 3:
+                    rewired.append("")
+                rewired[2] = bias_input
+        if rewired != list(node.input):
+            new = onnx.NodeProto()
+            new.CopyFrom(node)
+            del new.input[:]
+            new.input.extend(rewired)
+        nodes.append(new)
+        for out in node.output:
+            if out in acts:
+                emit_act_qdq(out)
+    return nodes, inits
+
+
+def _weight_dq(t: Target, layer: QuantizedLayer, inits: dict[str, onnx.TensorProto]) -> onnx.NodeProto:
+    codes, scale, zp = f"{t.w}_quantized", f"{t.w}_scale", f"{t.w}_zero_point"
+    inits[codes] = numpy_helper.from_array(layer.codes.astype(np.int8), codes)
+    inits[scale] = numpy_helper.from_array(layer.scale.astype(np.float32), scale)
+    inits[zp] = numpy_helper.from_array(np.zeros(layer.scale.shape, np.int8), zp)
+    attrs = {"axis": t.channel_axis} if layer.scale.ndim == 1 else {}
+    return helper.make_node("DequantizeLinear", [codes, scale, zp], [f"{t.w}_DequantizeLinear_Output"],
+                            name=f"{t.w}_DequantizeLinear", **attrs)
+
+
+def _gemm_alpha_beta(node: onnx.NodeProto) -> tuple[float, float]:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+
+
+def _bias(
+    t: Target,
+    layer: QuantizedLayer,
+    node: onnx.NodeProto,
+    acts: dict[str, ActQuant],
+    inits: dict[str, onnx.TensorProto],
+    nodes: list[onnx.NodeProto],
+) -> str | None:
+    """The tensor the layer's bias input should read, or None to leave it as it is.
+
+    With a quantized input and a float bias, the bias becomes int32 codes with scale
+    x_scale * w_scale (what the fused integer kernels expect); otherwise a corrected bias stays float.
+    """
+    if t.b is None and layer.bias is None:
+        return None
+    bias = layer.bias if layer.bias is not None else numpy_helper.to_array(inits[t.b]).astype(np.float32)
+    base = t.b or f"{t.node}_bias"
+    integer_ok = t.x in acts and (t.op_type == "Conv" or (t.op_type == "Gemm" and _gemm_alpha_beta(node) == (1.0, 1.0)))
+    if not integer_ok:
+        if layer.bias is None:
+            return None
+        name = f"{base}_corrected"
+        inits[name] = numpy_helper.from_array(bias.astype(np.float32), name)
+        return name
+    flat = bias.reshape(-1).astype(np.float64)
+    scale = (np.float32(acts[t.x].scale) * layer.scale.astype(np.float32)).astype(np.float32)
+    scale = np.broadcast_to(scale, flat.shape).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0).astype(np.float64)
+    codes = np.clip(np.round(flat / safe), -(2**31) + 1, 2**31 - 1).astype(np.int32).reshape(bias.shape)
+    codes_name, scale_name = f"{base}_quantized", f"{base}_quantized_scale"
+    inits[codes_name] = numpy_helper.from_array(codes, codes_name)
+    inits[scale_name] = numpy_helper.from_array(scale.reshape(bias.shape) if bias.ndim == 1 else scale, scale_name)
+    out = f"{base}_DequantizeLinear_Output"
+    attrs = {"axis": 0} if bias.ndim == 1 else {}
+    if bias.ndim != 1:  # (1, N) Gemm bias: a per-column scale needs axis 1
+        attrs = {"axis": 1}
+    nodes.append(helper.make_node("DequantizeLinear", [codes_name, scale_name], [out], name=f"{base}_DequantizeLinear", **attrs))
+    return out
+
+
+def build_model(base: onnx.ModelProto, nodes: list[onnx.NodeProto], inits: dict[str, onnx.TensorProto]) -> onnx.ModelProto:
+    """A complete model from ``apply``'s output: unused initializers dropped, order deterministic."""
+    used: set[str] = set()
+    for node in nodes:
+        used.update(node.input)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                used.update(_all_names(attr.g))
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    used.update(_all_names(g))
+    used.update(o.name for o in base.graph.output)
+    graph = helper.make_graph(
+        nodes,
+        base.graph.name or "quantized",
+        [i for i in base.graph.input if i.name not in inits or i.name in used],
+        list(base.graph.output),
+        initializer=[inits[n] for n in sorted(inits) if n in used],
+    )
+    model = helper.make_model(graph, opset_imports=list(base.opset_import), ir_version=base.ir_version)
+    model.producer_name = "onnx-gpfq"
+    from . import __version__
+
+    model.producer_version = __version__
+    model.functions.extend(base.functions)
+    model.metadata_props.extend(base.metadata_props)
+    return model
+
+
+def _all_names(graph: onnx.GraphProto) -> set[str]:
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                names.update(_all_names(attr.g))
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    names.update(_all_names(g))
+    return names

@@ -1,0 +1,96 @@
+"""The matrix view of each target op: rows(x) @ W must reproduce what onnxruntime computes."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_gpfq.targets import find_targets
+
+
+def _run(node, x, inits, opset=17):
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_value_info("y", onnx.TypeProto())],
+        initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return model, y
+
+
+CONV_CASES = [
+    dict(x=(2, 4, 9, 9), w=(6, 4, 3, 3), attrs={}),
+    dict(x=(2, 4, 9, 9), w=(6, 4, 3, 3), attrs={"pads": [1, 0, 2, 1], "strides": [2, 1]}),
+    dict(x=(2, 4, 10, 7), w=(8, 2, 3, 2), attrs={"group": 2, "dilations": [2, 1], "pads": [1, 1, 1, 1]}),
+    dict(x=(3, 6, 8, 8), w=(6, 1, 3, 3), attrs={"group": 6, "pads": [1, 1, 1, 1]}),  # depthwise
+    dict(x=(2, 4, 9, 8), w=(5, 4, 3, 3), attrs={"auto_pad": "SAME_UPPER", "strides": [2, 2]}),
+    dict(x=(2, 4, 9, 8), w=(5, 4, 2, 2), attrs={"auto_pad": "SAME_LOWER", "strides": [1, 1]}),
+    dict(x=(2, 3, 11), w=(4, 3, 3), attrs={"strides": [2], "pads": [1, 1]}),  # 1-D
+    dict(x=(1, 2, 5, 6, 4), w=(3, 2, 2, 3, 2), attrs={"pads": [0, 1, 0, 1, 1, 1]}),  # 3-D
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_rows_times_weight_matches_onnxruntime(case):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(case["x"]).astype(np.float32)
+    w = rng.standard_normal(case["w"]).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", **case["attrs"])
+    model, y = _run(node, x, {"w": w})
+    (t,), skipped = find_targets(model.graph)
+    assert not skipped
+    W = t.to_matrix(w)
+    np.testing.assert_array_equal(t.from_matrix(W), w)
+    rows = t.rows(x, None)  # (g, N*L, N0)
+    g, n1g = t.groups, w.shape[0] // t.groups
+    expected = y.reshape(y.shape[0], t.groups, n1g, -1).transpose(1, 0, 3, 2).reshape(g, -1, n1g)
+    np.testing.assert_allclose(rows @ W, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_subsampled_rows_are_a_subset_with_same_positions():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 2, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    model, _ = _run(helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]), x, {"w": w})
+    (t,), _ = find_targets(model.graph)
+    pos = t.positions(x.shape, 5, np.random.default_rng(0))
+    assert pos.shape == (3, 5)
+    full = t.rows(x, None).reshape(1, 3, 36, -1)
+    sub = t.rows(x, pos).reshape(1, 3, 5, -1)
+    for n in range(3):
+        np.testing.assert_array_equal(sub[0, n], full[0, n, pos[n]])
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("trans_a", [0, 1])
+def test_gemm_view(trans_a, trans_b):
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((5, 7) if not trans_a else (7, 5)).astype(np.float32)
+    b = rng.standard_normal((7, 3) if not trans_b else (3, 7)).astype(np.float32)
+    node = helper.make_node("Gemm", ["x", "b"], ["y"], transA=trans_a, transB=trans_b)
+    model, y = _run(node, a, {"b": b})
+    (t,), _ = find_targets(model.graph)
+    assert t.channel_axis == (0 if trans_b else 1)
+    np.testing.assert_allclose(t.rows(a, None)[0] @ t.to_matrix(b)[0], y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(t.from_matrix(t.to_matrix(b)), b)
+
+
+def test_matmul_nd_view_and_token_subsampling():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 6, 8)).astype(np.float32)
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    model, y = _run(helper.make_node("MatMul", ["x", "w"], ["y"]), x, {"w": w})
+    (t,), _ = find_targets(model.graph)
+    np.testing.assert_allclose(t.rows(x, None)[0] @ t.to_matrix(w)[0], y.reshape(-1, 4), rtol=1e-5, atol=1e-5)
+    pos = t.positions(x.shape, 3, np.random.default_rng(0))
+    assert t.rows(x, pos).shape == (1, 6, 8)
+
+
+def test_activation_only_matmul_is_reported_not_targeted():
+    nodes = [helper.make_node("MatMul", ["x", "x2"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2]),
+                                           helper.make_tensor_value_info("x2", TensorProto.FLOAT, [2, 2])],
+                              [helper.make_value_info("y", onnx.TypeProto())])
+    targets, skipped = find_targets(graph)
+    assert targets == [] and skipped[0].node == "mm" and "activations" in skipped[0].reason
