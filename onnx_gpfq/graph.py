@@ -69,6 +69,14 @@ def opset_version(model: onnx.ModelProto) -> int:
 def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
     """Return a normalised copy of ``model`` (the input is never modified)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
+    # Old exports (IR < 4) list weights as graph inputs too; an input can be overridden at run
+    # time, so no optimiser treats it as constant. A quantized model fixes its weights: drop them.
+    inits = {t.name for t in model.graph.initializer}
+    if any(i.name in inits for i in model.graph.input):
+        kept = [i for i in model.graph.input if i.name not in inits]
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+        model.ir_version = max(model.ir_version, 4)
     if opset_version(model) < MIN_OPSET:
         try:
             model = onnx.version_converter.convert_version(model, MIN_OPSET)

@@ -93,24 +93,32 @@ def activation_tensors(graph: onnx.GraphProto, targets: list[Target]) -> set[str
     - the input of every quantized layer (what makes its kernel integer on the input side);
     - the output of every quantized Conv, taken after a chain of Relu/Clip that only it feeds, so
       that onnxruntime fuses DQ -> Conv -> (Relu) -> Q into QLinearConv (Relu/Clip fold into the
-      uint8 range). A residual Add fed by two such tensors then runs as QLinearAdd.
+      uint8 range);
+    - the output of an Add whose inputs are both quantized (a residual join), again after Relu/Clip,
+      so that it runs as QLinearAdd instead of dequantize-add-quantize.
     Nothing else is quantized: masks, softmax inputs, normalisation statistics stay float.
     """
     index = GraphIndex(graph)
-    chosen: set[str] = set()
-    for t in targets:
-        if not index.is_constant(t.x):
-            chosen.add(t.x)
-        if t.op_type != "Conv":
-            continue
-        out = _node_output(graph, t.node)
+
+    def after_activations(out: str) -> str:
         while out not in index.graph_outputs:
             consumers = index.consumers.get(out, [])
             if len(consumers) == 1 and consumers[0].op_type in REMOVABLE_ACTIVATIONS:
                 out = consumers[0].output[0]
             else:
                 break
-        chosen.add(out)
+        return out
+
+    chosen: set[str] = set()
+    conv_nodes = {t.node for t in targets if t.op_type == "Conv"}
+    for t in targets:
+        if not index.is_constant(t.x):
+            chosen.add(t.x)
+    for node in graph.node:  # topological order, so Add inputs are decided before the Add
+        if node.name in conv_nodes:
+            chosen.add(after_activations(node.output[0]))
+        elif node.op_type == "Add" and all(i in chosen for i in node.input):
+            chosen.add(after_activations(node.output[0]))
     return chosen
 
 
