@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--min-agreement", type=float, help="fail if top-1 agreement with float is below this (0..1)")
     e.add_argument("--min-sqnr", type=float, help="fail if output SQNR vs float is below this (dB)")
     e.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    i = sub.add_parser("inspect", help="summarise a quantized model and check which layers run as integer kernels",
+                       description="Per quantized layer: bits, granularity, format and scales; the model size; and, from "
+                       "the graph onnxruntime's optimiser actually produces, how many layers run as integer kernels.")
+    i.add_argument("model", metavar="MODEL.onnx", help="a quantized model")
+    i.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    i.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -145,6 +152,28 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_inspect(args) -> int:
+    from .graph import load_model
+    from .inspection import inspect
+
+    info = inspect(load_model(args.model), args.model)
+    if args.json:
+        print(json.dumps(info, default=_json_default))
+        return 0
+    print(f"{'layer':32s} {'op':6s} {'weight':>16s} {'bits':>7s} {'gran':>7s} {'format':>11s} {'scale min/median/max':>30s}")
+    for layer in info["layers"]:
+        shape = "x".join(str(d) for d in layer["weight_shape"])
+        scales = f"{layer['scale_min']:.2e}/{layer['scale_median']:.2e}/{layer['scale_max']:.2e}"
+        print(f"{layer['node'][-32:]:32s} {layer['op_type']:6s} {shape:>16s} {str(layer['bits']):>7s} "
+              f"{layer['granularity']:>7s} {layer['format']:>11s} {scales:>30s}")
+    print(f"model {info['model_bytes'] / 1024:.1f} KiB, initializers {info['initializer_bytes'] / 1024:.1f} KiB; "
+          f"{info['integer_kernel_layers']}/{info['quantized_layers']} quantized layers run as integer kernels "
+          f"(integer_kernel_fraction {info['integer_kernel_fraction']:.2f})")
+    if info["float_layers"]:
+        print("not on integer kernels: " + ", ".join(info["float_layers"]))
+    return 0
+
+
 def _finite(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
@@ -157,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             build_parser().print_help(sys.stderr)
             return 2
-        return _cmd_quantize(args) if args.command == "quantize" else _cmd_evaluate(args)
+        return {"quantize": _cmd_quantize, "evaluate": _cmd_evaluate, "inspect": _cmd_inspect}[args.command](args)
     except UserError as exc:
         if debug:
             raise
