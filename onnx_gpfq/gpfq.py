@@ -1,0 +1,762 @@
+"""GPFQ math core: greedy path-following quantization of one layer. Knows nothing about ONNX.
+
+A layer computes ``Y = X W`` with ``X`` (m, N0) and ``W`` (N0, N1), one column per output neuron.
+``X`` is the layer input in the float network, ``Xt`` (X~) the same input in the partially
+quantized network. For every column GPFQ walks the fan-in t = 0..N0-1 and picks
+
+    z_t = ( sum_{s<=t} G[t,s] W[s] - sum_{s<t} H[t,s] Q[s] ) / H[t,t],   q_t = Quant(z_t)
+
+with ``G = Xt^T X``, ``H = Xt^T Xt`` (the Gram form), which is the residual form
+``z_t = <Xt_t, u_{t-1} + w_t X_t> / ||Xt_t||^2``, ``u_t = u_{t-1} + w_t X_t - q_t Xt_t`` with
+the residual eliminated (see shared/GPFQ.md). Both forms are implemented; they take the same
+decisions up to floating-point ties. Q holds dequantized values (code * delta).
+
+Grouped / depthwise convolutions are ``g`` independent problems: all arrays carry a leading
+group axis g; W is (g, N0, N1g) with N0 the fan-in per group and N1g the outputs per group.
+
+Units: W, Q, delta, lam are in weight units; G, H, F in (input units)^2; errors in output units^2.
+Everything is float64 internally and deterministic (same input -> same bits).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _kernels
+
+# Rows of the fan-in per block of the blocked forward substitution (Gram form): one GEMM per block
+# for all earlier rows, a B x B triangle in numba inside. 128 measured best at N0 = N1 = 2048.
+GRAM_BLOCK = 128
+# Same for the residual form, whose per-block GEMMs cost ~4 m B N1 against B^2 N1 for the triangle.
+RESIDUAL_BLOCK = 64
+# H[t,t] <= DEAD_TOL * max_s H[s,s] counts as a zero column of Xt: q_t = 0.
+DEAD_TOL = 1e-12
+
+# Default grid of C in delta = C r / K: geometric, ratio ~1.25, 0.1 .. 1.25, with 1.0 in it (so the
+# search is never worse than the plain rule C = 1). Measured with per-channel search on correlated
+# Gaussian inputs (X mixed along the fan-in, Xt = X + 5% noise), Gaussian and Student-t(4) weights,
+# N0 = 256 / 1152 / 4608: the per-column best C (median, GPFQ) is 0.35-0.45 (ternary), 0.5-0.66
+# (3 bits), 0.66-0.8 (4 bits), ~1.0-1.1 (8 bits) for Gaussian weights and drops with heavy tails
+# and wide fan-in (t4, N0 = 4608: 0.15 ternary, 0.28 3 bits, 0.44 4 bits). C > 1.25 never helped
+# by more than 0.1%. This grid stays within 1-5% of the error of a fine 46-point grid in all
+# cases except ternary with t4 weights at N0 = 4608 (+36%, best C ~0.12-0.15 between points),
+# where the old 0.4..1.5 grid lost 2-3x.
+DEFAULT_C_GRID: tuple[float, ...] = (0.1, 0.125, 0.16, 0.2, 0.25, 0.32, 0.4, 0.5, 0.63, 0.8, 1.0, 1.25)
+
+
+# ----------------------------------------------------------------------------------------------
+# Options
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Alphabet:
+    """Integer levels lo..hi (codes); a level k stands for the weight k * delta.
+
+    lo < 0 < hi is required (sign-symmetric rounding and the hard-threshold variant need a
+    nonzero level on each side).
+    """
+
+    lo: int
+    hi: int
+
+    def __post_init__(self):
+        for name in ("lo", "hi"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise ValueError(f"Alphabet.{name} must be an int (got {v!r})")
+        if not (self.lo < 0 < self.hi):
+            raise ValueError(f"Alphabet needs lo < 0 < hi (got lo={self.lo}, hi={self.hi})")
+        if self.hi > 2**31 - 1 or self.lo < -(2**31):
+            raise ValueError("Alphabet levels must fit in int32")
+
+    @staticmethod
+    def from_bits(bits: int | str, full_range: bool = False) -> "Alphabet":
+        """"ternary" -> {-1, 0, 1}; b in 2..8 -> +-(2^(b-1) - 1), or [-2^(b-1), 2^(b-1) - 1] when full_range."""
+        if isinstance(bits, str):
+            text = bits.strip().lower()
+            if text == "ternary":
+                return Alphabet(-1, 1)
+            if not text.isdigit():
+                raise ValueError(f"bits must be 2..8 or 'ternary' (got {bits!r})")
+            bits = int(text)
+        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 2 <= bits <= 8:
+            raise ValueError(f"bits must be 2..8 or 'ternary' (got {bits!r})")
+        half = 2 ** (int(bits) - 1)
+        return Alphabet(-half, half - 1) if full_range else Alphabet(-(half - 1), half - 1)
+
+    @property
+    def K(self) -> int:
+        """Largest level magnitude max(|lo|, hi): the step rule is delta = C r / K."""
+        return max(-self.lo, self.hi)
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """Sparsity promotion with an absolute threshold lam (weight units).
+
+    soft: q = Quant(sign(z) max(|z| - lam, 0)).
+    hard: q = 0 if |z| <= lam, else the nearest *nonzero* level of the uniform alphabet. (The
+    paper's hard thresholding uses the shifted grid sign(z)(lam + delta' k), which integer codes
+    times one scale cannot store; this is the integer-representable variant.)
+    """
+
+    kind: str
+    lam: float
+
+    def __post_init__(self):
+        if self.kind not in ("soft", "hard"):
+            raise ValueError(f"Sparsity.kind must be 'soft' or 'hard' (got {self.kind!r})")
+        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float, np.floating, np.integer)):
+            raise ValueError(f"Sparsity.lam must be a number (got {self.lam!r})")
+        if not (math.isfinite(self.lam) and self.lam >= 0):
+            raise ValueError(f"Sparsity.lam must be finite and >= 0 (got {self.lam!r})")
+
+
+METHODS = ("gpfq", "rtn")
+GRANULARITIES = ("channel", "tensor", "block")
+SCALE_RULES = ("search", "fixed")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize one layer.
+
+    method: "gpfq" (greedy, data-aware) or "rtn" (round to nearest, the paper's MSQ).
+    granularity: "channel" one step per output column; "tensor" one step for the whole layer
+      (all groups); "block" one step per output column per block of group_size fan-in rows.
+    scale_rule: "search" picks C in delta = C r / K from c_grid by the exact output error;
+      "fixed" uses C = c. search_per_channel: choose C per output column (columns are
+      independent problems) instead of per layer; ignored (per layer) for "tensor".
+    """
+
+    alphabet: Alphabet
+    method: str = "gpfq"
+    granularity: str = "channel"
+    group_size: int = 0
+    scale_rule: str = "search"
+    c: float = 1.0
+    c_grid: tuple[float, ...] = DEFAULT_C_GRID
+    search_per_channel: bool = True
+    sparsity: Sparsity | None = None
+    bias_correction: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.alphabet, Alphabet):
+            raise ValueError(f"QuantSpec.alphabet must be an Alphabet (got {self.alphabet!r})")
+        if self.method not in METHODS:
+            raise ValueError(f"QuantSpec.method must be one of {METHODS} (got {self.method!r})")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"QuantSpec.granularity must be one of {GRANULARITIES} (got {self.granularity!r})")
+        gs = self.group_size
+        if isinstance(gs, bool) or not isinstance(gs, (int, np.integer)):
+            raise ValueError(f"QuantSpec.group_size must be an int (got {gs!r})")
+        if self.granularity == "block" and gs < 1:
+            raise ValueError(f"granularity='block' needs group_size >= 1 (got {gs})")
+        if self.granularity != "block" and gs != 0:
+            raise ValueError(f"group_size is only used with granularity='block' (got group_size={gs} "
+                             f"with granularity={self.granularity!r}); leave it 0")
+        if self.scale_rule not in SCALE_RULES:
+            raise ValueError(f"QuantSpec.scale_rule must be one of {SCALE_RULES} (got {self.scale_rule!r})")
+        if not _positive_number(self.c):
+            raise ValueError(f"QuantSpec.c must be a finite number > 0 (got {self.c!r})")
+        try:
+            grid = tuple(float(c) for c in self.c_grid)
+        except (TypeError, ValueError):
+            raise ValueError(f"QuantSpec.c_grid must be a sequence of numbers (got {self.c_grid!r})") from None
+        if not grid or not all(_positive_number(c) for c in grid):
+            raise ValueError(f"QuantSpec.c_grid must be a non-empty sequence of finite numbers > 0 (got {self.c_grid!r})")
+        object.__setattr__(self, "c_grid", grid)
+        for name in ("search_per_channel", "bias_correction"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"QuantSpec.{name} must be a bool (got {getattr(self, name)!r})")
+        if self.sparsity is not None and not isinstance(self.sparsity, Sparsity):
+            raise ValueError(f"QuantSpec.sparsity must be a Sparsity or None (got {self.sparsity!r})")
+
+
+def _positive_number(x) -> bool:
+    return (not isinstance(x, bool) and isinstance(x, (int, float, np.floating, np.integer))
+            and math.isfinite(x) and x > 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration statistics
+# ----------------------------------------------------------------------------------------------
+
+
+class Moments:
+    """Accumulates, over calibration batches, what one layer needs.
+
+    A grouped/depthwise conv is ``groups`` independent problems: all arrays carry a leading group
+    axis g. N0 = fan-in per group.
+
+    form "gram": float64 G = Xt^T X, H = Xt^T Xt, F = X^T X, each (g, N0, N0).
+    form "residual": the rows themselves, X and Xt (g, m, N0) (float32 storage, float64 kept
+    when given float64).
+    Both: column sums of X and Xt -> mu_x, mu_xt (g, N0), and the row count m.
+    Layers reading the same input tensor can share one Moments object (quantize_layer does not
+    modify it).
+    """
+
+    def __init__(self, groups: int, n0: int, form: str):
+        if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+            raise ValueError(f"Moments: groups must be an int >= 1 (got {groups!r})")
+        if isinstance(n0, bool) or not isinstance(n0, (int, np.integer)) or n0 < 1:
+            raise ValueError(f"Moments: n0 must be an int >= 1 (got {n0!r})")
+        if form not in ("gram", "residual"):
+            raise ValueError(f"Moments: form must be 'gram' or 'residual' (got {form!r})")
+        self.groups, self.n0, self.form = int(groups), int(n0), form
+        self.m = 0
+        self._sx = np.zeros((self.groups, self.n0))
+        self._sxt = np.zeros((self.groups, self.n0))
+        if form == "gram":
+            self.G = np.zeros((self.groups, self.n0, self.n0))
+            self.H = np.zeros((self.groups, self.n0, self.n0))
+            self.F = np.zeros((self.groups, self.n0, self.n0))
+        else:
+            self._xs: list[np.ndarray] = []
+            self._xts: list[np.ndarray] = []
+            self._cat: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _as3d(self, a, name) -> np.ndarray:
+        a = np.asarray(a)
+        if a.ndim == 2 and self.groups == 1:
+            a = a[None]
+        if a.ndim != 3 or a.shape[0] != self.groups or a.shape[2] != self.n0:
+            raise ValueError(f"Moments.update: {name} must have shape (groups={self.groups}, rows, n0={self.n0}) "
+                             f"(got {a.shape})")
+        if not np.issubdtype(a.dtype, np.floating):
+            raise ValueError(f"Moments.update: {name} must be a float array (got {a.dtype})")
+        return a
+
+    def update(self, X: np.ndarray, Xt: np.ndarray) -> None:
+        """Add one batch. X, Xt: (g, rows, N0) float32/float64, the same rows in the same order
+        (X from the float network, Xt from the partially quantized one; pass the same object
+        twice for a layer whose input is not yet affected by quantization)."""
+        same = Xt is X
+        X = self._as3d(X, "X")
+        Xt = X if same else self._as3d(Xt, "Xt")
+        if Xt.shape != X.shape:
+            raise ValueError(f"Moments.update: X and Xt shapes differ ({X.shape} vs {Xt.shape})")
+        rows = X.shape[1]
+        if rows == 0:
+            return
+        X64 = X.astype(np.float64, copy=False)
+        Xt64 = X64 if same else Xt.astype(np.float64, copy=False)
+        if not (np.isfinite(X64).all() and (same or np.isfinite(Xt64).all())):
+            raise ValueError("Moments.update: X / Xt contain NaN or inf")
+        self._sx += X64.sum(axis=1)
+        self._sxt += Xt64.sum(axis=1)
+        self.m += rows
+        if self.form == "gram":
+            for k in range(self.groups):  # 2-D products: numpy uses syrk for A^T A
+                F = X64[k].T @ X64[k]
+                self.F[k] += F
+                if same:
+                    self.G[k] += F
+                    self.H[k] += F
+                else:
+                    self.G[k] += Xt64[k].T @ X64[k]
+                    self.H[k] += Xt64[k].T @ Xt64[k]
+        else:
+            keep = np.float64 if X.dtype == np.float64 and Xt.dtype == np.float64 else np.float32
+            self._xs.append(np.array(X, dtype=keep))
+            self._xts.append(self._xs[-1] if same else np.array(Xt, dtype=keep))
+            self._cat = None
+
+    @property
+    def mu_x(self) -> np.ndarray:
+        """(g, N0) column means of X."""
+        return self._sx / max(self.m, 1)
+
+    @property
+    def mu_xt(self) -> np.ndarray:
+        """(g, N0) column means of Xt."""
+        return self._sxt / max(self.m, 1)
+
+    def _rows(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.form != "residual":
+            raise AttributeError("X / Xt rows are only kept by form='residual' Moments")
+        if self._cat is None:
+            if not self._xs:
+                empty = np.zeros((self.groups, 0, self.n0), np.float32)
+                self._cat = (empty, empty)
+            else:
+                X = np.concatenate(self._xs, axis=1)
+                Xt = X if all(a is b for a, b in zip(self._xs, self._xts)) else np.concatenate(self._xts, axis=1)
+                self._xs, self._xts = [X], [Xt]
+                self._cat = (X, Xt)
+        return self._cat
+
+    @property
+    def X(self) -> np.ndarray:
+        """(g, m, N0) rows of X (residual form only)."""
+        return self._rows()[0]
+
+    @property
+    def Xt(self) -> np.ndarray:
+        """(g, m, N0) rows of Xt (residual form only)."""
+        return self._rows()[1]
+
+
+def choose_form(m: int, n0: int, n1: int, groups: int = 1, memory_limit_bytes: int = 2 << 30,
+                passes: int = 2 * len(DEFAULT_C_GRID)) -> str:
+    """Pick the Gram or the residual form for a layer with m calibration rows, fan-in n0 per
+    group and n1 output columns *per group*.
+
+    Memory (bytes):  gram     3 g N0^2 * 8 (G, H, F in float64)
+                     residual 2 g m N0 * 8 (X, Xt as float64 while quantizing) + g m N1 * 8 (state)
+    Flops:           gram     2 * 3 g m N0^2 to accumulate G, H, F, then ~2 g N0^2 N1 per pass
+                     residual ~4 g m N0 N1 once (tril(G) W streamed), then ~4 g m N0 N1 per pass
+    with ``passes`` greedy/RTN passes (one per C of the grid, for GPFQ and for the RTN baseline).
+    A form whose memory exceeds memory_limit_bytes is ruled out (if both do, the smaller one
+    wins); otherwise the one with fewer flops. A wide FC layer seen by few rows (m << N0, e.g.
+    N0 = 25088, m = 32) therefore never allocates N0^2.
+    """
+    for name, v in (("m", m), ("n0", n0), ("n1", n1), ("groups", groups), ("passes", passes)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (0 if name == "m" else 1):
+            raise ValueError(f"choose_form: {name} must be a non-negative int (got {v!r})")
+    g, m, n0, n1 = int(groups), int(m), int(n0), int(n1)
+    gram_bytes = 3 * g * n0 * n0 * 8
+    res_bytes = 2 * g * m * n0 * 8 + g * m * n1 * 8
+    gram_ok, res_ok = gram_bytes <= memory_limit_bytes, res_bytes <= memory_limit_bytes
+    if gram_ok != res_ok:
+        return "gram" if gram_ok else "residual"
+    if not gram_ok:
+        return "gram" if gram_bytes <= res_bytes else "residual"
+    gram_flops = 6 * g * m * n0 * n0 + passes * 2 * g * n0 * n0 * n1
+    res_flops = 4 * g * m * n0 * n1 * (passes + 1)
+    return "residual" if res_flops < gram_flops else "gram"
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps and the scalar quantizer
+# ----------------------------------------------------------------------------------------------
+
+
+def _mode(sparsity: Sparsity | None) -> tuple[int, float]:
+    if sparsity is None:
+        return _kernels.MODE_PLAIN, 0.0
+    return (_kernels.MODE_SOFT if sparsity.kind == "soft" else _kernels.MODE_HARD), float(sparsity.lam)
+
+
+def step_ranges(W: np.ndarray, granularity: str = "channel", group_size: int = 0) -> tuple[np.ndarray, int]:
+    """r of the step rule delta = C r / K. W (g, N0, N1g).
+
+    Returns (r, bsize): r (g, nb, N1g) = max |w| per column ("channel"; nb = 1), of the whole
+    layer incl. all groups ("tensor"; nb = 1, all equal) or per column per block of group_size
+    fan-in rows ("block"; nb = ceil(N0 / group_size)); bsize = fan-in rows per block of r.
+    """
+    A = np.abs(W)
+    g, n0, n1 = W.shape
+    if granularity == "channel":
+        return A.max(axis=1, keepdims=True), n0
+    if granularity == "tensor":
+        return np.full((g, 1, n1), A.max()), n0
+    if granularity == "block":
+        if group_size < 1:
+            raise ValueError("granularity='block' needs group_size >= 1")
+        return np.maximum.reduceat(A, np.arange(0, n0, group_size), axis=1), int(group_size)
+    raise ValueError(f"unknown granularity {granularity!r}")
+
+
+def steps_from_ranges(r: np.ndarray, C, K: int) -> np.ndarray:
+    """delta = C r / K, (g, nb, N1g); C a scalar or (g, N1g). 0 where r == 0 (alphabet {0}:
+    codes 0; stored as scale 1 by quantize_layer)."""
+    C = np.asarray(C, dtype=np.float64)
+    if C.ndim == 2:
+        C = C[:, None, :]
+    return np.ascontiguousarray(np.where(r > 0, C * r / K, 0.0))
+
+
+def _delta3(delta, g: int, n0: int, n1: int, group_size: int) -> tuple[np.ndarray, int]:
+    """Normalise a user-given step: scalar, (N1,), (nb, N1) or (g, nb, N1) -> ((g, nb, N1), bsize)."""
+    d = np.asarray(delta, dtype=np.float64)
+    if d.ndim == 0:
+        d = np.full((1, 1, n1), float(d))
+    elif d.ndim == 1:
+        d = d[None, None, :]
+    elif d.ndim == 2:
+        d = d[None]
+    if d.ndim != 3 or d.shape[2] != n1 or d.shape[0] not in (1, g):
+        raise ValueError(f"delta shape {np.shape(delta)} does not fit W with g={g}, N0={n0}, N1={n1}")
+    nb = d.shape[1]
+    if nb == 1:
+        bsize = n0
+    else:
+        if group_size < 1 or -(-n0 // group_size) != nb:
+            raise ValueError(f"delta has {nb} row blocks: needs group_size with ceil(N0/group_size) == {nb}")
+        bsize = int(group_size)
+    if not np.all(np.isfinite(d)) or np.any(d < 0):
+        raise ValueError("delta must be finite and >= 0")
+    return np.ascontiguousarray(np.broadcast_to(d, (g, nb, n1))), bsize
+
+
+def _rows_of(delta: np.ndarray, bsize: int, n0: int) -> np.ndarray:
+    """(g, nb, N1) per-block steps -> (g, N0, N1) per-row steps."""
+    if delta.shape[1] == 1:
+        return delta
+    return np.repeat(delta, bsize, axis=1)[:, :n0]
+
+
+def quantize_codes(z: np.ndarray, delta_rows: np.ndarray, alphabet: Alphabet,
+                   sparsity: Sparsity | None = None) -> np.ndarray:
+    """Vectorised Quant (same rule as the kernel): codes int32 for values z with steps delta_rows
+    (broadcastable). delta <= 0 -> code 0. Round half to even, saturate at lo/hi."""
+    z = np.asarray(z, dtype=np.float64)
+    d = np.broadcast_to(np.asarray(delta_rows, dtype=np.float64), z.shape)
+    mode, lam = _mode(sparsity)
+    if mode == _kernels.MODE_SOFT:
+        z = np.sign(z) * np.maximum(np.abs(z) - lam, 0.0)
+    live = d > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = np.where(live, z / np.where(live, d, 1.0), 0.0)
+    k = np.clip(np.rint(x), alphabet.lo, alphabet.hi)
+    if mode == _kernels.MODE_HARD:
+        k = np.where(k == 0, np.where(z > 0, 1.0, -1.0), k)
+        k = np.where(np.abs(z) <= lam, 0.0, k)
+    k = np.where(live, k, 0.0)
+    return k.astype(np.int32)
+
+
+def dequantize(codes: np.ndarray, scale: np.ndarray, group_size: int = 0) -> np.ndarray:
+    """codes (g, N0, N1g) int, scale (g, nb, N1g) -> (g, N0, N1g) float64 weights codes * scale,
+    the scale repeated along the fan-in. group_size (rows per scale block) is needed when
+    nb > 1 (block granularity); LayerResult.group_size holds it."""
+    codes = np.asarray(codes)
+    scale = np.asarray(scale, dtype=np.float64)
+    if codes.ndim != 3 or scale.ndim != 3 or scale.shape[0] != codes.shape[0] or scale.shape[2] != codes.shape[2]:
+        raise ValueError(f"dequantize: codes (g, N0, N1g) and scale (g, nb, N1g) expected (got {codes.shape}, {scale.shape})")
+    n0, nb = codes.shape[1], scale.shape[1]
+    if nb == 1:
+        return codes * scale
+    if group_size < 1 or -(-n0 // group_size) != nb:
+        raise ValueError(f"dequantize: scale has {nb} row blocks; pass group_size with ceil(N0/group_size) == {nb}")
+    return codes * _rows_of(scale, group_size, n0)
+
+
+def output_error(W: np.ndarray, Q: np.ndarray, G: np.ndarray, H: np.ndarray, F: np.ndarray) -> np.ndarray:
+    """Per-column squared output error ||X w - Xt q||^2 = w^T F w - 2 w^T G^T q + q^T H q.
+
+    W, Q (N0, N1) or (g, N0, N1) float (Q dequantized); G, H, F (N0, N0) or (g, N0, N0).
+    Returns (N1,) or (g, N1) in output units^2.
+    """
+    W, Q, G, H, F = (np.asarray(a, dtype=np.float64) for a in (W, Q, G, H, F))
+    wfw = np.einsum("...in,...in->...n", W, F @ W)
+    qgw = np.einsum("...in,...in->...n", Q, G @ W)
+    qhq = np.einsum("...in,...in->...n", Q, H @ Q)
+    return wfw - 2.0 * qgw + qhq
+
+
+# ----------------------------------------------------------------------------------------------
+# The greedy pass
+# ----------------------------------------------------------------------------------------------
+
+
+def tril_matmul(G: np.ndarray, W: np.ndarray, block: int = GRAM_BLOCK) -> np.ndarray:
+    """A = tril(G) @ W for G (g, N0, N0), W (g, N0, N1): A[t] = sum_{s<=t} G[t,s] W[s].
+
+    Blocked so that only the lower triangle is multiplied: per block of rows one GEMM with all
+    earlier rows and one small product with the block's own lower triangle (half the flops of
+    np.tril(G) @ W, no N0^2 copy)."""
+    g, n0, n1 = W.shape
+    A = np.empty((g, n0, n1))
+    for b0 in range(0, n0, block):
+        b1 = min(b0 + block, n0)
+        np.matmul(np.tril(G[:, b0:b1, b0:b1]), W[:, b0:b1], out=A[:, b0:b1])
+        if b0:
+            A[:, b0:b1] += np.matmul(G[:, b0:b1, :b0], W[:, :b0])
+    return A
+
+
+def _dead(diagH: np.ndarray) -> np.ndarray:
+    """(g,) threshold on H[t,t] under which Xt's column t counts as zero."""
+    return np.ascontiguousarray(DEAD_TOL * diagH.max(axis=1))
+
+
+def _gram_pass(A, H, delta, bsize, alphabet, sparsity, dead, block=GRAM_BLOCK):
+    """Greedy pass in the Gram form. A = tril(G) W (g, N0, N1), H (g, N0, N0) C-contiguous,
+    delta (g, nb, N1). Returns codes (g, N0, N1) int32, Q (g, N0, N1) dequantized float64 and
+    q^T H q per column (g, N1) (for the exact error without another product)."""
+    g, n0, n1 = A.shape
+    mode, lam = _mode(sparsity)
+    Q = np.empty((g, n0, n1))
+    codes = np.empty((g, n0, n1), np.int32)
+    qhq = np.zeros((g, n1))
+    Lbuf = np.empty((g, block, n1))
+    for b0 in range(0, n0, block):
+        b1 = min(b0 + block, n0)
+        L = Lbuf[:, : b1 - b0]
+        if b0 == 0:
+            L[...] = 0.0
+        else:
+            np.matmul(H[:, b0:b1, :b0], Q[:, :b0], out=L)  # all earlier rows in one GEMM
+        if b1 - b0 < block:
+            L = np.ascontiguousarray(L)
+        _kernels.greedy_block(A, b0, L, H, b0, Q, codes, b0, delta, b0, bsize,
+                              alphabet.lo, alphabet.hi, mode, lam, dead, qhq)
+    return codes, Q, qhq
+
+
+def _as3(a: np.ndarray, name: str) -> tuple[np.ndarray, bool]:
+    a = np.asarray(a)
+    if a.ndim == 2:
+        return np.ascontiguousarray(a[None], dtype=np.float64), True
+    if a.ndim != 3:
+        raise ValueError(f"{name} must be 2-D or 3-D (groups first) (got shape {a.shape})")
+    return np.ascontiguousarray(a, dtype=np.float64), False
+
+
+def gpfq_gram(W: np.ndarray, G: np.ndarray, H: np.ndarray, delta, alphabet: Alphabet,
+              sparsity: Sparsity | None = None, group_size: int = 0, block: int = GRAM_BLOCK) -> np.ndarray:
+    """One GPFQ pass in the Gram form with given steps; returns the integer codes.
+
+    W (N0, N1) or (g, N0, N1); G = Xt^T X, H = Xt^T Xt (N0, N0) or (g, N0, N0) float64;
+    delta: scalar, (N1,), (nb, N1) or (g, nb, N1) steps (weight units), nb = 1 or
+    ceil(N0 / group_size). Codes int32 with W's shape.
+    """
+    W3, squeeze = _as3(W, "W")
+    G3, _ = _as3(G, "G")
+    H3, _ = _as3(H, "H")
+    g, n0, n1 = W3.shape
+    if G3.shape != (g, n0, n0) or H3.shape != (g, n0, n0):
+        raise ValueError(f"G, H must be (g, N0, N0) = {(g, n0, n0)} (got {G3.shape}, {H3.shape})")
+    d, bsize = _delta3(delta, g, n0, n1, group_size)
+    A = tril_matmul(G3, W3, block)
+    dead = _dead(np.diagonal(H3, axis1=1, axis2=2))
+    codes, _, _ = _gram_pass(A, H3, d, bsize, alphabet, sparsity, dead, block)
+    return codes[0] if squeeze else codes
+
+
+class _Residual:
+    """Precomputed pieces of the residual form for one layer: X, Xt (g, m, N0) float64,
+    A = tril(G) W computed block by block without forming G, the per-block H triangles, XW."""
+
+    def __init__(self, W, X, Xt, block=RESIDUAL_BLOCK):
+        g, n0, n1 = W.shape
+        self.block, self.X, self.Xt = block, X, Xt
+        self.A = np.empty((g, n0, n1))
+        self.Hb = []
+        V = np.zeros((g, X.shape[1], n1))  # running X[:, :b0] W[:b0]
+        diag = np.empty((g, n0))
+        for b0 in range(0, n0, block):
+            b1 = min(b0 + block, n0)
+            Xb, Xtb = X[:, :, b0:b1], Xt[:, :, b0:b1]
+            XtbT = Xtb.transpose(0, 2, 1)
+            Hbb = np.ascontiguousarray(np.matmul(XtbT, Xtb))
+            self.Hb.append(Hbb)
+            diag[:, b0:b1] = np.diagonal(Hbb, axis1=1, axis2=2)
+            Gbb = np.matmul(XtbT, Xb)
+            self.A[:, b0:b1] = np.matmul(np.tril(Gbb), W[:, b0:b1]) + np.matmul(XtbT, V)
+            V += np.matmul(Xb, W[:, b0:b1])
+        self.XW = V
+        self.dead = _dead(diag)
+
+    def greedy(self, delta, bsize, alphabet, sparsity):
+        """One pass; returns codes (g, N0, N1) int32 and the final residual U = XW - Xt Q (g, m, N1)."""
+        g, n0, n1 = self.A.shape
+        mode, lam = _mode(sparsity)
+        codes = np.empty((g, n0, n1), np.int32)
+        R = np.zeros((g, self.X.shape[1], n1))  # running Xt[:, :b0] Q[:b0]
+        qhq = np.zeros((g, n1))  # unused here: the error is ||U||^2
+        for i, b0 in enumerate(range(0, n0, self.block)):
+            b1 = min(b0 + self.block, n0)
+            Xtb = self.Xt[:, :, b0:b1]
+            L = np.ascontiguousarray(np.matmul(Xtb.transpose(0, 2, 1), R))
+            Qb = np.empty((g, b1 - b0, n1))
+            cb = np.empty((g, b1 - b0, n1), np.int32)
+            _kernels.greedy_block(self.A, b0, L, self.Hb[i], 0, Qb, cb, 0, delta, b0, bsize,
+                                  alphabet.lo, alphabet.hi, mode, lam, self.dead, qhq)
+            codes[:, b0:b1] = cb
+            R += np.matmul(Xtb, Qb)
+        return codes, self.XW - R
+
+
+def gpfq_residual(W: np.ndarray, X: np.ndarray, Xt: np.ndarray, delta, alphabet: Alphabet,
+                  sparsity: Sparsity | None = None, group_size: int = 0,
+                  block: int = RESIDUAL_BLOCK) -> np.ndarray:
+    """One GPFQ pass in the residual form (state U = XW - Xt Q of shape (m, N1)); returns codes.
+
+    W (N0, N1) or (g, N0, N1); X, Xt (m, N0) or (g, m, N0); delta as in gpfq_gram. Blocked:
+    per block of B fan-in rows, z's data term Xt_b^T U is one GEMM, the B x B triangle runs in
+    numba, and U is updated by one GEMM. Never forms an N0 x N0 matrix.
+    """
+    W3, squeeze = _as3(W, "W")
+    X3, _ = _as3(X, "X")
+    Xt3, _ = _as3(Xt, "Xt")
+    g, n0, n1 = W3.shape
+    if X3.shape[0] != g or X3.shape[2] != n0 or Xt3.shape != X3.shape:
+        raise ValueError(f"X, Xt must be (g, m, N0) with g={g}, N0={n0} (got {X3.shape}, {Xt3.shape})")
+    d, bsize = _delta3(delta, g, n0, n1, group_size)
+    codes, _ = _Residual(W3, X3, Xt3, block).greedy(d, bsize, alphabet, sparsity)
+    return codes[0] if squeeze else codes
+
+
+def rtn_codes(W: np.ndarray, delta, alphabet: Alphabet, sparsity: Sparsity | None = None,
+              group_size: int = 0) -> np.ndarray:
+    """Round to nearest (MSQ): codes = clip(round(W / delta), lo, hi) (with the same sparsity
+    rule as GPFQ applied to w instead of z). W (N0, N1) or (g, N0, N1); delta as in gpfq_gram."""
+    W3, squeeze = _as3(W, "W")
+    g, n0, n1 = W3.shape
+    d, bsize = _delta3(delta, g, n0, n1, group_size)
+    codes = quantize_codes(W3, _rows_of(d, bsize, n0), alphabet, sparsity)
+    return codes[0] if squeeze else codes
+
+
+# ----------------------------------------------------------------------------------------------
+# One layer: step search, errors, bias correction
+# ----------------------------------------------------------------------------------------------
+
+
+class _GramProblem:
+    """Per-layer quantities shared by every pass: A = tril(G) W, G W, w^T F w."""
+
+    def __init__(self, W, mom: Moments):
+        self.W, self.H = W, mom.H
+        self.A = tril_matmul(mom.G, W)
+        self.GW = np.matmul(mom.G, W)
+        self.wfw = np.einsum("gin,gin->gn", W, np.matmul(mom.F, W))
+        self.dead = _dead(np.diagonal(mom.H, axis1=1, axis2=2))
+
+    def greedy(self, delta, bsize, alphabet, sparsity):
+        codes, Q, qhq = _gram_pass(self.A, self.H, delta, bsize, alphabet, sparsity, self.dead)
+        return codes, self.wfw - 2.0 * np.einsum("gin,gin->gn", Q, self.GW) + qhq
+
+    def error(self, codes, delta, bsize):
+        Q = codes * _rows_of(delta, bsize, codes.shape[1])
+        return (self.wfw - 2.0 * np.einsum("gin,gin->gn", Q, self.GW)
+                + np.einsum("gin,gin->gn", Q, np.matmul(self.H, Q)))
+
+
+class _ResidualProblem:
+    def __init__(self, W, mom: Moments):
+        X = np.asarray(mom.X, dtype=np.float64)
+        Xt = X if mom.Xt is mom.X else np.asarray(mom.Xt, dtype=np.float64)
+        self.W = W
+        self.r = _Residual(W, X, Xt)
+        self.wfw = np.einsum("gmn,gmn->gn", self.r.XW, self.r.XW)
+
+    def greedy(self, delta, bsize, alphabet, sparsity):
+        codes, U = self.r.greedy(delta, bsize, alphabet, sparsity)
+        return codes, np.einsum("gmn,gmn->gn", U, U)
+
+    def error(self, codes, delta, bsize):
+        n0 = codes.shape[1]
+        U = self.r.XW.copy()
+        for b0 in range(0, n0, RESIDUAL_BLOCK):  # U = XW - Xt Q without forming Q
+            b1 = min(b0 + RESIDUAL_BLOCK, n0)
+            Qb = codes[:, b0:b1] * _rows_of(delta, bsize, n0)[:, b0:b1] if delta.shape[1] > 1 \
+                else codes[:, b0:b1] * delta
+            U -= np.matmul(self.r.Xt[:, :, b0:b1], Qb)
+        return np.einsum("gmn,gmn->gn", U, U)
+
+
+class _Choice(NamedTuple):
+    codes: np.ndarray  # (g, N0, N1) int32
+    delta: np.ndarray  # (g, nb, N1)
+    C: np.ndarray  # (g, N1)
+    err: np.ndarray  # (g, N1) squared output error
+
+
+def _search(problem, r, bsize, grid, per_column, method, alphabet, sparsity) -> _Choice:
+    """Run one pass per C in grid (delta = C r / K) and keep, per column or for the whole layer,
+    the C with the smallest exact output error (first one on ties)."""
+    best = None
+    for C in grid:
+        delta = steps_from_ranges(r, C, alphabet.K)
+        if method == "gpfq":
+            codes, err = problem.greedy(delta, bsize, alphabet, sparsity)
+        else:
+            codes = quantize_codes(problem.W, _rows_of(delta, bsize, problem.W.shape[1]), alphabet, sparsity)
+            err = problem.error(codes, delta, bsize)
+        if best is None:
+            best = _Choice(codes, delta, np.full(err.shape, float(C)), err)
+        elif per_column:
+            better = err < best.err
+            if better.any():
+                np.copyto(best.codes, codes, where=better[:, None, :])
+                np.copyto(best.delta, delta, where=better[:, None, :])
+                best.C[better] = C
+                np.copyto(best.err, err, where=better)
+        elif err.sum() < best.err.sum():
+            best = _Choice(codes, delta, np.full(err.shape, float(C)), err)
+    return best
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """What quantize_layer chose for one layer.
+
+    codes (g, N0, N1g) int32 in [lo, hi]; scale (g, nb, N1g) float64 step delta (nb = 1 for
+    channel/tensor -- all entries equal for tensor -- and ceil(N0/group_size) for block);
+    dequantized weight = codes * scale repeated along the fan-in (see dequantize / weights()).
+    C (g, N1g) chosen C per column. rel_error = ||XW - Xt Q||_F^2 / ||XW||_F^2 summed over all
+    groups, rel_error_rtn the same for RTN with the same step rule, granularity and search.
+    sparsity: fraction of zero codes. bias_delta (g, N1g) = mu_x^T W - mu_xt^T Q (add to the
+    bias) when requested. form: which form computed it. group_size: fan-in rows per scale entry
+    (N0 for channel/tensor).
+    """
+
+    codes: np.ndarray
+    scale: np.ndarray
+    C: np.ndarray
+    rel_error: float
+    rel_error_rtn: float
+    sparsity: float
+    bias_delta: np.ndarray | None
+    form: str
+    group_size: int = 0
+
+    def weights(self) -> np.ndarray:
+        """(g, N0, N1g) float64 dequantized weights."""
+        return dequantize(self.codes, self.scale, self.group_size)
+
+
+def quantize_layer(W: np.ndarray, moments: Moments, spec: QuantSpec) -> LayerResult:
+    """Quantize one layer. W: (g, N0, N1g) float weights, columns = output neurons, matching
+    moments (groups, n0). Runs GPFQ (or RTN) with the step rule of spec and returns codes,
+    steps and exact errors. No second pass over data: errors come from G, H, F (Gram form) or
+    from the residual (residual form)."""
+    if not isinstance(spec, QuantSpec):
+        raise ValueError("quantize_layer: spec must be a QuantSpec")
+    if not isinstance(moments, Moments):
+        raise ValueError("quantize_layer: moments must be a Moments")
+    W = np.asarray(W)
+    if W.ndim == 2 and moments.groups == 1:
+        W = W[None]
+    if W.ndim != 3 or W.shape[0] != moments.groups or W.shape[1] != moments.n0 or W.shape[2] < 1:
+        raise ValueError(f"quantize_layer: W must be (groups={moments.groups}, N0={moments.n0}, N1g) (got {W.shape})")
+    W = np.ascontiguousarray(W, dtype=np.float64)
+    if not np.isfinite(W).all():
+        raise ValueError("quantize_layer: W contains NaN or inf")
+    if moments.m == 0:
+        raise ValueError("quantize_layer: moments saw no calibration rows")
+    g, n0, n1 = W.shape
+    problem = _GramProblem(W, moments) if moments.form == "gram" else _ResidualProblem(W, moments)
+    r, bsize = step_ranges(W, spec.granularity, spec.group_size)
+    grid = spec.c_grid if spec.scale_rule == "search" else (spec.c,)
+    per_column = spec.search_per_channel and spec.granularity != "tensor"
+    args = (problem, r, bsize, grid, per_column)
+    best = _search(*args, spec.method, spec.alphabet, spec.sparsity)
+    rtn = best if spec.method == "rtn" else _search(*args, "rtn", spec.alphabet, spec.sparsity)
+
+    denom = float(problem.wfw.sum())
+
+    def rel(err):
+        num = max(float(err.sum()), 0.0)
+        return num / denom if denom > 0 else (0.0 if num == 0 else math.inf)
+
+    scale = np.where(best.delta > 0, best.delta, 1.0)
+    bias_delta = None
+    if spec.bias_correction:
+        Q = best.codes * _rows_of(best.delta, bsize, n0)
+        bias_delta = (np.einsum("gi,gin->gn", moments.mu_x, W) - np.einsum("gi,gin->gn", moments.mu_xt, Q))
+    return LayerResult(
+        codes=best.codes, scale=scale, C=best.C, rel_error=rel(best.err), rel_error_rtn=rel(rtn.err),
+        sparsity=float(np.mean(best.codes == 0)), bias_delta=bias_delta, form=moments.form,
+        group_size=bsize,
+    )

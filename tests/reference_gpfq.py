@@ -1,0 +1,70 @@
+"""The plain residual form of GPFQ (Zhang, Zhou, Saab 2023), one neuron at a time.
+
+A direct transcription of the paper's loop with a residual u in R^m, written for clarity, not
+speed. Used only by the tests as the reference the production Gram / residual forms must match.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+DEAD_TOL = 1e-12  # same rule as onnx_gpfq.gpfq: ||Xt_t||^2 <= DEAD_TOL * max_s ||Xt_s||^2 -> q_t = 0
+
+
+def quant_level(z: float, delta: float, lo: int, hi: int, sparsity=None) -> int:
+    """Integer level for z on {k delta : lo <= k <= hi}; round half to even, saturate.
+
+    sparsity: None, ("soft", lam) or ("hard", lam). soft: shrink |z| by lam first. hard: 0 when
+    |z| <= lam, else the nearest nonzero level. delta <= 0: the alphabet is {0}.
+    """
+    if delta <= 0:
+        return 0
+    if sparsity is not None:
+        kind, lam = sparsity
+        if kind == "soft":
+            z = math.copysign(max(abs(z) - lam, 0.0), z)
+        elif abs(z) <= lam:
+            return 0
+    k = int(min(max(round(z / delta), lo), hi))  # Python round: half to even
+    if sparsity is not None and sparsity[0] == "hard" and k == 0:
+        k = 1 if z > 0 else -1
+    return k
+
+
+def gpfq_neuron(X: np.ndarray, Xt: np.ndarray, w: np.ndarray, delta_rows: np.ndarray, lo: int, hi: int,
+                sparsity=None) -> tuple[np.ndarray, np.ndarray]:
+    """X, Xt (m, N0); w (N0,); delta_rows (N0,) the step used at each fan-in index.
+
+    Returns (codes (N0,) int, u (m,) = X w - Xt q).
+    """
+    m, n0 = X.shape
+    norms = np.array([Xt[:, t] @ Xt[:, t] for t in range(n0)])
+    dead = DEAD_TOL * norms.max()
+    u = np.zeros(m)
+    codes = np.zeros(n0, dtype=np.int64)
+    for t in range(n0):
+        xt, x = Xt[:, t], X[:, t]
+        if norms[t] > dead:
+            z = xt @ (u + w[t] * x) / norms[t]
+            codes[t] = quant_level(z, delta_rows[t], lo, hi, sparsity)
+        u = u + w[t] * x - codes[t] * delta_rows[t] * xt
+    return codes, u
+
+
+def gpfq_layer(X, Xt, W, delta_rows, lo, hi, sparsity=None):
+    """All neurons of a (possibly grouped) layer, one at a time.
+
+    X, Xt (g, m, N0); W (g, N0, N1); delta_rows (g, N0, N1). Returns codes (g, N0, N1) and the
+    per-column squared errors (g, N1).
+    """
+    g, n0, n1 = W.shape
+    codes = np.zeros((g, n0, n1), dtype=np.int64)
+    err = np.zeros((g, n1))
+    for k in range(g):
+        for j in range(n1):
+            c, u = gpfq_neuron(X[k], Xt[k], W[k, :, j], delta_rows[k, :, j], lo, hi, sparsity)
+            codes[k, :, j] = c
+            err[k, j] = u @ u
+    return codes, err

@@ -1,0 +1,391 @@
+"""Tests of the GPFQ math core (onnx_gpfq.gpfq) against the plain residual-form reference.
+
+Ties: the production forms and the reference compute z_t in different floating-point orders, so
+they could disagree when z_t / delta lands (within ~1e-12) on a rounding boundary k + 1/2, a
+saturation point or the threshold lam. With random continuous float64 data the probability of
+that is ~1e-10 per decision, so the tests demand identical codes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reference_gpfq as ref  # noqa: E402
+
+from onnx_gpfq import gpfq as P  # noqa: E402
+from onnx_gpfq.gpfq import Alphabet, Moments, QuantSpec, Sparsity  # noqa: E402
+
+
+def correlated(rng, g, m, n0, noise=0.1, dead=()):
+    """X (g, m, N0) with neighbouring fan-in entries correlated; Xt = X + noise; the fan-in
+    indices in `dead` are zero columns of Xt."""
+    Z = rng.standard_normal((g, m, n0))
+    X = Z + 0.7 * np.roll(Z, 1, axis=2) + 0.4 * np.roll(Z, 2, axis=2)
+    Xt = X + noise * rng.standard_normal(X.shape)
+    for t in dead:
+        Xt[:, :, t] = 0.0
+    return X, Xt
+
+
+def moments_of(X, Xt, form, batches=3):
+    g, m, n0 = X.shape
+    mom = Moments(g, n0, form)
+    for idx in np.array_split(np.arange(m), batches):
+        mom.update(X[:, idx], Xt[:, idx])
+    return mom
+
+
+def gram(X, Xt):
+    T = Xt.transpose(0, 2, 1)
+    return T @ X, T @ Xt, X.transpose(0, 2, 1) @ X
+
+
+SPARSE = {None: None, "soft": Sparsity("soft", 0.05), "hard": Sparsity("hard", 0.05)}
+
+
+def ref_sparsity(sp):
+    return None if sp is None else (sp.kind, sp.lam)
+
+
+# (g, m, N0, N1g, granularity, group_size, sparsity, bits, dead Xt columns)
+CASES = [
+    pytest.param(1, 60, 37, 6, "channel", 0, None, 4, (3, 20), id="linear-channel"),
+    pytest.param(1, 20, 45, 5, "channel", 0, None, 3, (0,), id="linear-wide-m<N0"),
+    pytest.param(3, 40, 18, 4, "channel", 0, None, 4, (5,), id="conv-groups"),
+    pytest.param(8, 30, 9, 1, "channel", 0, None, "ternary", (4,), id="depthwise"),
+    pytest.param(2, 50, 26, 5, "tensor", 0, None, 3, (7,), id="tensor"),
+    pytest.param(1, 60, 37, 6, "block", 8, None, 4, (9,), id="block-8"),
+    pytest.param(2, 40, 21, 3, "block", 5, "soft", 3, (2,), id="block-soft"),
+    pytest.param(1, 60, 37, 6, "channel", 0, "soft", 4, (11,), id="soft"),
+    pytest.param(3, 40, 18, 4, "channel", 0, "hard", "ternary", (1,), id="hard-ternary"),
+    pytest.param(1, 60, 37, 6, "channel", 0, "hard", 4, (30,), id="hard"),
+]
+
+
+@pytest.mark.parametrize("g,m,n0,n1,gran,gs,sp,bits,dead", CASES)
+def test_forms_match_reference(g, m, n0, n1, gran, gs, sp, bits, dead):
+    rng = np.random.default_rng(zlib.crc32(repr((g, m, n0, n1, gran, gs, sp, bits)).encode()))
+    X, Xt = correlated(rng, g, m, n0, dead=dead)
+    W = rng.standard_normal((g, n0, n1)) * 0.3
+    W[0, :, -1] = 0.0  # an all-zero column: r = 0, codes 0
+    alphabet = Alphabet.from_bits(bits)
+    sparsity = SPARSE[sp]
+    r, bsize = P.step_ranges(W, gran, gs)
+    delta = P.steps_from_ranges(r, 0.8, alphabet.K)  # C < 1: some values saturate
+    delta_rows = P._rows_of(delta, bsize, n0)
+    delta_rows = np.broadcast_to(delta_rows, W.shape)
+    codes_ref, err_ref = ref.gpfq_layer(X, Xt, W, delta_rows, alphabet.lo, alphabet.hi, ref_sparsity(sparsity))
+    assert (codes_ref[0, :, -1] == 0).all()
+    assert (codes_ref[:, list(dead), :] == 0).all()
+
+    G, H, _ = gram(X, Xt)
+    for block in (4, 16, P.GRAM_BLOCK):  # several blocks incl. a short last one, and one block
+        c = P.gpfq_gram(W, G, H, delta, alphabet, sparsity, group_size=gs, block=block)
+        np.testing.assert_array_equal(c, codes_ref, err_msg=f"gram block={block}")
+        c = P.gpfq_residual(W, X, Xt, delta, alphabet, sparsity, group_size=gs, block=block)
+        np.testing.assert_array_equal(c, codes_ref, err_msg=f"residual block={block}")
+
+    # the same through quantize_layer (fixed C), from accumulated moments, both forms
+    spec = QuantSpec(alphabet, granularity=gran, group_size=gs, scale_rule="fixed", c=0.8, sparsity=sparsity)
+    denom = float(np.einsum("gmn,gmn->", X @ W, X @ W))
+    for form in ("gram", "residual"):
+        res = P.quantize_layer(W, moments_of(X, Xt, form), spec)
+        np.testing.assert_array_equal(res.codes, codes_ref, err_msg=form)
+        assert res.codes.dtype == np.int32 and res.form == form
+        assert res.rel_error == pytest.approx(err_ref.sum() / denom, rel=1e-9, abs=1e-12)
+        np.testing.assert_allclose(res.weights(), res.codes * delta_rows + 0.0, rtol=1e-15)
+        assert res.sparsity == pytest.approx(np.mean(codes_ref == 0))
+
+
+def test_search_matches_reference_per_column():
+    """scale_rule='search': per column, the C with the smallest reference error wins."""
+    rng = np.random.default_rng(7)
+    g, m, n0, n1 = 2, 50, 24, 5
+    X, Xt = correlated(rng, g, m, n0, dead=(6,))
+    W = rng.standard_t(4, (g, n0, n1)) * 0.1
+    alphabet = Alphabet.from_bits(3)
+    grid = (0.3, 0.5, 0.8, 1.0, 1.25)
+    r, bsize = P.step_ranges(W, "channel")
+    codes, errs = [], []
+    for C in grid:
+        d = np.broadcast_to(P.steps_from_ranges(r, C, alphabet.K), W.shape)
+        c, e = ref.gpfq_layer(X, Xt, W, d, alphabet.lo, alphabet.hi)
+        codes.append(c)
+        errs.append(e)
+    best = np.argmin(np.array(errs), axis=0)  # (g, N1)
+    want = np.take_along_axis(np.array(codes), best[None, :, None, :], axis=0)[0]
+    for form in ("gram", "residual"):
+        res = P.quantize_layer(W, moments_of(X, Xt, form), QuantSpec(alphabet, c_grid=grid))
+        np.testing.assert_array_equal(res.codes, want)
+        np.testing.assert_array_equal(res.C, np.array(grid)[best])
+        np.testing.assert_allclose(res.scale, np.array(grid)[best][:, None, :] * r / alphabet.K, rtol=1e-15)
+    # per layer: one C for everything, the best total
+    res = P.quantize_layer(W, moments_of(X, Xt, "gram"), QuantSpec(alphabet, c_grid=grid, search_per_channel=False))
+    k = int(np.argmin(np.array(errs).sum(axis=(1, 2))))
+    np.testing.assert_array_equal(res.codes, codes[k])
+    assert (res.C == grid[k]).all()
+
+
+def test_output_error_formula():
+    rng = np.random.default_rng(1)
+    X, Xt = correlated(rng, 2, 30, 12)
+    W = rng.standard_normal((2, 12, 4))
+    Q = W + 0.1 * rng.standard_normal(W.shape)
+    G, H, F = gram(X, Xt)
+    direct = ((X @ W - Xt @ Q) ** 2).sum(axis=1)
+    np.testing.assert_allclose(P.output_error(W, Q, G, H, F), direct, rtol=1e-10)
+    np.testing.assert_allclose(P.output_error(W[0], Q[0], G[0], H[0], F[0]), direct[0], rtol=1e-10)
+
+
+def test_moments_accumulate_exactly():
+    rng = np.random.default_rng(2)
+    X, Xt = correlated(rng, 2, 40, 7)
+    mom = moments_of(X, Xt, "gram", batches=4)
+    G, H, F = gram(X, Xt)
+    np.testing.assert_allclose(mom.G, G, rtol=1e-12)
+    np.testing.assert_allclose(mom.H, H, rtol=1e-12)
+    np.testing.assert_allclose(mom.F, F, rtol=1e-12)
+    np.testing.assert_allclose(mom.mu_x, X.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(mom.mu_xt, Xt.mean(axis=1), rtol=1e-12)
+    assert mom.m == 40
+    res = moments_of(X, Xt, "residual", batches=4)
+    np.testing.assert_array_equal(res.X, X)
+    np.testing.assert_array_equal(res.Xt, Xt)
+    same = Moments(1, 7, "gram")
+    same.update(X[:1], X[:1])  # Xt is X: one product
+    np.testing.assert_allclose(same.G, F[:1], rtol=1e-12)
+    np.testing.assert_allclose(same.H, F[:1], rtol=1e-12)
+    with pytest.raises(ValueError):
+        same.update(X[:1, :, :5], X[:1, :, :5])
+    with pytest.raises(ValueError):
+        same.update(X[:1], Xt[:1, :10])
+
+
+def test_moments_float32_residual_storage():
+    rng = np.random.default_rng(3)
+    X, Xt = correlated(rng, 1, 20, 5)
+    mom = Moments(1, 5, "residual")
+    mom.update(X.astype(np.float32), Xt.astype(np.float32))
+    assert mom.X.dtype == np.float32 and mom.X.shape == (1, 20, 5)
+
+
+def layer_problem(seed=4, g=1, m=400, n0=64, n1=16):
+    rng = np.random.default_rng(seed)
+    X, Xt = correlated(rng, g, m, n0, noise=0.05)
+    W = rng.standard_normal((g, n0, n1)) / math.sqrt(n0)
+    return W, X, Xt
+
+
+@pytest.mark.parametrize("bits", [4, 3, "ternary"])
+def test_gpfq_beats_rtn_on_correlated_data(bits):
+    W, X, Xt = layer_problem()
+    res = P.quantize_layer(W, moments_of(X, Xt, "gram"), QuantSpec(Alphabet.from_bits(bits)))
+    assert res.rel_error < 0.8 * res.rel_error_rtn  # measured 0.64 (4b), 0.63 (3b), 0.70 (ternary)
+    rtn = P.quantize_layer(W, moments_of(X, Xt, "gram"), QuantSpec(Alphabet.from_bits(bits), method="rtn"))
+    assert rtn.rel_error == rtn.rel_error_rtn == pytest.approx(res.rel_error_rtn)
+
+
+@pytest.mark.parametrize("form", ["gram", "residual"])
+@pytest.mark.parametrize("gran,per_channel", [("channel", True), ("channel", False), ("tensor", True), ("block", True)])
+@pytest.mark.parametrize("method", ["gpfq", "rtn"])
+def test_search_never_worse_than_c1(form, gran, per_channel, method):
+    assert 1.0 in P.DEFAULT_C_GRID
+    W, X, Xt = layer_problem(seed=5, g=2, m=120, n0=40, n1=6)
+    mom = moments_of(X, Xt, form)
+    common = dict(method=method, granularity=gran, group_size=16 if gran == "block" else 0,
+                  search_per_channel=per_channel)
+    a = Alphabet.from_bits(3)
+    s = P.quantize_layer(W, mom, QuantSpec(a, **common))
+    f = P.quantize_layer(W, mom, QuantSpec(a, scale_rule="fixed", c=1.0, **common))
+    assert s.rel_error <= f.rel_error * (1 + 1e-12)
+    assert s.rel_error_rtn <= f.rel_error_rtn * (1 + 1e-12)
+    assert (f.C == 1.0).all()
+    if gran == "tensor" or not per_channel:
+        assert np.unique(s.C).size == 1
+    if gran == "tensor":
+        assert np.unique(s.scale).size == 1
+
+
+def test_errors_are_exact():
+    """rel_error and rel_error_rtn equal the directly computed ||XW - Xt Q||^2 / ||XW||^2."""
+    W, X, Xt = layer_problem(seed=6, g=2, m=100, n0=30, n1=5)
+    denom = ((X @ W) ** 2).sum()
+    for form in ("gram", "residual"):
+        for method in ("gpfq", "rtn"):
+            res = P.quantize_layer(W, moments_of(X, Xt, form), QuantSpec(Alphabet.from_bits(4), method=method))
+            Q = res.weights()
+            assert res.rel_error == pytest.approx(((X @ W - Xt @ Q) ** 2).sum() / denom, rel=1e-9)
+
+
+def test_gram_and_residual_layers_agree():
+    W, X, Xt = layer_problem(seed=8, g=2, m=50, n0=70, n1=7)
+    for spec in (QuantSpec(Alphabet.from_bits(4)), QuantSpec(Alphabet.from_bits(3), granularity="block", group_size=32,
+                                                             sparsity=Sparsity("hard", 0.02))):
+        a = P.quantize_layer(W, moments_of(X, Xt, "gram"), spec)
+        b = P.quantize_layer(W, moments_of(X, Xt, "residual"), spec)
+        np.testing.assert_array_equal(a.codes, b.codes)
+        np.testing.assert_array_equal(a.C, b.C)
+        assert a.rel_error == pytest.approx(b.rel_error, rel=1e-9)
+        assert a.rel_error_rtn == pytest.approx(b.rel_error_rtn, rel=1e-9)
+
+
+def test_bias_correction_zeroes_mean_shift():
+    W, X, Xt = layer_problem(seed=9, g=2, m=80, n0=20, n1=4)
+    Xt = Xt + 0.3  # a mean shift in the quantized network's input
+    for form in ("gram", "residual"):
+        res = P.quantize_layer(W, moments_of(X, Xt, form), QuantSpec(Alphabet.from_bits(3), bias_correction=True))
+        shift = (X @ W).mean(axis=1) - ((Xt @ res.weights()).mean(axis=1) + res.bias_delta)
+        np.testing.assert_allclose(shift, 0.0, atol=1e-12)
+        assert res.bias_delta.shape == (2, 4)
+    assert P.quantize_layer(W, moments_of(X, Xt, "gram"), QuantSpec(Alphabet.from_bits(3))).bias_delta is None
+
+
+@pytest.mark.parametrize("gran,gs", [("channel", 0), ("tensor", 0), ("block", 7)])
+def test_rtn_codes_are_rounded_weights(gran, gs):
+    W, X, Xt = layer_problem(seed=10, g=2, m=60, n0=20, n1=4)
+    a = Alphabet.from_bits(4, full_range=True)
+    res = P.quantize_layer(W, moments_of(X, Xt, "gram"),
+                           QuantSpec(a, method="rtn", granularity=gran, group_size=gs, scale_rule="fixed", c=0.7))
+    r, bsize = P.step_ranges(W, gran, gs)
+    delta = P._rows_of(0.7 * r / a.K, bsize, W.shape[1])
+    np.testing.assert_array_equal(res.codes, np.clip(np.rint(W / delta), a.lo, a.hi))
+    assert res.codes.min() >= -8 and res.codes.max() <= 7
+    # with the search, each column's codes are the rounding at its chosen C
+    res = P.quantize_layer(W, moments_of(X, Xt, "gram"), QuantSpec(a, method="rtn", granularity=gran, group_size=gs))
+    np.testing.assert_array_equal(res.codes, np.clip(np.rint(W / P._rows_of(res.scale, bsize, W.shape[1])), a.lo, a.hi))
+    np.testing.assert_allclose(res.scale, res.C[:, None, :] * r / a.K, rtol=1e-15)
+
+
+def test_sparsity_variants():
+    W, X, Xt = layer_problem(seed=11)
+    a = Alphabet.from_bits(4)
+    mom = moments_of(X, Xt, "gram")
+    plain = P.quantize_layer(W, mom, QuantSpec(a, scale_rule="fixed"))
+    lam = 0.5 * float(np.median(np.abs(W)))
+    soft = P.quantize_layer(W, mom, QuantSpec(a, scale_rule="fixed", sparsity=Sparsity("soft", lam)))
+    hard = P.quantize_layer(W, mom, QuantSpec(a, scale_rule="fixed", sparsity=Sparsity("hard", lam)))
+    assert soft.sparsity > plain.sparsity and hard.sparsity > plain.sparsity
+    assert soft.sparsity == pytest.approx(np.mean(soft.codes == 0))
+    # the integer-representable hard variant only uses the plain levels
+    assert hard.codes.min() >= a.lo and hard.codes.max() <= a.hi
+    # hard: every nonzero level needs |z| > lam; for RTN z = w, so rounding-to-zero is overridden
+    rtn = P.rtn_codes(W[0], 0.01, a, Sparsity("hard", 0.004))
+    w = W[0]
+    assert ((rtn == 0) == (np.abs(w) <= 0.004)).all()
+    np.testing.assert_array_equal(rtn[np.abs(w) > 0.015], np.clip(np.rint(w / 0.01), a.lo, a.hi)[np.abs(w) > 0.015])
+    soft_rtn = P.rtn_codes(W[0], 0.01, a, Sparsity("soft", 0.004))
+    np.testing.assert_array_equal(soft_rtn, np.clip(np.rint(np.sign(w) * np.maximum(np.abs(w) - 0.004, 0) / 0.01), -7, 7))
+
+
+def test_zero_input_columns_and_zero_weights():
+    W, X, Xt = layer_problem(seed=12, m=50, n0=20, n1=3)
+    Xt[:, :, [0, 5]] = 0.0
+    W[:, :, 1] = 0.0
+    for form in ("gram", "residual"):
+        res = P.quantize_layer(W, moments_of(X, Xt, form), QuantSpec(Alphabet.from_bits(4)))
+        assert (res.codes[:, [0, 5], :] == 0).all()
+        assert (res.codes[:, :, 1] == 0).all() and (res.scale[:, :, 1] == 1.0).all()
+        assert np.isfinite(res.rel_error)
+    # a whole layer of zeros
+    res = P.quantize_layer(np.zeros_like(W), moments_of(X, Xt, "gram"), QuantSpec(Alphabet.from_bits(4)))
+    assert (res.codes == 0).all() and res.rel_error == 0.0 and (res.scale == 1.0).all()
+
+
+def test_deterministic():
+    W, X, Xt = layer_problem(seed=13, g=2, m=90, n0=150, n1=9)
+    for form in ("gram", "residual"):
+        a = P.quantize_layer(W, moments_of(X, Xt, form), QuantSpec(Alphabet.from_bits(4), bias_correction=True))
+        b = P.quantize_layer(W.copy(), moments_of(X.copy(), Xt.copy(), form),
+                             QuantSpec(Alphabet.from_bits(4), bias_correction=True))
+        for f in ("codes", "scale", "C", "bias_delta"):
+            assert getattr(a, f).tobytes() == getattr(b, f).tobytes()
+        assert a.rel_error == b.rel_error and a.rel_error_rtn == b.rel_error_rtn
+
+
+def test_block_scale_shape_and_dequantize():
+    W, X, Xt = layer_problem(seed=14, g=2, m=60, n0=20, n1=3)
+    res = P.quantize_layer(W, moments_of(X, Xt, "gram"),
+                           QuantSpec(Alphabet.from_bits(4), granularity="block", group_size=8))
+    assert res.scale.shape == (2, 3, 3) and res.group_size == 8
+    deq = P.dequantize(res.codes, res.scale, 8)
+    np.testing.assert_array_equal(deq[:, 16:], res.codes[:, 16:] * res.scale[:, 2:3])
+    with pytest.raises(ValueError):
+        P.dequantize(res.codes, res.scale)
+    ch = P.quantize_layer(W, moments_of(X, Xt, "gram"), QuantSpec(Alphabet.from_bits(4)))
+    assert ch.scale.shape == (2, 1, 3) and ch.C.shape == (2, 3)
+    np.testing.assert_array_equal(P.dequantize(ch.codes, ch.scale), ch.codes * ch.scale)
+
+
+def test_alphabet():
+    assert Alphabet.from_bits("ternary") == Alphabet(-1, 1)
+    assert Alphabet.from_bits(4) == Alphabet(-7, 7) and Alphabet.from_bits(4).K == 7
+    assert Alphabet.from_bits("8") == Alphabet(-127, 127)
+    assert Alphabet.from_bits(4, full_range=True) == Alphabet(-8, 7) and Alphabet(-8, 7).K == 8
+    assert Alphabet.from_bits(2) == Alphabet(-1, 1)
+    for bad in (1, 9, "two", 4.0, True):
+        with pytest.raises(ValueError):
+            Alphabet.from_bits(bad)
+    for lo, hi in ((0, 3), (-3, 0), (1, 2), (-1.0, 1)):
+        with pytest.raises(ValueError):
+            Alphabet(lo, hi)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(method="gptq"),
+    dict(granularity="row"),
+    dict(granularity="block"),
+    dict(granularity="block", group_size=-4),
+    dict(granularity="channel", group_size=32),
+    dict(scale_rule="minmax"),
+    dict(c=0.0),
+    dict(c=float("nan")),
+    dict(c_grid=()),
+    dict(c_grid=(1.0, -0.5)),
+    dict(c_grid=(1.0, float("inf"))),
+    dict(c_grid="abc"),
+    dict(sparsity=("soft", 0.1)),
+    dict(bias_correction="yes"),
+    dict(search_per_channel=None),
+])
+def test_spec_validation(kwargs):
+    with pytest.raises(ValueError):
+        QuantSpec(Alphabet.from_bits(4), **kwargs)
+
+
+def test_other_validation():
+    with pytest.raises(ValueError):
+        QuantSpec("4bit")
+    for kind, lam in (("medium", 0.1), ("soft", -1.0), ("hard", float("nan"))):
+        with pytest.raises(ValueError):
+            Sparsity(kind, lam)
+    with pytest.raises(ValueError):
+        Moments(1, 4, "dense")
+    with pytest.raises(ValueError):
+        Moments(0, 4, "gram")
+    mom = Moments(1, 4, "gram")
+    with pytest.raises(ValueError, match="no calibration rows"):
+        P.quantize_layer(np.ones((1, 4, 2)), mom, QuantSpec(Alphabet.from_bits(4)))
+    mom.update(np.ones((1, 3, 4)), np.ones((1, 3, 4)))
+    with pytest.raises(ValueError):
+        P.quantize_layer(np.ones((1, 5, 2)), mom, QuantSpec(Alphabet.from_bits(4)))
+    assert QuantSpec(Alphabet.from_bits(4), c_grid=[0.5, 1]).c_grid == (0.5, 1.0)
+
+
+def test_choose_form():
+    # VGG fc6: N0 = 25088 seen by 32 rows must never allocate N0^2
+    assert P.choose_form(32, 25088, 4096) == "residual"
+    assert P.choose_form(512, 25088, 4096) == "residual"
+    # convs with many patches
+    assert P.choose_form(20000, 576, 64) == "gram"
+    assert P.choose_form(50000, 4608, 512) == "gram"
+    assert P.choose_form(100000, 9, 1, groups=512) == "gram"
+    # a small layer with few rows
+    assert P.choose_form(16, 1024, 10) == "residual"
+    assert P.choose_form(32, 25088, 4096, memory_limit_bytes=1 << 40) == "residual"
