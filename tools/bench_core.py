@@ -1,0 +1,95 @@
+"""Time one GPFQ greedy pass (Gram form) against one float64 GEMM of the same size.
+
+    python tools/bench_core.py --n0 2048 --n1 2048 --json
+    python tools/bench_core.py --n0 9 --n1 1 --groups 512 --json     # depthwise 3x3
+
+Builds random correlated X, Xt with m = 2 N0 rows, G = Xt^T X, H = Xt^T Xt and W, warms up
+(numba compile excluded), then times ONE pass of onnx_gpfq.gpfq.gpfq_gram (fixed C = 1,
+per-channel steps, including A = tril(G) W) and an (N0 x N0) @ (N0 x N1) float64 numpy product
+(batched over groups when groups > 1); best of --repeats for both, same threads for both.
+Prints {"n0", "n1", "groups", "seconds", "gemm_seconds", "ratio"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from onnx_gpfq.gpfq import GRAM_BLOCK, Alphabet, gpfq_gram, step_ranges, steps_from_ranges  # noqa: E402
+
+
+def make_problem(n0: int, n1: int, groups: int, seed: int = 0):
+    """Random correlated inputs: X = Z M with a mixing M (neighbouring fan-in entries correlated),
+    Xt = X + 10% noise; returns W (g, N0, N1), G, H (g, N0, N0)."""
+    rng = np.random.default_rng(seed)
+    m = 2 * n0
+    G = np.empty((groups, n0, n0))
+    H = np.empty((groups, n0, n0))
+    for k in range(groups):
+        Z = rng.standard_normal((m, n0))
+        X = Z + 0.5 * np.roll(Z, 1, axis=1) + 0.25 * np.roll(Z, 2, axis=1)
+        Xt = X + 0.1 * rng.standard_normal((m, n0))
+        G[k] = Xt.T @ X
+        H[k] = Xt.T @ Xt
+    W = rng.standard_normal((groups, n0, n1)) / np.sqrt(n0)
+    return W, G, H
+
+
+def best_of(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench(n0: int, n1: int, groups: int = 1, repeats: int = 5, block: int = GRAM_BLOCK) -> dict:
+    W, G, H = make_problem(n0, n1, groups)
+    alphabet = Alphabet.from_bits(4)
+    r, _ = step_ranges(W, "channel")
+    delta = steps_from_ranges(r, 1.0, alphabet.K)
+    Wg = W[0] if groups == 1 else W
+    Gg, Hg = (G[0], H[0]) if groups == 1 else (G, H)
+    dg = delta[0] if groups == 1 else delta
+
+    def one_pass():
+        gpfq_gram(Wg, Gg, Hg, dg, alphabet, block=block)
+
+    Gc = Gg.copy()
+
+    def gemm():
+        np.matmul(Gc, Wg)
+
+    one_pass()  # warm-up: numba compile / cache load
+    gemm()
+    t = best_of(one_pass, repeats)
+    tg = best_of(gemm, repeats)
+    return {"n0": n0, "n1": n1, "groups": groups, "seconds": t, "gemm_seconds": tg, "ratio": t / tg}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n0", type=int, required=True, help="fan-in per group")
+    ap.add_argument("--n1", type=int, required=True, help="output columns per group")
+    ap.add_argument("--groups", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--block", type=int, default=GRAM_BLOCK, help="rows per block of the forward substitution")
+    ap.add_argument("--json", action="store_true", help="print one JSON line")
+    args = ap.parse_args(argv)
+    res = bench(args.n0, args.n1, args.groups, args.repeats, args.block)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"N0={res['n0']} N1={res['n1']} groups={res['groups']}: pass {res['seconds']:.4f} s, "
+              f"gemm {res['gemm_seconds']:.4f} s, ratio {res['ratio']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
