@@ -1,0 +1,251 @@
+"""The command line as a user and a CI pipeline see it: one-line errors with exit status 2 and no
+output file, CI-gate thresholds, atomic output, byte-identical reruns, clean interrupts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_gpfq.cli import main
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+MLP = str(MODELS / "digits_mlp.onnx")
+CALIB = str(MODELS / "digits_calib.npz")
+TEST = str(MODELS / "digits_test.npz")
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_user_error(argv, capsys, fragment, output=None):
+    code, _, err = run(argv, capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("onnx-gpfq: error:") and fragment in lines[0], lines[0]
+    assert "Traceback" not in err
+    if output is not None:
+        assert not Path(output).exists()
+        assert not [p for p in Path(output).parent.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.fixture
+def out(tmp_path):
+    return tmp_path / "out.onnx"
+
+
+def write_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return str(path)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+def test_missing_model(capsys, out, tmp_path):
+    assert_user_error(["quantize", tmp_path / "nope.onnx", "-o", out, "--calib", CALIB], capsys, "model file not found", out)
+
+
+def test_model_path_is_a_folder(capsys, out, tmp_path):
+    assert_user_error(["quantize", tmp_path, "-o", out, "--calib", CALIB], capsys, "not a file", out)
+
+
+def test_not_onnx(capsys, out, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00\xffthis is not a protobuf" * 50)
+    assert_user_error(["quantize", bad, "-o", out, "--calib", CALIB], capsys, "not a valid ONNX model", out)
+
+
+def test_truncated_model(capsys, out, tmp_path):
+    data = Path(MLP).read_bytes()
+    bad = tmp_path / "truncated.onnx"
+    bad.write_bytes(data[: len(data) // 2])
+    assert_user_error(["quantize", bad, "-o", out, "--calib", CALIB], capsys, "not a valid ONNX model", out)
+
+
+def test_nothing_to_quantize(capsys, out, tmp_path):
+    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["y"])], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 8, 8])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    assert_user_error(["quantize", path, "-o", out, "--calib", CALIB], capsys, "nothing to quantize", out)
+
+
+@pytest.mark.parametrize("arrays, fragment", [
+    ({"wrong_name": np.zeros((4, 1, 8, 8), np.float32)}, "no array for model input 'input'"),
+    ({"input": np.zeros((4, 1, 7, 8), np.float32)}, "has shape (4, 1, 7, 8)"),
+    ({"input": np.zeros((4, 64), np.float32)}, "has rank 2"),
+    ({"input": np.zeros((4, 1, 8, 8), np.int64)}, "has dtype int64"),
+    ({"input": np.zeros((0, 1, 8, 8), np.float32)}, "holds no samples"),
+    ({"input": np.full((4, 1, 8, 8), np.nan, np.float32)}, "NaN or Inf"),
+])
+def test_bad_calibration_data(capsys, out, tmp_path, arrays, fragment):
+    calib = write_npz(tmp_path / "calib.npz", **arrays)
+    assert_user_error(["quantize", MLP, "-o", out, "--calib", calib], capsys, fragment, out)
+
+
+def test_missing_and_garbage_calibration_file(capsys, out, tmp_path):
+    assert_user_error(["quantize", MLP, "-o", out, "--calib", tmp_path / "none.npz"], capsys, "calibration file not found", out)
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip")
+    assert_user_error(["quantize", MLP, "-o", out, "--calib", garbage], capsys, "cannot read calibration file", out)
+
+
+def test_output_equal_to_input_is_refused_and_input_untouched(capsys, tmp_path):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(Path(MLP).read_bytes())
+    before = model.read_bytes()
+    assert_user_error(["quantize", model, "-o", model, "--calib", CALIB], capsys, "same as an input")
+    assert model.read_bytes() == before
+
+
+def test_output_folder_missing_or_not_writable(capsys, tmp_path):
+    missing = tmp_path / "no" / "such" / "dir" / "out.onnx"
+    assert_user_error(["quantize", MLP, "-o", missing, "--calib", CALIB], capsys, "does not exist")
+    assert_user_error(["quantize", MLP, "-o", "/proc/sys/out.onnx", "--calib", CALIB], capsys, "not writable")
+
+
+@pytest.mark.parametrize("option, fragment", [
+    (["--weight-bits", "9"], "--weight-bits must be one of"),
+    (["--act-bits", "4"], "--act-bits must be 8 or none"),
+    (["--method", "magic"], "invalid choice"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--max-patches", "-3"], "--max-patches must be a positive integer"),
+    (["--sparsity", "medium:1"], "--sparsity must look like"),
+    (["--seed", "abc"], "invalid int value"),
+    (["--c", "0"], "C must be > 0"),
+])
+def test_invalid_option_values(capsys, out, option, fragment):
+    assert_user_error(["quantize", MLP, "-o", out, "--calib", CALIB] + option, capsys, fragment, out)
+
+
+def test_external_data_outside_model_folder_is_refused(capsys, out, tmp_path):
+    model = onnx.load(MLP)
+    inner = tmp_path / "model"
+    inner.mkdir()
+    onnx.save(model, inner / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    loaded = onnx.load(inner / "m.onnx", load_external_data=False)
+    for t in loaded.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = "../weights.bin"
+    (tmp_path / "weights.bin").write_bytes((inner / "weights.bin").read_bytes())
+    onnx.save(loaded, inner / "evil.onnx")
+    assert_user_error(["quantize", inner / "evil.onnx", "-o", out, "--calib", CALIB], capsys, "outside the model's folder", out)
+
+
+def test_usage_errors_are_one_line(capsys):
+    assert_user_error(["quantize"], capsys, "required")
+    assert_user_error(["frobnicate"], capsys, "invalid choice")
+
+
+def test_help_explains_every_option(capsys):
+    for sub in (["--help"], ["quantize", "--help"], ["evaluate", "--help"], ["inspect", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            main(sub)
+        assert exc.value.code == 0
+        text = capsys.readouterr().out
+        assert "usage: onnx-gpfq" in text
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--calib", "--weight-bits", "--act-bits", "--method", "--seed", "--sparsity", "--bias-correction",
+                   "--scale-rule", "--granularity", "--report", "--exclude"):
+        assert option in text
+
+
+# --- outputs --------------------------------------------------------------------------------
+
+def test_quantize_is_deterministic_and_writes_report(capsys, tmp_path):
+    a, b, report = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "report.json"
+    assert run(["quantize", MLP, "-o", a, "--calib", CALIB, "--seed", "3", "--report", report], capsys)[0] == 0
+    err = capsys.readouterr().err
+    assert run(["quantize", MLP, "-o", b, "--calib", CALIB, "--seed", "3", "--quiet"], capsys)[0] == 0
+    assert a.read_bytes() == b.read_bytes()
+    data = json.loads(report.read_text())
+    assert len(data["layers"]) == 3
+    assert all(0 <= layer["rel_error"] < 1 for layer in data["layers"])
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    del err
+
+
+def test_failed_write_leaves_nothing(monkeypatch, tmp_path):
+    from onnx_gpfq import graph
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(graph.os, "fsync", full_disk)
+    target = tmp_path / "out.onnx"
+    with pytest.raises(Exception):
+        graph.save_model(onnx.load(MLP), target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_leaves_no_output_and_no_temp_files(tmp_path):
+    out = tmp_path / "out.onnx"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "onnx_gpfq.cli", "quantize", str(MODELS / "digits_vit.onnx"), "-o", str(out),
+         "--calib", CALIB, "--max-patches", "100000"],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, cwd=tmp_path)
+    seen = b""
+    deadline = time.time() + 120
+    while b"quantizing" not in seen and time.time() < deadline:  # the progress bar: layers are being quantized
+        chunk = proc.stderr.read1(256)
+        if not chunk:
+            break
+        seen += chunk
+    assert b"quantizing" in seen, seen
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert b"interrupted" in err and b"Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- evaluate as a CI gate ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quantized_mlp(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gate") / "mlp.w4.onnx"
+    assert main(["quantize", MLP, "-o", str(path), "--calib", CALIB, "--quiet"]) == 0
+    return str(path)
+
+
+def test_evaluate_json(capsys, quantized_mlp):
+    code, out, _ = run(["evaluate", MLP, quantized_mlp, "--data", TEST, "--json"], capsys)
+    assert code == 0
+    models = json.loads(out)["models"]
+    assert [m["path"] for m in models] == [MLP, quantized_mlp]
+    assert models[0]["agreement"] == 1.0 and models[0]["sqnr_db"] is None
+    assert models[1]["accuracy"] > 0.95 and models[1]["sqnr_db"] > 10 and models[1]["latency_ms"] > 0
+    assert models[1]["size_bytes"] < models[0]["size_bytes"] / 2
+
+
+@pytest.mark.parametrize("option, passing, failing", [
+    ("--min-accuracy", "0.5", "0.9999"),
+    ("--max-accuracy-drop", "50", "-1"),
+    ("--min-agreement", "0.5", "1.01"),
+    ("--min-sqnr", "1", "200"),
+])
+def test_ci_gate_thresholds_both_ways(capsys, quantized_mlp, option, passing, failing):
+    assert run(["evaluate", MLP, quantized_mlp, "--data", TEST, option, passing], capsys)[0] == 0
+    code, _, err = run(["evaluate", MLP, quantized_mlp, "--data", TEST, option, failing], capsys)
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1 and option in err
+
+
+def test_evaluate_bad_data(capsys, tmp_path):
+    assert_user_error(["evaluate", MLP, "--data", tmp_path / "none.npz"], capsys, "data file not found")
