@@ -34,9 +34,9 @@ def _bits(value: str):
 def _act_bits(value: str):
     if value.lower() == "none":
         return None
-    if value == "8":
-        return 8
-    raise UserError(f"--act-bits must be 8 or none (got {value!r})")
+    if value in ("8", "16"):
+        return int(value)
+    raise UserError(f"--act-bits must be 8, 16 or none (got {value!r})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,13 +55,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration data: a .npz with one array per model input, named after it, samples along axis 0")
     q.add_argument("--weight-bits", type=_bits, default=4, metavar="{2..8,ternary}",
                    help="weight bit width; ternary = levels {-1,0,1} x step (default: 4)")
-    q.add_argument("--act-bits", type=_act_bits, default=8, metavar="{8,none}",
-                   help="activation bits (uint8 asymmetric, min-max), or none for weight-only (default: 8)")
+    q.add_argument("--act-bits", type=_act_bits, default=8, metavar="{8,16,none}",
+                   help="activation bits (asymmetric uint8/uint16 unless --act-symmetric), or none for weight-only "
+                   "(default: 8; 16 needs opset 21, the model is upgraded)")
+    q.add_argument("--act-symmetric", action="store_true", help="symmetric int8/int16 activations (zero point 0)")
+    q.add_argument("--act-calibration", choices=["minmax", "percentile", "mse"], default="minmax",
+                   help="activation range: full min-max, clipped at --percentile, or the clip minimising the "
+                   "quantization MSE (default: minmax)")
+    q.add_argument("--percentile", type=float, default=99.99, help="percentile for --act-calibration percentile (default: 99.99)")
     q.add_argument("--method", choices=["gpfq", "rtn"], default="gpfq",
                    help="gpfq: greedy path-following with error feedback; rtn: round to nearest, the baseline (default: gpfq)")
     q.add_argument("--seed", type=int, default=0, help="seed for patch subsampling (default: 0)")
-    q.add_argument("--granularity", choices=["channel", "tensor"], default="channel",
-                   help="one weight step per output channel or per layer (default: channel)")
+    q.add_argument("--granularity", choices=["channel", "tensor", "block"], default="channel",
+                   help="one weight step per output channel, per layer, or per block of --block-size fan-in rows "
+                   "(block: MatMul/Gemm layers; Conv layers stay per channel) (default: channel)")
+    q.add_argument("--block-size", type=int, default=32, help="fan-in rows per block for --granularity block (default: 32)")
+    q.add_argument("--weight-format", choices=["int8", "int4", "matmulnbits"], default="int8",
+                   help="int8: codes in int8 containers, runs on int8 kernels; int4: packed INT4 with opset-21 "
+                   "DequantizeLinear; matmulnbits: 2-D MatMul weights as com.microsoft MatMulNBits (4-bit, "
+                   "block-wise) (default: int8)")
     q.add_argument("--scale-rule", choices=["search", "fixed"], default="search",
                    help="step = C * max|w| / K; search: C minimising each channel's exact output error; "
                    "fixed: C given by --c (default: search)")
@@ -75,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows of X sampled per calibration sample and layer (conv patches, tokens) (default: 256)")
     q.add_argument("--exclude", action="append", default=[], metavar="GLOB|OP",
                    help="leave nodes in float: a node-name glob or an op type (repeatable)")
+    q.add_argument("--config", metavar="FILE", help="JSON or TOML per-layer overrides: "
+                   '{"exclude": [GLOB...], "layers": [{"match": GLOB|OP, "weight_bits": .., "method": .., '
+                   '"granularity": .., "block_size": .., "scale_rule": .., "c": .., "exclude": bool}]}; '
+                   "a pattern matching no layer is an error")
     q.add_argument("--report", metavar="FILE.json", help="also write the per-layer report as JSON")
     q.add_argument("--quiet", action="store_true", help="no progress bar and no report table")
     q.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -104,17 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_quantize(args) -> int:
     from .graph import check_output_path, save_model
-    from .options import Options, parse_sparsity
+    from .options import Options, load_config, parse_sparsity
     from .quantize import quantize
 
     check_output_path(args.output, [args.model, args.calib])
     if args.report:
         check_output_path(args.report, [args.model, args.calib, args.output])
+    rules, config_exclude = load_config(args.config) if args.config else ((), ())
     options = Options(
         weight_bits=args.weight_bits, act_bits=args.act_bits, method=args.method, seed=args.seed,
-        granularity=args.granularity, scale_rule=args.scale_rule, c=args.c, sparsity=parse_sparsity(args.sparsity),
-        bias_correction=args.bias_correction, full_range=args.full_range, batch_size=args.batch_size,
-        max_patches=args.max_patches, exclude=tuple(args.exclude), quiet=args.quiet,
+        granularity=args.granularity, block_size=args.block_size, scale_rule=args.scale_rule, c=args.c,
+        sparsity=parse_sparsity(args.sparsity), bias_correction=args.bias_correction, full_range=args.full_range,
+        weight_format=args.weight_format, act_symmetric=args.act_symmetric, act_calibration=args.act_calibration,
+        percentile=args.percentile, batch_size=args.batch_size, max_patches=args.max_patches,
+        exclude=tuple(args.exclude) + config_exclude, rules=rules, quiet=args.quiet,
     )
     model, report = quantize(args.model, args.calib, options)
     save_model(model, args.output)

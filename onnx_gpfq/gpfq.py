@@ -391,9 +391,11 @@ def _delta3(delta, g: int, n0: int, n1: int, group_size: int) -> tuple[np.ndarra
         if group_size < 1 or -(-n0 // group_size) != nb:
             raise ValueError(f"delta has {nb} row blocks: needs group_size with ceil(N0/group_size) == {nb}")
         bsize = int(group_size)
-    if not np.all(np.isfinite(d)) or np.any(d < 0):
+    if not (d.min() >= 0 and d.max() < math.inf):
         raise ValueError("delta must be finite and >= 0")
-    return np.ascontiguousarray(np.broadcast_to(d, (g, nb, n1))), bsize
+    if d.shape[0] != g or not d.flags.c_contiguous:
+        d = np.ascontiguousarray(np.broadcast_to(d, (g, nb, n1)))
+    return d, bsize
 
 
 def _rows_of(delta: np.ndarray, bsize: int, n0: int) -> np.ndarray:
@@ -457,48 +459,72 @@ def output_error(W: np.ndarray, Q: np.ndarray, G: np.ndarray, H: np.ndarray, F: 
 # ----------------------------------------------------------------------------------------------
 
 
+def _split(lo: int, hi: int, block: int) -> int:
+    """Middle of [lo, hi) on a multiple of block from lo (both halves non-empty)."""
+    nblocks = -(-(hi - lo) // block)
+    return lo + block * ((nblocks + 1) // 2)
+
+
 def tril_matmul(G: np.ndarray, W: np.ndarray, block: int = GRAM_BLOCK) -> np.ndarray:
     """A = tril(G) @ W for G (g, N0, N0), W (g, N0, N1): A[t] = sum_{s<=t} G[t,s] W[s].
 
-    Blocked so that only the lower triangle is multiplied: per block of rows one GEMM with all
-    earlier rows and one small product with the block's own lower triangle (half the flops of
-    np.tril(G) @ W, no N0^2 copy)."""
+    Only the lower triangle is multiplied (half the flops of np.tril(G) @ W, no N0^2 copy), by
+    recursive halving: A[mid:] += G[mid:, :mid] W[:mid] is one large GEMM, and the two diagonal
+    halves recurse down to block x block triangles. Tiny problems (N0 <= 16) run in one numba loop."""
     g, n0, n1 = W.shape
     A = np.empty((g, n0, n1))
-    for b0 in range(0, n0, block):
-        b1 = min(b0 + block, n0)
-        np.matmul(np.tril(G[:, b0:b1, b0:b1]), W[:, b0:b1], out=A[:, b0:b1])
-        if b0:
-            A[:, b0:b1] += np.matmul(G[:, b0:b1, :b0], W[:, :b0])
+    if n0 <= 16:
+        _kernels.tril_matmul_small(G, W, A)
+        return A
+
+    def rec(lo, hi):
+        if hi - lo <= block:
+            np.matmul(np.tril(G[:, lo:hi, lo:hi]), W[:, lo:hi], out=A[:, lo:hi])
+            return
+        mid = _split(lo, hi, block)
+        rec(lo, mid)
+        rec(mid, hi)
+        A[:, mid:hi] += np.matmul(G[:, mid:hi, lo:mid], W[:, lo:mid])
+
+    rec(0, n0)
     return A
 
 
-def _dead(diagH: np.ndarray) -> np.ndarray:
-    """(g,) threshold on H[t,t] under which Xt's column t counts as zero."""
-    return np.ascontiguousarray(DEAD_TOL * diagH.max(axis=1))
+def _dead(H: np.ndarray) -> np.ndarray:
+    """(g,) threshold on H[t,t] (H (g, N0, N0) C-contiguous) at or under which Xt's column t
+    counts as zero."""
+    return _kernels.dead_threshold(H, DEAD_TOL)
 
 
 def _gram_pass(A, H, delta, bsize, alphabet, sparsity, dead, block=GRAM_BLOCK):
     """Greedy pass in the Gram form. A = tril(G) W (g, N0, N1), H (g, N0, N0) C-contiguous,
     delta (g, nb, N1). Returns codes (g, N0, N1) int32, Q (g, N0, N1) dequantized float64 and
-    q^T H q per column (g, N1) (for the exact error without another product)."""
+    q^T H q per column (g, N1) (for the exact error without another product).
+
+    The H-term sum_{s<t} H[t,s] Q[s] is a forward substitution with rounding, accumulated in L.
+    Recursive blocking (like a recursive TRSM, or GPTQ's lazy batch updates applied
+    hierarchically): quantize the first half of the rows, add H[mid:, :mid] Q[:mid] to the
+    second half's L with one GEMM, then the second half; below `block` rows the triangle runs
+    in numba. Most flops land in a few large GEMMs.
+    """
     g, n0, n1 = A.shape
     mode, lam = _mode(sparsity)
     Q = np.empty((g, n0, n1))
     codes = np.empty((g, n0, n1), np.int32)
     qhq = np.zeros((g, n1))
-    Lbuf = np.empty((g, block, n1))
-    for b0 in range(0, n0, block):
-        b1 = min(b0 + block, n0)
-        L = Lbuf[:, : b1 - b0]
-        if b0 == 0:
-            L[...] = 0.0
-        else:
-            np.matmul(H[:, b0:b1, :b0], Q[:, :b0], out=L)  # all earlier rows in one GEMM
-        if b1 - b0 < block:
-            L = np.ascontiguousarray(L)
-        _kernels.greedy_block(A, b0, L, H, b0, Q, codes, b0, delta, b0, bsize,
-                              alphabet.lo, alphabet.hi, mode, lam, dead, qhq)
+    L = np.zeros((g, n0, n1))
+
+    def rec(lo, hi):
+        if hi - lo <= block:
+            _kernels.greedy_block(A, lo, L, lo, H, lo, Q, codes, lo, delta, lo, bsize, hi - lo,
+                                  alphabet.lo, alphabet.hi, mode, lam, dead, qhq)
+            return
+        mid = _split(lo, hi, block)
+        rec(lo, mid)
+        L[:, mid:hi] += np.matmul(H[:, mid:hi, lo:mid], Q[:, lo:mid])
+        rec(mid, hi)
+
+    rec(0, n0)
     return codes, Q, qhq
 
 
@@ -527,7 +553,7 @@ def gpfq_gram(W: np.ndarray, G: np.ndarray, H: np.ndarray, delta, alphabet: Alph
         raise ValueError(f"G, H must be (g, N0, N0) = {(g, n0, n0)} (got {G3.shape}, {H3.shape})")
     d, bsize = _delta3(delta, g, n0, n1, group_size)
     A = tril_matmul(G3, W3, block)
-    dead = _dead(np.diagonal(H3, axis1=1, axis2=2))
+    dead = _dead(H3)
     codes, _, _ = _gram_pass(A, H3, d, bsize, alphabet, sparsity, dead, block)
     return codes[0] if squeeze else codes
 
@@ -554,7 +580,7 @@ class _Residual:
             self.A[:, b0:b1] = np.matmul(np.tril(Gbb), W[:, b0:b1]) + np.matmul(XtbT, V)
             V += np.matmul(Xb, W[:, b0:b1])
         self.XW = V
-        self.dead = _dead(diag)
+        self.dead = np.ascontiguousarray(DEAD_TOL * diag.max(axis=1))
 
     def greedy(self, delta, bsize, alphabet, sparsity):
         """One pass; returns codes (g, N0, N1) int32 and the final residual U = XW - Xt Q (g, m, N1)."""
@@ -569,7 +595,7 @@ class _Residual:
             L = np.ascontiguousarray(np.matmul(Xtb.transpose(0, 2, 1), R))
             Qb = np.empty((g, b1 - b0, n1))
             cb = np.empty((g, b1 - b0, n1), np.int32)
-            _kernels.greedy_block(self.A, b0, L, self.Hb[i], 0, Qb, cb, 0, delta, b0, bsize,
+            _kernels.greedy_block(self.A, b0, L, 0, self.Hb[i], 0, Qb, cb, 0, delta, b0, bsize, b1 - b0,
                                   alphabet.lo, alphabet.hi, mode, lam, self.dead, qhq)
             codes[:, b0:b1] = cb
             R += np.matmul(Xtb, Qb)
@@ -620,7 +646,7 @@ class _GramProblem:
         self.A = tril_matmul(mom.G, W)
         self.GW = np.matmul(mom.G, W)
         self.wfw = np.einsum("gin,gin->gn", W, np.matmul(mom.F, W))
-        self.dead = _dead(np.diagonal(mom.H, axis1=1, axis2=2))
+        self.dead = _dead(mom.H)
 
     def greedy(self, delta, bsize, alphabet, sparsity):
         codes, Q, qhq = _gram_pass(self.A, self.H, delta, bsize, alphabet, sparsity, self.dead)

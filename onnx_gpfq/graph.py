@@ -66,8 +66,8 @@ def opset_version(model: onnx.ModelProto) -> int:
     return 0
 
 
-def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return a normalised copy of ``model`` (the input is never modified)."""
+def normalise(model: onnx.ModelProto, min_opset: int = MIN_OPSET) -> onnx.ModelProto:
+    """Return a normalised copy of ``model`` (the input is never modified), at opset >= min_opset."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     # Old exports (IR < 4) list weights as graph inputs too; an input can be overridden at run
     # time, so no optimiser treats it as constant. A quantized model fixes its weights: drop them.
@@ -77,11 +77,11 @@ def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
         del model.graph.input[:]
         model.graph.input.extend(kept)
         model.ir_version = max(model.ir_version, 4)
-    if opset_version(model) < MIN_OPSET:
+    if opset_version(model) < min_opset:
         try:
-            model = onnx.version_converter.convert_version(model, MIN_OPSET)
+            model = onnx.version_converter.convert_version(model, min_opset)
         except Exception as exc:
-            raise UserError(f"cannot upgrade the model from opset {opset_version(model)} to {MIN_OPSET}: {exc}") from None
+            raise UserError(f"cannot upgrade the model from opset {opset_version(model)} to {min_opset}: {exc}") from None
     model = _ort_basic_optimise(model)
     _name_nodes(model.graph)
     try:
@@ -215,12 +215,17 @@ def write_text(output: str | os.PathLike, text: str) -> None:
 def _write_atomic(out: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # what open() would give, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
         raise

@@ -1,17 +1,29 @@
-"""All options of a quantization run: one frozen dataclass, validated once, passed down."""
+"""All options of a quantization run: one frozen dataclass, validated once, passed down.
+
+Per-layer control: ``LayerRule``s (from ``--config FILE``) override the weight options of the
+layers whose node name matches a glob or whose op type equals ``match``; rules apply in order, a
+later rule overriding an earlier one. A rule (or ``--exclude`` entry) that matches no layer is an
+error, so a typo never passes silently.
+"""
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+import json
+import sys
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 from .errors import UserError
 from .gpfq import Alphabet, QuantSpec, Sparsity
 
 WEIGHT_BITS = ("2", "3", "4", "5", "6", "7", "8", "ternary")
 METHODS = ("gpfq", "rtn")
-GRANULARITIES = ("channel", "tensor")
+GRANULARITIES = ("channel", "tensor", "block")
 SCALE_RULES = ("search", "fixed")
+WEIGHT_FORMATS = ("int8", "int4", "matmulnbits")
+ACT_BITS = (8, 16, None)
+ACT_CALIBRATIONS = ("minmax", "percentile", "mse")
 
 
 def parse_weight_bits(value: str | int) -> int | str:
@@ -36,14 +48,56 @@ def parse_sparsity(value: str | None) -> Sparsity | None:
     return Sparsity(kind, lam_value)
 
 
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise UserError(f"{name} must be one of {', '.join(str(c) for c in choices)} (got {value!r})")
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Overrides for the layers matching ``match`` (a node-name glob, or an op type). None = keep."""
+
+    match: str
+    weight_bits: int | str | None = None
+    method: str | None = None
+    granularity: str | None = None
+    block_size: int | None = None
+    scale_rule: str | None = None
+    c: float | None = None
+    exclude: bool = False
+
+    def matches(self, node: str, op_type: str) -> bool:
+        return self.match == op_type or fnmatch.fnmatchcase(node, self.match)
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """The weight options one layer ends up with."""
+
+    weight_bits: int | str
+    method: str
+    granularity: str
+    block_size: int
+    scale_rule: str
+    c: float
+
+
 @dataclass(frozen=True)
 class Options:
-    """Everything that decides the output model. Same options + same seed -> same bytes.
+    """Everything that decides the output model. Same model, data, options and seed -> same bytes.
 
-    weight_bits: 2..8 or "ternary" (levels {-1, 0, 1}); act_bits: 8, or None for weight-only.
-    max_patches: conv patches (rows of X) sampled per calibration sample and layer.
+    weight_bits: 2..8 or "ternary" (levels {-1, 0, 1}); 2 bits symmetric is ternary too.
+    weight_format: "int8" (codes in int8 containers, runs on int8 kernels), "int4" (packed INT4
+      initializers, opset-21 DequantizeLinear; needs <= 4 bits), "matmulnbits" (2-D MatMul weights as
+      com.microsoft MatMulNBits, 4-bit, block-wise; other layers as int8).
+    granularity: weight step per output "channel", per "tensor", or per "block" of block_size rows of
+      the fan-in (MatMul/Gemm layers; Conv layers fall back to per channel).
+    act_bits: 8 or 16 (activation QDQ), or None for weight-only. act_symmetric: int8/int16 with zero
+      point 0 instead of asymmetric uint8/uint16. act_calibration: "minmax", "percentile" (clip at
+      the given percentile of each tail) or "mse" (clip range minimising the fake-quant error).
+    max_patches: conv patches / tokens (rows of X) sampled per calibration sample and layer.
     batch_size: calibration samples per onnxruntime run.
-    exclude: node-name globs or op types left in float.
+    exclude: node-name globs or op types left in float. rules: per-layer overrides (--config).
     """
 
     weight_bits: int | str = 4
@@ -51,52 +105,159 @@ class Options:
     method: str = "gpfq"
     seed: int = 0
     granularity: str = "channel"
+    block_size: int = 32
     scale_rule: str = "search"
     c: float = 1.0
     sparsity: Sparsity | None = None
     bias_correction: bool = False
     full_range: bool = False
+    weight_format: str = "int8"
+    act_symmetric: bool = False
+    act_calibration: str = "minmax"
+    percentile: float = 99.99
     batch_size: int = 32
     max_patches: int = 256
     exclude: tuple[str, ...] = field(default_factory=tuple)
+    rules: tuple[LayerRule, ...] = field(default_factory=tuple)
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        parse_weight_bits(self.weight_bits)
-        if self.act_bits not in (8, None):
-            raise UserError(f"--act-bits must be 8 or none (got {self.act_bits!r})")
-        if self.method not in METHODS:
-            raise UserError(f"--method must be one of {', '.join(METHODS)} (got {self.method!r})")
-        if self.granularity not in GRANULARITIES:
-            raise UserError(f"--granularity must be one of {', '.join(GRANULARITIES)} (got {self.granularity!r})")
-        if self.scale_rule not in SCALE_RULES:
-            raise UserError(f"--scale-rule must be one of {', '.join(SCALE_RULES)} (got {self.scale_rule!r})")
+        object.__setattr__(self, "weight_bits", parse_weight_bits(self.weight_bits))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "rules", tuple(self.rules))
+        if isinstance(self.act_bits, str):
+            text = self.act_bits.strip().lower()
+            object.__setattr__(self, "act_bits", None if text == "none" else int(text) if text.isdigit() else text)
+        if self.act_bits not in ACT_BITS:
+            raise UserError(f"--act-bits must be 8, 16 or none (got {self.act_bits!r})")
+        _check_choice("--method", self.method, METHODS)
+        _check_choice("--granularity", self.granularity, GRANULARITIES)
+        _check_choice("--scale-rule", self.scale_rule, SCALE_RULES)
+        _check_choice("--weight-format", self.weight_format, WEIGHT_FORMATS)
+        _check_choice("--act-calibration", self.act_calibration, ACT_CALIBRATIONS)
         if not (isinstance(self.seed, int) and self.seed >= 0):
             raise UserError(f"--seed must be a non-negative integer (got {self.seed!r})")
         if not self.c > 0:
             raise UserError(f"the step-size constant C must be > 0 (got {self.c!r})")
-        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
-            raise UserError(f"--batch-size must be a positive integer (got {self.batch_size!r})")
-        if not (isinstance(self.max_patches, int) and self.max_patches >= 1):
-            raise UserError(f"--max-patches must be a positive integer (got {self.max_patches!r})")
+        if not 50.0 < self.percentile <= 100.0:
+            raise UserError(f"--percentile must be in (50, 100] (got {self.percentile!r})")
+        for name in ("batch_size", "max_patches", "block_size"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer (got {value!r})")
         if self.full_range and self.weight_bits == "ternary":
             raise UserError("--full-range does not apply to ternary weights")
+        if self.sparsity is not None and not isinstance(self.sparsity, Sparsity):
+            raise UserError("sparsity must be a Sparsity (use parse_sparsity('soft:0.01'))")
+        for rule in self.rules:
+            self._layer_options(rule_overrides=(rule,))  # validates each rule's values
 
-    @property
-    def alphabet(self) -> Alphabet:
-        return Alphabet.from_bits(parse_weight_bits(self.weight_bits), full_range=self.full_range)
+    # --- per layer --------------------------------------------------------------------------
+    def _layer_options(self, rule_overrides=()) -> LayerOptions:
+        layer = LayerOptions(self.weight_bits, self.method, self.granularity, self.block_size, self.scale_rule, self.c)
+        for rule in rule_overrides:
+            changes = {f.name: getattr(rule, f.name) for f in fields(LayerOptions) if getattr(rule, f.name) is not None}
+            layer = replace(layer, **changes)
+        where = f" (config rule {rule_overrides[-1].match!r})" if rule_overrides else ""
+        try:
+            bits = parse_weight_bits(layer.weight_bits)
+        except UserError as exc:
+            raise UserError(f"{exc}{where}") from None
+        for name, value, choices in (("method", layer.method, METHODS), ("granularity", layer.granularity, GRANULARITIES),
+                                     ("scale_rule", layer.scale_rule, SCALE_RULES)):
+            if value not in choices:
+                raise UserError(f"{name} must be one of {', '.join(choices)} (got {value!r}){where}")
+        if not (isinstance(layer.block_size, int) and layer.block_size >= 1):
+            raise UserError(f"block_size must be a positive integer (got {layer.block_size!r}){where}")
+        if not (isinstance(layer.c, (int, float)) and layer.c > 0):
+            raise UserError(f"c must be a number > 0 (got {layer.c!r}){where}")
+        return replace(layer, weight_bits=bits)
 
-    def spec(self) -> QuantSpec:
-        """The math core's per-layer spec for these options."""
+    def layer(self, node: str, op_type: str) -> LayerOptions:
+        """The weight options of one layer, after the config rules that match it."""
+        return self._layer_options(tuple(r for r in self.rules if not r.exclude and r.matches(node, op_type)))
+
+    def is_excluded(self, node: str, op_type: str) -> bool:
+        if any(p == op_type or fnmatch.fnmatchcase(node, p) for p in self.exclude):
+            return True
+        return any(r.exclude and r.matches(node, op_type) for r in self.rules)
+
+    def check_patterns(self, layers: list[tuple[str, str]]) -> None:
+        """Every --exclude pattern and config rule must match at least one layer (node, op_type)."""
+        for pattern in self.exclude:
+            if not any(pattern == op or fnmatch.fnmatchcase(node, pattern) for node, op in layers):
+                raise UserError(f"--exclude {pattern!r} matches no quantizable layer")
+        for rule in self.rules:
+            if not any(rule.matches(node, op) for node, op in layers):
+                raise UserError(f"config rule {rule.match!r} matches no quantizable layer")
+
+    def spec(self, layer: LayerOptions | None = None, use_blocks: bool = True) -> QuantSpec:
+        """The math core's spec for one layer (default: the global options)."""
+        layer = layer or self._layer_options()
+        block = layer.granularity == "block" and use_blocks
+        granularity = layer.granularity if layer.granularity != "block" else ("block" if use_blocks else "channel")
         return QuantSpec(
-            alphabet=self.alphabet,
-            method=self.method,
-            granularity=self.granularity,
-            scale_rule=self.scale_rule,
-            c=self.c,
+            alphabet=Alphabet.from_bits(layer.weight_bits, full_range=self.full_range),
+            method=layer.method,
+            granularity=granularity,
+            group_size=layer.block_size if block else 0,
+            scale_rule=layer.scale_rule,
+            c=float(layer.c),
             sparsity=self.sparsity,
             bias_correction=self.bias_correction,
         )
 
-    def is_excluded(self, node_name: str, op_type: str) -> bool:
-        return any(pattern == op_type or fnmatch.fnmatchcase(node_name, pattern) for pattern in self.exclude)
+    @property
+    def alphabet(self) -> Alphabet:
+        return Alphabet.from_bits(self.weight_bits, full_range=self.full_range)
+
+
+RULE_KEYS = {f.name for f in fields(LayerRule)}
+
+
+def load_config(path: str | Path) -> tuple[tuple[LayerRule, ...], tuple[str, ...]]:
+    """Read a JSON or TOML config: ``{"exclude": [globs], "layers": [{"match": ..., overrides}]}``.
+
+    Returns (rules, exclude). Bad syntax, unknown keys or bad values are a UserError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() == ".toml":
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - Python 3.10
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"config file {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold an object with 'layers' and/or 'exclude'")
+    unknown = set(data) - {"layers", "exclude"}
+    if unknown:
+        raise UserError(f"config file {path}: unknown key(s) {', '.join(sorted(unknown))} (allowed: layers, exclude)")
+    exclude = data.get("exclude", [])
+    if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
+        raise UserError(f"config file {path}: 'exclude' must be a list of strings")
+    rules = []
+    layers = data.get("layers", [])
+    if not isinstance(layers, list):
+        raise UserError(f"config file {path}: 'layers' must be a list of objects")
+    for i, entry in enumerate(layers):
+        if not isinstance(entry, dict) or not isinstance(entry.get("match"), str):
+            raise UserError(f"config file {path}: layers[{i}] must be an object with a string 'match'")
+        bad = set(entry) - RULE_KEYS
+        if bad:
+            raise UserError(f"config file {path}: layers[{i}] has unknown key(s) {', '.join(sorted(bad))} "
+                            f"(allowed: {', '.join(sorted(RULE_KEYS))})")
+        if "weight_bits" in entry:
+            entry = dict(entry, weight_bits=parse_weight_bits(entry["weight_bits"]))
+        rules.append(LayerRule(**entry))
+    return tuple(rules), tuple(exclude)

@@ -22,10 +22,9 @@ from .capture import Stream
 from .errors import UserError
 from .graph import GraphIndex, load_model, normalise
 from .options import Options
-from .rewrite import ActQuant, QuantizedLayer, act_quant_from_range, dq_name
+from .activations import activation_tensors, calibrate
+from .rewrite import ActQuant, QuantizedLayer, dq_name
 from .targets import Skipped, Target, find_targets
-
-REMOVABLE_ACTIVATIONS = ("Relu", "Clip")
 
 
 @dataclass(frozen=True)
@@ -87,57 +86,13 @@ class Report:
         }
 
 
-def activation_tensors(graph: onnx.GraphProto, targets: list[Target]) -> set[str]:
-    """Which activation tensors get QuantizeLinear/DequantizeLinear (the placement rule).
-
-    - the input of every quantized layer (what makes its kernel integer on the input side);
-    - the output of every quantized Conv, taken after a chain of Relu/Clip that only it feeds, so
-      that onnxruntime fuses DQ -> Conv -> (Relu) -> Q into QLinearConv (Relu/Clip fold into the
-      uint8 range);
-    - the output of an Add whose inputs are both quantized (a residual join), again after Relu/Clip,
-      so that it runs as QLinearAdd instead of dequantize-add-quantize.
-    Nothing else is quantized: masks, softmax inputs, normalisation statistics stay float.
-    """
-    index = GraphIndex(graph)
-
-    def after_activations(out: str) -> str:
-        while out not in index.graph_outputs:
-            consumers = index.consumers.get(out, [])
-            if len(consumers) == 1 and consumers[0].op_type in REMOVABLE_ACTIVATIONS:
-                out = consumers[0].output[0]
-            else:
-                break
-        return out
-
-    chosen: set[str] = set()
-    conv_nodes = {t.node for t in targets if t.op_type == "Conv"}
-    for t in targets:
-        if not index.is_constant(t.x):
-            chosen.add(t.x)
-    for node in graph.node:  # topological order, so Add inputs are decided before the Add
-        if node.name in conv_nodes:
-            chosen.add(after_activations(node.output[0]))
-        elif node.op_type == "Add" and all(i in chosen for i in node.input):
-            chosen.add(after_activations(node.output[0]))
-    return chosen
-
-
-def _node_output(graph: onnx.GraphProto, name: str) -> str:
-    return next(n.output[0] for n in graph.node if n.name == name)
-
-
-def _observe(values: list[np.ndarray]) -> ActQuant:
-    """Min-max calibration of one activation tensor over all batches."""
-    lo = min(float(v.min()) for v in values)
-    hi = max(float(v.max()) for v in values)
-    return act_quant_from_range(lo, hi)
-
-
-def _observe_new(quant_acts: set[str], acts: dict[str, ActQuant], stream: Stream) -> None:
+def _observe_new(quant_acts: set[str], acts: dict[str, ActQuant], stream: Stream, options: Options) -> None:
     """Calibrate every activation tensor to quantize that the float stream now holds for the first time."""
     for name in sorted(quant_acts - set(acts)):
         if name in stream.values:
-            acts[name] = _observe(stream.values[name])
+            rng = np.random.default_rng([options.seed, len(acts)])
+            acts[name] = calibrate(stream.values[name], options.act_calibration, options.act_bits,
+                                   options.act_symmetric, options.percentile, rng)
 
 
 def _tensor_bytes(t: onnx.TensorProto) -> int:
@@ -149,6 +104,7 @@ def quantize(model, calibration, options: Options | None = None, **kwargs) -> tu
 
     calibration: a .npz path, an iterable of {input: array} batches, or a CalibrationDataReader.
     options: an Options, or its fields as keyword arguments.
+    Returns the quantized model (checked with onnx.checker and run once in onnxruntime) and the report.
     """
     if options is None:
         options = Options(**kwargs)
@@ -156,29 +112,27 @@ def quantize(model, calibration, options: Options | None = None, **kwargs) -> tu
         raise TypeError("pass either options or keyword options, not both")
     start = time.perf_counter()
     original = load_model(model)
-    base = normalise(original)
+    base = normalise(original, min_opset=required_opset(options))
     graph = base.graph
     index = GraphIndex(graph)
-    inputs = model_inputs(base)
-    batches = load_batches(calibration, inputs, options.batch_size)
+    batches = load_batches(calibration, model_inputs(base), options.batch_size)
 
     targets, skipped = find_targets(graph)
-    kept = []
-    for t in targets:
-        if options.is_excluded(t.node, t.op_type):
-            skipped.append(Skipped(t.node, t.op_type, "excluded by --exclude"))
-        else:
-            kept.append(t)
-    targets = kept
+    options.check_patterns([(t.node, t.op_type) for t in targets])
+    skipped += [Skipped(t.node, t.op_type, "excluded by --exclude / config") for t in targets
+                if options.is_excluded(t.node, t.op_type)]
+    targets = [t for t in targets if not options.is_excluded(t.node, t.op_type)]
     if not targets:
         raise UserError("nothing to quantize: the model has no Conv/Gemm/MatMul layer with a constant weight"
                         + (f" ({len(skipped)} left in float: {skipped[0].reason})" if skipped else ""))
+    plans = {t.node: _plan(t, options) for t in targets}
+    if any(fmt == "matmulnbits" for _, fmt in plans.values()):
+        base.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
 
     report = Report(skipped=skipped, calibration_samples=sum(next(iter(b.values())).shape[0] for b in batches),
-                    options={k: (str(v) if not isinstance(v, (int, float, bool, type(None), tuple)) else v)
-                             for k, v in vars(options).items()})
-    quant_acts = activation_tensors(graph, targets) if options.act_bits else set()
-    spec = options.spec()
+                    options=_jsonable(options))
+    weight_only = {t.node for t in targets if plans[t.node][1] == "matmulnbits" or plans[t.node][0].granularity == "block"}
+    quant_acts = activation_tensors(graph, targets, weight_only) if options.act_bits else set()
     float_stream, quant_stream = Stream(batches, base), Stream(batches, base)
     acts: dict[str, ActQuant] = {}
     layers: dict[str, QuantizedLayer] = {}
@@ -189,37 +143,35 @@ def quantize(model, calibration, options: Options | None = None, **kwargs) -> tu
     for k, t in enumerate(targets):
         progress.set_postfix_str(t.node[-40:], refresh=False)
         layer_start = time.perf_counter()
+        spec, fmt = plans[t.node]
+        bits = str(options.layer(t.node, t.op_type).weight_bits)
         if t.w in by_weight:  # a weight shared by several nodes: quantized once, at its first use
             first = by_weight[t.w]
-            layers[t.node] = QuantizedLayer(t, first.codes, first.scale, None)
-            report.layers.append(LayerReport(t.node, t.op_type, t.w_shape, str(options.weight_bits), options.granularity,
-                                             options.scale_rule, float("nan"), float("nan"), float("nan"),
-                                             float(np.mean(first.codes == 0)), f"shared with {first.target.node}", 0, 0.0))
+            layers[t.node] = QuantizedLayer(t, first.codes, first.scale, None, first.block_size, first.fmt)
+            report.layers.append(LayerReport(t.node, t.op_type, t.w_shape, bits, spec.granularity, spec.scale_rule,
+                                             float("nan"), float("nan"), float("nan"), float(np.mean(first.codes == 0)),
+                                             f"shared with {first.target.node}", 0, 0.0))
             progress.update()
             continue
         float_stream.advance(list(graph.node), index.initializers, [t.x], quant_acts)
-        _observe_new(quant_acts, acts, float_stream)
+        _observe_new(quant_acts, acts, float_stream, options)
         nodes_q, inits_q = rewrite.apply(graph, layers, acts)
-        x_tilde = dq_name(t.x) if t.x in acts else t.x
+        x_tilde = dq_name(t.x) if t.x in acts and t.node not in weight_only else t.x
         quant_stream.advance(nodes_q, inits_q, [x_tilde])
 
-        w = index.array(t.w).astype(np.float64)
-        W = t.to_matrix(w)
+        W = t.to_matrix(index.array(t.w).astype(np.float64))
         moments = moments_cache.get(t.patch_key)
         if moments is None:
             moments = _accumulate(t, float_stream.values[t.x], quant_stream.values[x_tilde], W.shape, options, k)
-            moments_cache = {t.patch_key: moments}  # only consecutive layers reading the same tensor share
+            moments_cache = {t.patch_key: moments}  # consecutive layers reading the same rows share them
         result = gpfq.quantize_layer(W, moments, spec)
 
-        codes = t.from_matrix(result.codes).astype(np.int8)
-        if options.granularity == "tensor":
-            scale = np.array(result.scale.reshape(-1)[0], np.float32)
-        else:
-            scale = result.scale[:, 0, :].reshape(-1).astype(np.float32)
         bias = _corrected_bias(t, index, result, graph) if options.bias_correction else None
-        layers[t.node] = by_weight[t.w] = QuantizedLayer(t, codes, scale, bias)
+        block = spec.group_size if spec.granularity == "block" else 0
+        layers[t.node] = by_weight[t.w] = QuantizedLayer(
+            t, t.from_matrix(result.codes).astype(np.int8), _onnx_scale(t, result.scale, spec.granularity), bias, block, fmt)
         report.layers.append(LayerReport(
-            t.node, t.op_type, t.w_shape, str(options.weight_bits), options.granularity, options.scale_rule,
+            t.node, t.op_type, t.w_shape, bits, spec.granularity + (f":{block}" if block else ""), spec.scale_rule,
             float(np.median(result.C)), float(result.rel_error), float(result.rel_error_rtn), float(result.sparsity),
             result.form, int(moments.m), time.perf_counter() - layer_start))
         progress.update()
@@ -230,16 +182,71 @@ def quantize(model, calibration, options: Options | None = None, **kwargs) -> tu
     remaining = sorted(quant_acts - set(acts))
     if remaining:
         float_stream.advance(list(graph.node), index.initializers, remaining, quant_acts)
-        _observe_new(quant_acts, acts, float_stream)
+        _observe_new(quant_acts, acts, float_stream, options)
 
     nodes, inits = rewrite.apply(graph, layers, acts)
     out = rewrite.build_model(base, nodes, inits)
     validate(out, batches[0])
     report.activations = len(acts)
     report.float_weight_bytes = sum(_tensor_bytes(index.initializers[w]) for w in by_weight)
-    report.quant_weight_bytes = sum(int(q.codes.size) for q in by_weight.values())
+    report.quant_weight_bytes = sum(_stored_bytes(q) for q in by_weight.values())
     report.seconds = time.perf_counter() - start
     return out, report
+
+
+def required_opset(options: Options) -> int:
+    """INT4 / 16-bit QuantizeLinear and block-wise DequantizeLinear need opset 21; per-channel QDQ 13."""
+    needs_21 = (options.weight_format == "int4" or options.act_bits == 16 or options.granularity == "block"
+                or any(r.granularity == "block" for r in options.rules))
+    return 21 if needs_21 else 13
+
+
+def _plan(t: Target, options: Options) -> tuple[gpfq.QuantSpec, str]:
+    """The core spec and the weight format of one layer, with the format's constraints checked."""
+    layer = options.layer(t.node, t.op_type)
+    fmt = options.weight_format
+    small = layer.weight_bits == "ternary" or layer.weight_bits <= 4
+    if fmt == "matmulnbits":
+        if t.op_type != "MatMul":
+            fmt = "int8"  # MatMulNBits only replaces MatMul; other layers keep int8 containers
+        else:
+            if not small:
+                raise UserError(f"--weight-format matmulnbits stores 4-bit codes: layer {t.node} has {layer.weight_bits} bits")
+            bs = layer.block_size
+            if bs < 16 or bs & (bs - 1):
+                raise UserError(f"MatMulNBits needs a block size that is a power of two >= 16 (got {bs})")
+            from dataclasses import replace
+
+            layer = replace(layer, granularity="block")
+    if fmt == "int4" and not small:
+        raise UserError(f"--weight-format int4 holds at most 4-bit codes: layer {t.node} has {layer.weight_bits} bits")
+    return options.spec(layer, use_blocks=t.op_type in ("Gemm", "MatMul")), fmt
+
+
+def _onnx_scale(t: Target, scale: np.ndarray, granularity: str) -> np.ndarray:
+    """The core's steps (g, nb, N1g) in the shape DequantizeLinear wants for this weight."""
+    if granularity == "tensor":
+        return np.array(scale.reshape(-1)[0], np.float32)
+    if granularity == "channel":
+        return scale[:, 0, :].reshape(-1).astype(np.float32)
+    blocks = scale[0].astype(np.float32)  # (nb, N): blocks along the fan-in
+    return np.ascontiguousarray(blocks.T) if t.fan_in_axis == 1 else blocks
+
+
+def _stored_bytes(layer: QuantizedLayer) -> int:
+    """Bytes the layer's codes take in the output model (int8: 1 per weight; int4/MatMulNBits: 1/2)."""
+    return int(layer.codes.size) if layer.fmt == "int8" else (int(layer.codes.size) + 1) // 2
+
+
+def _jsonable(options: Options) -> dict:
+    def conv(v):
+        if isinstance(v, (int, float, bool, str, type(None))):
+            return v
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return vars(v) if hasattr(v, "__dict__") else str(v)
+
+    return {k: conv(v) for k, v in vars(options).items()}
 
 
 def _accumulate(t: Target, xs: list[np.ndarray], xts: list[np.ndarray], w_shape, options: Options, k: int) -> gpfq.Moments:

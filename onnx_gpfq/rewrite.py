@@ -38,12 +38,27 @@ class ActQuant:
 
 @dataclass(frozen=True)
 class QuantizedLayer:
-    """What the greedy pass chose for one layer, in ONNX layout."""
+    """What the greedy pass chose for one layer, in ONNX layout.
+
+    codes: integer codes in the ONNX weight's shape. scale: float32 steps, shaped as
+    DequantizeLinear wants them: () per tensor, (n_out,) per channel, or the weight's shape with
+    the fan-in axis divided into blocks of block_size. fmt: "int8" (int8 container), "int4"
+    (packed INT4, opset 21) or "matmulnbits" (com.microsoft MatMulNBits, 4-bit, block-wise).
+    """
 
     target: Target
-    codes: np.ndarray  # int8, the ONNX weight's shape
-    scale: np.ndarray  # float32, (n_out,) per channel or () per tensor
+    codes: np.ndarray
+    scale: np.ndarray
     bias: np.ndarray | None  # float32 bias after bias correction (None: keep the model's)
+    block_size: int = 0
+    fmt: str = "int8"
+
+    @property
+    def weight_only(self) -> bool:
+        """Block-wise layers read their input in float: onnxruntime has no integer kernel for
+        block-wise int8 weights (its optimiser even mis-fuses DQ(x), DQ_blocked(w) -> MatMul),
+        and MatMulNBits takes a float input by design."""
+        return bool(self.block_size) or self.fmt == "matmulnbits"
 
 
 def q_name(tensor: str) -> str:
@@ -54,14 +69,33 @@ def dq_name(tensor: str) -> str:
     return f"{tensor}_DequantizeLinear_Output"
 
 
-def act_quant_from_range(lo: float, hi: float) -> ActQuant:
-    """Asymmetric uint8 parameters covering [lo, hi] (always including 0, so zero is exact)."""
+def act_quant_from_range(lo: float, hi: float, bits: int = 8, symmetric: bool = False) -> ActQuant:
+    """Parameters covering [lo, hi] (always including 0, so zero is exact).
+
+    Asymmetric: uint8/uint16 with a zero point; symmetric: int8/int16 with zero point 0.
+    """
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if symmetric:
+        dtype = np.int8 if bits == 8 else np.int16
+        qmax = np.iinfo(dtype).max
+        amax = max(-lo, hi)
+        if not amax > 0 or not np.isfinite(amax):
+            return ActQuant(1.0, 0, dtype)
+        return ActQuant(float(np.float32(amax / qmax)), 0, dtype)
+    dtype = np.uint8 if bits == 8 else np.uint16
+    qmax = np.iinfo(dtype).max
     if hi - lo <= 0 or not np.isfinite(hi - lo):
-        return ActQuant(1.0, 0)
-    scale = np.float32((hi - lo) / 255.0)
-    zero_point = int(np.clip(np.round(-lo / scale), 0, 255))
-    return ActQuant(float(scale), zero_point)
+        return ActQuant(1.0, 0, dtype)
+    scale = np.float32((hi - lo) / qmax)
+    zero_point = int(np.clip(np.round(-lo / scale), 0, qmax))
+    return ActQuant(float(scale), zero_point, dtype)
+
+
+def fake_quant(x: np.ndarray, quant: ActQuant) -> np.ndarray:
+    """x -> DequantizeLinear(QuantizeLinear(x)) in float64 (for calibration searches)."""
+    info = np.iinfo(quant.dtype)
+    q = np.clip(np.rint(x / quant.scale) + quant.zero_point, info.min, info.max)
+    return (q - quant.zero_point) * quant.scale
 
 
 def apply(
@@ -96,6 +130,14 @@ def apply(
         layer = layers.get(node.name)
         new = node
         rewired = [dq_name(n) if n in acts else n for n in node.input]
+        if layer is not None and layer.weight_only:
+            rewired[0] = node.input[0]
+        if layer is not None and layer.fmt == "matmulnbits":
+            nodes.append(_matmul_nbits(node, layer, rewired[0], inits))
+            for out in node.output:
+                if out in acts:
+                    emit_act_qdq(out)
+            continue
         if layer is not None:
             t = layer.target
             w_dq = f"{t.w}_DequantizeLinear_Output"
@@ -120,14 +162,42 @@ def apply(
     return nodes, inits
 
 
+INT4 = helper.tensor_dtype_to_np_dtype(onnx.TensorProto.INT4)
+
+
 def _weight_dq(t: Target, layer: QuantizedLayer, inits: dict[str, onnx.TensorProto]) -> onnx.NodeProto:
+    """int8 or packed-int4 codes -> DequantizeLinear (per tensor, per channel, or block-wise)."""
     codes, scale, zp = f"{t.w}_quantized", f"{t.w}_scale", f"{t.w}_zero_point"
-    inits[codes] = numpy_helper.from_array(layer.codes.astype(np.int8), codes)
+    dtype = INT4 if layer.fmt == "int4" else np.int8
+    inits[codes] = numpy_helper.from_array(layer.codes.astype(np.int8).astype(dtype), codes)
     inits[scale] = numpy_helper.from_array(layer.scale.astype(np.float32), scale)
-    inits[zp] = numpy_helper.from_array(np.zeros(layer.scale.shape, np.int8), zp)
-    attrs = {"axis": t.channel_axis} if layer.scale.ndim == 1 else {}
+    inits[zp] = numpy_helper.from_array(np.zeros(layer.scale.shape, np.int8).astype(dtype), zp)
+    if layer.block_size:
+        attrs = {"axis": t.fan_in_axis, "block_size": layer.block_size}
+    else:
+        attrs = {"axis": t.channel_axis} if layer.scale.ndim == 1 else {}
     return helper.make_node("DequantizeLinear", [codes, scale, zp], [f"{t.w}_DequantizeLinear_Output"],
                             name=f"{t.w}_DequantizeLinear", **attrs)
+
+
+def _matmul_nbits(node: onnx.NodeProto, layer: QuantizedLayer, x: str, inits: dict[str, onnx.TensorProto]) -> onnx.NodeProto:
+    """MatMul(x, W) -> com.microsoft MatMulNBits(x, packed 4-bit codes, block scales).
+
+    MatMulNBits stores unsigned codes u = q + 8 (its default zero point is 8), two per byte, low
+    nibble first, as B[N, n_blocks, block_size / 2], and scales as [N * n_blocks].
+    """
+    t, bs = layer.target, layer.block_size
+    k, n = t.w_shape
+    n_blocks = -(-k // bs)
+    u = np.full((n_blocks * bs, n), 8, np.uint8)
+    u[:k] = (layer.codes.astype(np.int16) + 8).astype(np.uint8)
+    u = u.T.reshape(n, n_blocks, bs)
+    packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    b_name, s_name = f"{t.w}_nbits", f"{t.w}_nbits_scales"
+    inits[b_name] = numpy_helper.from_array(packed, b_name)
+    inits[s_name] = numpy_helper.from_array(layer.scale.astype(np.float32).T.reshape(-1), s_name)
+    return helper.make_node("MatMulNBits", [x, b_name, s_name], list(node.output), name=node.name,
+                            domain="com.microsoft", K=k, N=n, bits=4, block_size=bs)
 
 
 def _gemm_alpha_beta(node: onnx.NodeProto) -> tuple[float, float]:
@@ -152,7 +222,8 @@ def _bias(
         return None
     bias = layer.bias if layer.bias is not None else numpy_helper.to_array(inits[t.b]).astype(np.float32)
     base = t.b or f"{t.node}_bias"
-    integer_ok = t.x in acts and (t.op_type == "Conv" or (t.op_type == "Gemm" and _gemm_alpha_beta(node) == (1.0, 1.0)))
+    integer_ok = (t.x in acts and not layer.block_size
+                  and (t.op_type == "Conv" or (t.op_type == "Gemm" and _gemm_alpha_beta(node) == (1.0, 1.0))))
     if not integer_ok:
         if layer.bias is None:
             return None
@@ -194,7 +265,10 @@ def build_model(base: onnx.ModelProto, nodes: list[onnx.NodeProto], inits: dict[
         list(base.graph.output),
         initializer=[inits[n] for n in sorted(inits) if n in used],
     )
-    model = helper.make_model(graph, opset_imports=list(base.opset_import), ir_version=base.ir_version)
+    opsets = list(base.opset_import)
+    if any(n.domain == "com.microsoft" for n in nodes) and not any(o.domain == "com.microsoft" for o in opsets):
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=base.ir_version)
     model.producer_name = "onnx-gpfq"
     from . import __version__
 

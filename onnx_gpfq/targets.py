@@ -47,6 +47,11 @@ class Target:
         return 1
 
     @property
+    def fan_in_axis(self) -> int:
+        """Axis of a 2-D (Gemm/MatMul) weight that indexes the fan-in (block-wise scales split it)."""
+        return 1 if self.op_type == "Gemm" and self.trans_b else 0
+
+    @property
     def n_out(self) -> int:
         return self.w_shape[self.channel_axis]
 
