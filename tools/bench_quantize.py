@@ -1,0 +1,196 @@
+"""Quantization cost of onnx-gpfq against onnxruntime's own static quantizer, same model, same data.
+
+    python tools/bench_quantize.py models/digits_cnn.onnx --calib models/digits_calib.npz --json
+    python tools/bench_quantize.py light:resnet50 --calib random:32 --json
+    python tools/bench_quantize.py light:resnet50 --calib random:32 --samples-multiplier 8 --json
+
+Runs, each in its own fresh child process (so that neither's memory or warm caches leak into the
+other's figures):
+
+- gpfq: ``onnx_gpfq.quantize(model, calib, weight_bits=4, act_bits=8, quiet=True)`` (W4A8);
+- ort:  ``onnxruntime.quantization.quantize_static`` (QDQ, per_channel=True, MinMax, activations
+  QUInt8, weights QInt8) with a CalibrationDataReader over the same batches (the model's fixed
+  batch size if it has one, else 32, onnx-gpfq's default). ORT first gets what it needs: opset
+  raised to 13 with onnx.version_converter when lower (per-channel QDQ needs it), then
+  ``quant_pre_process`` (symbolic shape inference + optimisation); the JSON's ``ort_preprocessing``
+  says what it got.
+
+Seconds are wall clock (time.perf_counter) around the quantize call alone: interpreter start,
+imports and ORT's preprocessing are not counted (``ort_preprocess_seconds`` reports the latter).
+By default each call is the first in its process (numba's kernel cache load, or compilation when the
+cache is stale, lands on gpfq; onnxruntime's first-call costs on ORT); --warmup first runs each
+quantizer once, untimed, on the first calibration batch (its peak RSS then includes that run).
+Peak RSS is each child's VmHWM at the end (imports and the calibration data included);
+``*_rss_before_mb`` is its resident size just before the quantize call.
+
+MODEL: a path, or ``light:NAME`` (tests/light_models.prepared(NAME), seeded random weights).
+--calib: a .npz (one array per model input) or ``random:N`` (N seeded samples, random_inputs).
+--samples-multiplier K: use K times the samples (random: K*N samples; .npz: the file tiled K
+times); gpfq is then also run at 1x, and the JSON adds ``gpfq_peak_rss_mb_1x`` and
+``gpfq_rss_growth`` (peak at Kx / peak at 1x; the target is <= 1.3).
+Targets: ratio <= 3 at 1x; gpfq_rss_growth <= 1.3 at 8x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _bench_common as common  # noqa: E402
+
+RATIO_TARGET = 3.0
+RSS_GROWTH_TARGET = 1.3
+
+
+# ---------------------------------------------------------------- children
+
+def _first_batch(calib_path: str, batch: int) -> dict:
+    with np.load(calib_path, allow_pickle=False) as data:
+        return {k: data[k][:batch] for k in data.files}
+
+
+def _child_gpfq(model_path: str, calib_path: str, warmup: bool) -> dict:
+    import onnx_gpfq
+
+    with np.load(calib_path, allow_pickle=False) as data:
+        n = min(data[k].shape[0] for k in data.files)
+    warm = None
+    if warmup:  # untimed: numba kernels loaded / compiled on one batch of the same model
+        t0 = time.perf_counter()
+        onnx_gpfq.quantize(model_path, _first_batch(calib_path, common.fixed_batch(model_path) or 32),
+                           weight_bits=4, act_bits=8, quiet=True)
+        warm = time.perf_counter() - t0
+    before = common.current_rss_mb()
+    t0 = time.perf_counter()
+    model, report = onnx_gpfq.quantize(model_path, calib_path, weight_bits=4, act_bits=8, quiet=True)
+    seconds = time.perf_counter() - t0
+    peak = common.peak_rss_mb()
+    return {"seconds": seconds, "peak_rss_mb": peak, "rss_before_mb": before, "samples": n,
+            "layers": len(report.layers), "left_in_float": len(report.skipped), "warmup_seconds": warm}
+
+
+def _child_ort(model_path: str, calib_path: str, warmup: bool) -> dict:
+    import onnxruntime  # noqa: F401  (imported before the RSS baseline, like onnx_gpfq in the other child)
+
+    with np.load(calib_path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    batch = common.fixed_batch(model_path) or 32
+    warm = None
+    with tempfile.TemporaryDirectory(prefix="bq-ort-") as work:
+        if warmup:  # untimed: one batch through the same path (preprocessing included)
+            t0 = time.perf_counter()
+            common.ort_quantize_static(model_path, os.path.join(work, "warm.onnx"), _first_batch(calib_path, batch),
+                                       batch, "QInt8", work)
+            warm = time.perf_counter() - t0
+        before = common.current_rss_mb()
+        info = common.ort_quantize_static(model_path, os.path.join(work, "ort.onnx"), arrays, batch, "QInt8", work)
+        peak = common.peak_rss_mb()
+    return {"seconds": info.pop("seconds"), "peak_rss_mb": peak, "rss_before_mb": before,
+            "samples": common.sample_count(arrays), "batch_size": batch, "preprocessing": info,
+            "warmup_seconds": warm}
+
+
+def _run_child(kind: str, model_path: str, calib_path: str, workdir: str, warmup: bool = False) -> dict:
+    out = os.path.join(workdir, f"child-{kind}-{os.getpid()}-{time.monotonic_ns()}.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--child-model", model_path,
+           "--child-calib", calib_path, "--child-out", out] + (["--warmup"] if warmup else [])
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0 or not os.path.exists(out):
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        return {"error": f"{kind} child exited with {proc.returncode}: {tail}"}
+    with open(out) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------- parent
+
+def bench(model_spec: str, calib_spec: str, multiplier: int = 1, warmup: bool = False) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-quantize-") as work:
+        model_path = common.resolve_model(model_spec, work)
+        arrays, calib_text = common.resolve_calibration(calib_spec, model_path, multiplier)
+        calib_path = os.path.join(work, "calib.npz")
+        np.savez(calib_path, **arrays)
+        g = _run_child("gpfq", model_path, calib_path, work, warmup)
+        o = _run_child("ort", model_path, calib_path, work, warmup)
+        result: dict = {"model": model_spec, "calibration": calib_text, "samples": common.sample_count(arrays),
+                        "samples_multiplier": multiplier, "warmup": warmup}
+        result["gpfq_seconds"] = g.get("seconds")
+        result["ort_seconds"] = o.get("seconds")
+        ok = result["gpfq_seconds"] is not None and result["ort_seconds"]
+        result["ratio"] = result["gpfq_seconds"] / result["ort_seconds"] if ok else None
+        result["gpfq_peak_rss_mb"] = g.get("peak_rss_mb")
+        result["ort_peak_rss_mb"] = o.get("peak_rss_mb")
+        result["gpfq_rss_before_mb"] = g.get("rss_before_mb")
+        result["ort_rss_before_mb"] = o.get("rss_before_mb")
+        result["ort_preprocessing"] = o.get("preprocessing")
+        result["ort_preprocess_seconds"] = (o.get("preprocessing") or {}).get("preprocess_seconds")
+        result["ort_batch_size"] = o.get("batch_size")
+        if warmup:
+            result["gpfq_warmup_seconds"] = g.get("warmup_seconds")
+            result["ort_warmup_seconds"] = o.get("warmup_seconds")
+        if multiplier > 1:
+            base_arrays, _ = common.resolve_calibration(calib_spec, model_path, 1)
+            base_path = os.path.join(work, "calib_1x.npz")
+            np.savez(base_path, **base_arrays)
+            g1 = _run_child("gpfq", model_path, base_path, work, warmup)
+            result["gpfq_seconds_1x"] = g1.get("seconds")
+            result["gpfq_peak_rss_mb_1x"] = g1.get("peak_rss_mb")
+            if g1.get("peak_rss_mb") and g.get("peak_rss_mb"):
+                growth = g["peak_rss_mb"] / g1["peak_rss_mb"]
+                result["gpfq_rss_growth"] = growth
+                result["rss_growth_target_met"] = growth <= RSS_GROWTH_TARGET
+            if "error" in g1:
+                result["gpfq_1x_error"] = g1["error"]
+        else:
+            result["ratio_target_met"] = result["ratio"] is not None and result["ratio"] <= RATIO_TARGET
+        for name, r in (("gpfq", g), ("ort", o)):
+            if "error" in r:
+                result[f"{name}_error"] = r["error"]
+        return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?", metavar="MODEL.onnx|light:NAME")
+    ap.add_argument("--calib", metavar="DATA.npz|random:N")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--samples-multiplier", type=int, default=1, metavar="K",
+                    help="use K times the samples; also runs gpfq at 1x and reports the peak-RSS growth")
+    ap.add_argument("--warmup", action="store_true",
+                    help="before the timed call, one untimed run of each quantizer on the first batch (same child)")
+    ap.add_argument("--child", choices=["gpfq", "ort"], help=argparse.SUPPRESS)
+    ap.add_argument("--child-model", help=argparse.SUPPRESS)
+    ap.add_argument("--child-calib", help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.child:
+        fn = _child_gpfq if args.child == "gpfq" else _child_ort
+        res = fn(args.child_model, args.child_calib, args.warmup)
+        with open(args.child_out, "w") as f:
+            json.dump(res, f)
+        return 0
+
+    if not args.model or not args.calib:
+        ap.error("MODEL and --calib are required")
+    if args.samples_multiplier < 1:
+        ap.error("--samples-multiplier must be >= 1")
+    res = bench(args.model, args.calib, args.samples_multiplier, args.warmup)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k}: {v}")
+    return 1 if any(k.endswith("_error") for k in res) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
