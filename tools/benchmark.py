@@ -1,0 +1,441 @@
+"""Accuracy / size / speed benchmark of onnx-gpfq (GPFQ and RTN) against onnxruntime's static quantizer.
+
+    python tools/benchmark.py --out BENCHMARKS.md --plot docs/accuracy_vs_bits.png      # full run
+    python tools/benchmark.py --quick --json --out /tmp/B.md                               # minutes
+
+For each model (models/digits_{mlp,cnn,vit}.onnx by default) it evaluates the float model and,
+for weight bits 8, 4, 3, 2 and ternary, with 8-bit activations (W+A8) and weight-only (W-only):
+
+- onnx-gpfq ``method="gpfq"`` and ``method="rtn"`` (the package's round-to-nearest baseline, same
+  scale search, same graph);
+- onnxruntime ``quantize_static`` (QDQ, per_channel=True, MinMax, activations QUInt8) with weights
+  QInt8 at 8 bits and QInt4 at 4 bits (the model's opset raised to 21 with onnx.version_converter
+  first, as int4 QDQ needs); ORT has no 3-bit, 2-bit or ternary weight type, and its static
+  quantizer has no weight-only mode with float activations (quantize_dynamic quantizes activations at
+  run time, MatMulNBits covers MatMul only, block-wise): those rows are recorded as n/a.
+
+Everything is calibrated on models/digits_calib.npz and evaluated with ``onnx_gpfq.evaluate`` on
+models/digits_test.npz, all variants of one model in one call so that latency is measured side by
+side (interleaved batch by batch) against the float model. Quantization times are wall clock of the
+quantize call after one untimed warm-up of each quantizer (numba / onnxruntime first-call costs).
+
+--quick: one model (digits_mlp unless --models), bits {4, ternary}, W+A8 only, 1 latency repeat, no
+error-decay run; it needs no matplotlib unless --plot is given. --json prints one JSON object.
+The full run also runs tools/error_decay.py (when present) for the paper's single-layer result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _bench_common as common  # noqa: E402
+
+REPO = common.REPO
+MODELS = ["digits_mlp", "digits_cnn", "digits_vit"]
+BITS = ["8", "4", "3", "2", "ternary"]
+QUICK_BITS = ["4", "ternary"]
+ACT_MODES = {"W+A8": 8, "W-only": None}
+METHODS = ["gpfq", "rtn", "ort"]
+ORT_WEIGHT_TYPE = {"8": "QInt8", "4": "QInt4"}
+
+
+def _bits_value(bits: str):
+    return bits if bits == "ternary" else int(bits)
+
+
+# ---------------------------------------------------------------- quantizing
+
+def _quantize_gpfq(model_path: str, calib: str, bits: str, act_bits, method: str, out: str) -> tuple[float, dict]:
+    import onnx_gpfq
+
+    t0 = time.perf_counter()
+    model, report = onnx_gpfq.quantize(model_path, calib, weight_bits=_bits_value(bits), act_bits=act_bits,
+                                       method=method, quiet=True)
+    seconds = time.perf_counter() - t0
+    onnx_gpfq.save_model(model, out)
+    return seconds, {"layers": len(report.layers), "left_in_float": len(report.skipped),
+                     "activation_tensors": report.activations}
+
+
+def _quantize_ort(model_path: str, arrays, bits: str, out: str, work: str) -> tuple[float, dict]:
+    info = common.ort_quantize_static(model_path, out, arrays, 32, ORT_WEIGHT_TYPE[bits], work)
+    return info.pop("seconds"), info
+
+
+def _warm_up(model_path: str, calib: str, arrays, work: str, with_ort: bool) -> None:
+    """One untimed run of each quantizer, so numba's kernel loading/compilation and onnxruntime's
+    first-call costs do not land on whichever configuration happens to be timed first."""
+    out = os.path.join(work, "warmup.onnx")
+    _quantize_gpfq(model_path, calib, "4", 8, "gpfq", out)
+    _quantize_gpfq(model_path, calib, "4", 8, "rtn", out)
+    if with_ort:
+        _quantize_ort(model_path, arrays, "8", out, work)
+
+
+def bench_model(name: str, bits_list: list[str], act_modes: list[str], repeats: int, calib: str, test: str,
+                work: str, log) -> list[dict]:
+    import numpy as np
+    import onnx_gpfq
+
+    model_path = os.path.join(REPO, "models", f"{name}.onnx")
+    with np.load(calib, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files if k != "labels"}
+    _warm_up(model_path, calib, arrays, work, with_ort="W+A8" in act_modes)
+
+    rows: list[dict] = [{"model": name, "method": "float", "bits": "32", "act": "float", "path": model_path,
+                         "quant_seconds": None, "note": ""}]
+    for act in act_modes:
+        act_bits = ACT_MODES[act]
+        for bits in bits_list:
+            for method in METHODS:
+                row = {"model": name, "method": method, "bits": bits, "act": act, "path": None,
+                       "quant_seconds": None, "note": ""}
+                rows.append(row)
+                out = os.path.join(work, f"{name}.{method}.w{bits}.{act.replace('+', '').replace('-', '')}.onnx")
+                if method == "ort":
+                    if act_bits is None:
+                        row["note"] = "n/a: quantize_static has no weight-only mode"
+                        continue
+                    if bits not in ORT_WEIGHT_TYPE:
+                        row["note"] = "n/a: no " + ("ternary" if bits == "ternary" else f"{bits}-bit") + " weight type in onnxruntime"
+                        continue
+                try:
+                    if method == "ort":
+                        seconds, info = _quantize_ort(model_path, arrays, bits, out, work)
+                        row["note"] = (f"{ORT_WEIGHT_TYPE[bits]}, opset {info.get('opset_converted_to', info['original_opset'])}"
+                                       + (", quant_pre_process" if info.get("quant_pre_process") is True else ""))
+                    else:
+                        seconds, info = _quantize_gpfq(model_path, calib, bits, act_bits, method, out)
+                    row["quant_seconds"] = seconds
+                    row["path"] = out
+                except Exception as exc:  # noqa: BLE001  (a crash is a result: recorded, run goes on)
+                    row["note"] = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                log(f"  {name:11s} {method:5s} w{bits:8s} {act:6s} "
+                    + (f"{row['quant_seconds']:.2f} s" if row["quant_seconds"] is not None else row["note"]))
+
+    measured = [r for r in rows[1:] if r["path"]]
+    log(f"  {name}: evaluating {len(measured)} models against float ({repeats} latency repeat(s))")
+    metrics = onnx_gpfq.evaluate(model_path, [r["path"] for r in measured], test, batch_size=64, repeats=repeats)
+    for row, m in zip([rows[0]] + measured, metrics):
+        row.update(accuracy=m.accuracy, agreement=m.agreement, sqnr_db=m.sqnr_db, size_bytes=m.size_bytes,
+                   latency_ms=m.latency_ms, speedup=m.speedup)
+    for row in rows:
+        row.pop("path", None)
+        for key in ("accuracy", "agreement", "sqnr_db", "size_bytes", "latency_ms", "speedup"):
+            row.setdefault(key, None)
+    return rows
+
+
+# ---------------------------------------------------------------- summary
+
+def _find(rows, model, method, bits, act):
+    return next((r for r in rows if r["model"] == model and r["method"] == method and r["bits"] == bits
+                 and r["act"] == act), None)
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """GPFQ against onnxruntime (and RTN) at <= 4 weight bits, per model and activation mode."""
+    out = []
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    for model in models:
+        fl = _find(rows, model, "float", "32", "float")
+        for act in ACT_MODES:
+            for bits in ("4", "3", "2", "ternary"):
+                g = _find(rows, model, "gpfq", bits, act)
+                if g is None or g["accuracy"] is None:
+                    continue
+                o = _find(rows, model, "ort", bits, act)
+                r = _find(rows, model, "rtn", bits, act)
+                ort_acc = o["accuracy"] if o else None
+                item = {
+                    "model": model, "bits": bits, "act": act, "float_accuracy": fl["accuracy"] if fl else None,
+                    "gpfq_accuracy": g["accuracy"], "gpfq_sqnr_db": g["sqnr_db"],
+                    "ort_accuracy": ort_acc, "ort_sqnr_db": o["sqnr_db"] if o else None,
+                    "rtn_accuracy": r["accuracy"] if r else None, "rtn_sqnr_db": r["sqnr_db"] if r else None,
+                }
+                item["margin_vs_ort_points"] = (100 * (g["accuracy"] - ort_acc)) if ort_acc is not None else None
+                item["sqnr_margin_vs_ort_db"] = (g["sqnr_db"] - o["sqnr_db"]) if o and o["sqnr_db"] is not None else None
+                item["margin_vs_rtn_points"] = (100 * (g["accuracy"] - r["accuracy"])) if r and r["accuracy"] is not None else None
+                item["sqnr_margin_vs_rtn_db"] = (g["sqnr_db"] - r["sqnr_db"]) if r and r["sqnr_db"] is not None else None
+                out.append(item)
+    return out
+
+
+# ---------------------------------------------------------------- error decay
+
+def run_error_decay(plot: str | None, log) -> dict | None:
+    tool = os.path.join(REPO, "tools", "error_decay.py")
+    if not os.path.exists(tool):
+        log("  tools/error_decay.py not present: skipped")
+        return {"skipped": "tools/error_decay.py not present"}
+    cmd = [sys.executable, tool, "--json"] + (["--plot", plot] if plot else [])
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"failed": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] }"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("{")]
+    try:
+        res = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"failed": "no JSON on stdout"}
+    res["seconds"] = seconds
+    res["command"] = "python tools/error_decay.py --json" + (f" --plot {plot}" if plot else "")
+    return res
+
+
+# ---------------------------------------------------------------- plot
+
+def plot_accuracy(rows: list[dict], path: str) -> None:
+    import matplotlib  # only with --plot: the benchmark's own requirement, not the package's
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    bits_order = [b for b in BITS if any(r["bits"] == b for r in rows)]
+    xs = {b: i for i, b in enumerate(bits_order)}
+    fig, axes = plt.subplots(2, len(models), figsize=(4.2 * len(models), 6.2), squeeze=False)
+    styles = {("gpfq", "W+A8"): ("tab:blue", "o", "-"), ("gpfq", "W-only"): ("tab:blue", "o", ":"),
+              ("rtn", "W+A8"): ("tab:orange", "s", "-"), ("rtn", "W-only"): ("tab:orange", "s", ":"),
+              ("ort", "W+A8"): ("tab:green", "^", "-")}
+    for col, model in enumerate(models):
+        fl = _find(rows, model, "float", "32", "float")
+        for row_i, (key, label) in enumerate((("accuracy", "test accuracy"), ("sqnr_db", "output SQNR (dB)"))):
+            ax = axes[row_i][col]
+            for (method, act), (color, marker, ls) in styles.items():
+                pts = [(xs[r["bits"]], r[key]) for r in rows if r["model"] == model and r["method"] == method
+                       and r["act"] == act and r[key] is not None and r["bits"] in xs and math.isfinite(r[key])]
+                if pts:
+                    ax.plot(*zip(*pts), color=color, marker=marker, linestyle=ls, label=f"{method.upper()} {act}")
+            if key == "accuracy" and fl and fl["accuracy"] is not None:
+                ax.axhline(fl["accuracy"], color="gray", linestyle="--", linewidth=1, label="float")
+            ax.set_xticks(range(len(bits_order)))
+            ax.set_xticklabels(["tern." if b == "ternary" else b for b in bits_order])
+            ax.set_xlabel("weight bits")
+            ax.set_ylabel(label)
+            ax.grid(True, alpha=0.3)
+            if row_i == 0:
+                ax.set_title(model)
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("onnx-gpfq GPFQ vs RTN vs onnxruntime quantize_static (digits test set, 500 samples)", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- markdown
+
+def _f(value, fmt: str, none: str = "n/a") -> str:
+    if value is None:
+        return none
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return format(value, fmt)
+
+
+def _method_name(method: str) -> str:
+    return {"gpfq": "onnx-gpfq GPFQ", "rtn": "onnx-gpfq RTN", "ort": "onnxruntime", "float": "float"}[method]
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `tools/benchmark.py` (do not edit by hand; rerun the command below).",
+        "",
+        f"- Date: {result['date']}",
+        f"- Command: `{result['command']}` ({result['seconds']:.0f} s wall clock)",
+        f"- Machine: {m['cpu']}, {m['cores']} cores available, {m['memory_gib']} GiB RAM, {m['os']}; "
+        f"load average at start {result.get('load_average', 'n/a')} (the machine was shared: timings are indicative)",
+        f"- Versions: Python {m['python']}, onnxruntime {m['onnxruntime']}, onnx {m['onnx']}, numpy {m['numpy']}, "
+        f"numba {m['numba']}, onnx-gpfq {m['onnx_gpfq']}",
+        "- Data: calibration `models/digits_calib.npz` (256 samples), test `models/digits_test.npz` (500 samples, labels).",
+        "",
+        "## Method",
+        "",
+        "- **onnx-gpfq GPFQ / RTN**: `onnx_gpfq.quantize(model, calib, weight_bits=B, act_bits=8|None, method=...)`, "
+        "defaults otherwise (per-channel, scale search). RTN is the package's round-to-nearest baseline on the same graph.",
+        "- **onnxruntime**: `quantize_static` (QDQ, `per_channel=True`, `CalibrationMethod.MinMax`, activations "
+        "`QUInt8`, weights `QInt8` at 8 bits, `QInt4` at 4 bits with the opset first raised to 21 by "
+        "`onnx.version_converter`), on the output of `quant_pre_process`, default op types (it also quantizes "
+        "e.g. Add/LayerNormalization inputs where it can). ORT has no 3-bit, 2-bit or ternary weight type, and no "
+        "weight-only static mode (float activations): those rows are n/a. `quantize_dynamic` quantizes activations "
+        "at run time and `MatMulNBits` covers MatMul only (block-wise), so neither is a clean weight-only equivalent.",
+        "- **Metrics** (`onnx_gpfq.evaluate`, batch 64): accuracy = top-1 vs labels; agreement = top-1 equal to the "
+        "float model's; SQNR = 10 log10(sum y^2 / sum (y - y_q)^2) over the logits; latency = median ms per batch of 64 "
+        "(onnxruntime CPU, all optimisations), all models of one table measured interleaved; speedup = float "
+        "latency / latency. Time = wall clock of the quantize call (after one untimed warm-up of each quantizer). "
+        "Size = bytes of the .onnx file.",
+        "- onnx-gpfq stores weight codes as int8 at every bit width (so its file size does not shrink below 8 bits), "
+        "while onnxruntime packs QInt4 two per byte.",
+        "",
+    ]
+
+    summ = result["summary"]
+    if summ:
+        lines += ["## Summary: GPFQ vs onnxruntime at <= 4 bits", "",
+                  "Accuracy in %, margins in accuracy points (GPFQ minus the other) and SQNR dB. "
+                  "Where onnxruntime has no such configuration, the margin vs onnx-gpfq's RTN is the reference.", "",
+                  "| model | weights | acts | float | GPFQ | ORT | RTN | GPFQ - ORT | GPFQ - RTN | SQNR GPFQ / ORT / RTN (dB) |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        for s in summ:
+            lines.append(
+                f"| {s['model']} | {s['bits']} | {s['act']} | {_f(_pct(s['float_accuracy']), '.1f')} | "
+                f"{_f(_pct(s['gpfq_accuracy']), '.1f')} | {_f(_pct(s['ort_accuracy']), '.1f')} | {_f(_pct(s['rtn_accuracy']), '.1f')} | "
+                f"{_f(s['margin_vs_ort_points'], '+.1f')} | {_f(s['margin_vs_rtn_points'], '+.1f')} | "
+                f"{_f(s['gpfq_sqnr_db'], '.1f')} / {_f(s['ort_sqnr_db'], '.1f')} / {_f(s['rtn_sqnr_db'], '.1f')} |")
+        lines.append("")
+        lines += _findings(summ)
+
+    for model in dict.fromkeys(r["model"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["model"] == model]
+        lines += [f"## {model}", "",
+                  "| method | weights | acts | accuracy | SQNR (dB) | agreement | quant time (s) | size (bytes) | latency (ms/64) | speedup | note |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in rows:
+            lines.append(
+                f"| {_method_name(r['method'])} | {'fp32' if r['method'] == 'float' else r['bits']} | {r['act']} | "
+                f"{_f(_pct(r['accuracy']), '.1f')} | {_f(r['sqnr_db'], '.1f', '-' if r['method'] == 'float' else 'n/a')} | "
+                f"{_f(_pct(r['agreement']), '.1f')} | {_f(r['quant_seconds'], '.2f', '-' if r['method'] == 'float' else 'n/a')} | "
+                f"{_f(r['size_bytes'], 'd')} | {_f(r['latency_ms'], '.3f')} | {_f(r['speedup'], '.2f')} | {r['note']} |")
+        lines.append("")
+
+    if result.get("plot"):
+        rel = os.path.relpath(os.path.abspath(result["plot"]), os.path.dirname(os.path.abspath(result["out"])))
+        lines += [f"![accuracy and SQNR vs weight bits]({rel})", ""]
+
+    ed = result.get("error_decay")
+    lines += ["## Single-layer error decay (the paper's experiment)", ""]
+    if not ed:
+        lines += ["Not run (`--quick`).", ""]
+    elif "skipped" in ed or "failed" in ed:
+        lines += [f"Not available: {ed.get('skipped') or ed.get('failed')}.", ""]
+    else:
+        lines += [f"`{ed['command']}` ({ed['seconds']:.0f} s): X ~ N(0,1) of shape ({ed['m']}, N0), w ~ U[-1,1], "
+                  f"{ed['trials']} trials x {ed['neurons']} neurons, N0 = {ed['n0'][0]} .. {ed['n0'][-1]}. "
+                  "Slope of log(mean relative error) against log(N0) (the paper predicts about -1 for GPFQ, about 0 "
+                  "for MSQ = round to nearest):", "",
+                  "| alphabet | GPFQ slope | MSQ slope |", "|---|---:|---:|",
+                  f"| K = 4, step 0.25 | {ed['gpfq_slope']:.3f} | {ed['msq_slope']:.3f} |",
+                  f"| ternary, step 1 | {ed['gpfq_slope_ternary']:.3f} | {ed['msq_slope_ternary']:.3f} |", ""]
+        if ed.get("plot"):
+            lines += [f"![error decay]({ed['plot']})", ""]
+    return "\n".join(lines)
+
+
+def _pct(x):
+    return None if x is None else 100 * x
+
+
+def _findings(summ: list[dict]) -> list[str]:
+    out = []
+    below_ort = [s for s in summ if s["margin_vs_ort_points"] is not None and s["margin_vs_ort_points"] < 0]
+    below_ort_sqnr = [s for s in summ if s["sqnr_margin_vs_ort_db"] is not None and s["sqnr_margin_vs_ort_db"] < 0]
+    below_rtn = [s for s in summ if s["margin_vs_rtn_points"] is not None and s["margin_vs_rtn_points"] < 0]
+    if below_ort:
+        out.append("GPFQ is **below onnxruntime** in accuracy at: " + ", ".join(
+            f"{s['model']} W{s['bits']} {s['act']} ({s['margin_vs_ort_points']:+.1f} points)" for s in below_ort) + ".")
+    if below_ort_sqnr:
+        out.append("GPFQ has a **lower output SQNR than onnxruntime** at: " + ", ".join(
+            f"{s['model']} W{s['bits']} {s['act']} ({s['sqnr_margin_vs_ort_db']:+.1f} dB)" for s in below_ort_sqnr) + ".")
+    if below_rtn:
+        out.append("GPFQ is **below its own RTN baseline** in accuracy at: " + ", ".join(
+            f"{s['model']} W{s['bits']} {s['act']} ({s['margin_vs_rtn_points']:+.1f} points)" for s in below_rtn) + ".")
+    if not (below_ort or below_ort_sqnr or below_rtn):
+        out.append("GPFQ is at or above onnxruntime and RTN in every configuration above.")
+    return [" ".join(out), ""]
+
+
+# ---------------------------------------------------------------- main
+
+def _clean(obj):
+    """JSON-safe: non-finite floats (an exact model's infinite SQNR) become None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one model, bits {4, ternary}, W+A8 only, 1 latency repeat")
+    ap.add_argument("--json", action="store_true", help="print one JSON object with all rows")
+    ap.add_argument("--out", default=os.path.join(REPO, "BENCHMARKS.md"), help="markdown report (default: BENCHMARKS.md)")
+    ap.add_argument("--plot", metavar="PNG", help="accuracy/SQNR vs bits plot (needs matplotlib)")
+    ap.add_argument("--models", nargs="+", choices=MODELS, metavar="NAME", help=f"subset of {', '.join(MODELS)}")
+    ap.add_argument("--bits", nargs="+", choices=BITS, help="weight bit widths (default: all; --quick: 4 ternary)")
+    ap.add_argument("--repeats", type=int, help="latency repeats (default 3; --quick: 1)")
+    ap.add_argument("--error-decay", dest="error_decay", action="store_true", default=None,
+                    help="run tools/error_decay.py (default: on, off with --quick)")
+    ap.add_argument("--no-error-decay", dest="error_decay", action="store_false")
+    ap.add_argument("--decay-plot", default="docs/error_decay.png", metavar="PNG",
+                    help="plot for tools/error_decay.py, written when --plot is given (default: docs/error_decay.png)")
+    args = ap.parse_args(argv)
+
+    models = args.models or (["digits_mlp"] if args.quick else MODELS)
+    bits = args.bits or (QUICK_BITS if args.quick else BITS)
+    bits = [b for b in BITS if b in bits]
+    act_modes = ["W+A8"] if args.quick else list(ACT_MODES)
+    repeats = args.repeats or (1 if args.quick else 3)
+    error_decay = (not args.quick) if args.error_decay is None else args.error_decay
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    calib = os.path.join(REPO, "models", "digits_calib.npz")
+    test = os.path.join(REPO, "models", "digits_test.npz")
+    start = time.perf_counter()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    result: dict = {
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(os.path.abspath(__file__), REPO)]
+                                       + (sys.argv[1:] if argv is None else list(argv))),
+        "machine": common.machine(),
+        "load_average": " / ".join(f"{x:.1f}" for x in load) if load else None,
+        "models": models, "bits": bits, "act_modes": act_modes, "latency_repeats": repeats,
+        "rows": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="onnx-gpfq-bench-") as work:
+        for name in models:
+            log(f"{name}:")
+            result["rows"] += bench_model(name, bits, act_modes, repeats, calib, test, work, log)
+    result["summary"] = summary(result["rows"])
+    if error_decay:
+        log("error decay:")
+        decay_plot = os.path.abspath(args.decay_plot) if args.plot else None
+        result["error_decay"] = run_error_decay(decay_plot, log)
+        if result["error_decay"] and decay_plot and "n0" in result["error_decay"]:
+            result["error_decay"]["command"] = ("python tools/error_decay.py --json --plot "
+                                                + os.path.relpath(decay_plot, REPO))
+            result["error_decay"]["plot"] = os.path.relpath(decay_plot, os.path.dirname(os.path.abspath(args.out)))
+    else:
+        result["error_decay"] = None
+    if args.plot:
+        plot_accuracy(result["rows"], args.plot)
+        result["plot"] = args.plot
+    result["seconds"] = time.perf_counter() - start
+    result["out"] = args.out
+    with open(args.out, "w") as f:
+        f.write(markdown(result))
+    log(f"wrote {args.out} in {result['seconds']:.0f} s")
+    if args.json:
+        print(json.dumps(_clean(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
