@@ -1,0 +1,78 @@
+"""The benchmark tools run end to end and print what they promise (tools/benchmark.py, tools/bench_quantize.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK_BITS = ("4", "ternary")
+
+
+def _run(args: list[str], timeout: int = 300) -> dict:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{args[0]} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert lines, f"no JSON on stdout:\n{proc.stdout[-2000:]}"
+    return json.loads(lines[-1])
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "BENCHMARKS.md"
+    result = _run(["tools/benchmark.py", "--quick", "--json", "--models", "digits_mlp", "--out", str(out)])
+    return result, out
+
+
+def _row(rows, method, bits, act="W+A8"):
+    found = [r for r in rows if r["method"] == method and r["bits"] == bits and r["act"] == act]
+    assert len(found) == 1, f"expected one {method} w{bits} {act} row, got {found}"
+    return found[0]
+
+
+def test_quick_benchmark_rows(quick):
+    result, out = quick
+    rows = result["rows"]
+    assert {r["model"] for r in rows} == {"digits_mlp"}
+    fl = _row(rows, "float", "32", "float")
+    assert 0.0 <= fl["accuracy"] <= 1.0 and fl["latency_ms"] > 0
+    for bits in QUICK_BITS:
+        for method in ("gpfq", "rtn"):
+            r = _row(rows, method, bits)
+            assert 0.0 <= r["accuracy"] <= 1.0, r
+            assert 0.0 <= r["agreement"] <= 1.0, r
+            assert r["size_bytes"] < fl["size_bytes"], r
+            assert r["latency_ms"] > 0 and r["speedup"] > 0, r
+            assert r["quant_seconds"] > 0, r
+            assert r["sqnr_db"] is None or r["sqnr_db"] > 0, r
+    assert _row(rows, "gpfq", "ternary")["accuracy"] >= _row(rows, "rtn", "ternary")["accuracy"]
+    # onnxruntime: a measured int4 row, an explicit n/a for ternary
+    assert 0.0 <= _row(rows, "ort", "4")["accuracy"] <= 1.0
+    tern = _row(rows, "ort", "ternary")
+    assert tern["accuracy"] is None and tern["note"].startswith("n/a")
+    assert result["summary"] and all(s["gpfq_accuracy"] is not None for s in result["summary"])
+
+
+def test_quick_benchmark_writes_markdown_only_where_told(quick):
+    result, out = quick
+    text = out.read_text()
+    assert "## digits_mlp" in text and "GPFQ vs onnxruntime" in text
+    assert result["machine"]["onnxruntime"] in text
+    assert result.get("plot") is None  # --quick without --plot: no matplotlib needed
+
+
+def test_bench_quantize_keys():
+    res = _run(["tools/bench_quantize.py", "models/digits_mlp.onnx", "--calib", "models/digits_calib.npz", "--json"])
+    for key in ("gpfq_seconds", "ort_seconds", "ratio", "gpfq_peak_rss_mb", "ort_peak_rss_mb", "samples",
+                "ort_preprocessing"):
+        assert key in res, key
+    assert res["samples"] == 256
+    assert res["gpfq_seconds"] > 0 and res["ort_seconds"] > 0
+    assert res["ratio"] == pytest.approx(res["gpfq_seconds"] / res["ort_seconds"])
+    assert res["gpfq_peak_rss_mb"] > 0 and res["ort_peak_rss_mb"] > 0
+    assert res["ort_preprocessing"]["quant_pre_process"] is True
