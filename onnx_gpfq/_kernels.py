@@ -175,3 +175,4 @@ def dead_threshold(H, tol):
                 m = H[k, t, t]
         out[k] = tol * m
     return out
+

@@ -31,8 +31,9 @@ from . import _kernels
 # Rows of the fan-in per block of the blocked forward substitution (Gram form): one GEMM per block
 # for all earlier rows, a B x B triangle in numba inside. 128 measured best at N0 = N1 = 2048.
 GRAM_BLOCK = 128
-# Same for the residual form, whose per-block GEMMs cost ~4 m B N1 against B^2 N1 for the triangle.
-RESIDUAL_BLOCK = 64
+# Residual form: per block of B rows two GEMMs cost ~4 m B N1 flops and the numba triangle
+# ~B^2 N1; see residual_block() for the choice of B.
+RESIDUAL_CHUNK = 1024  # fan-in rows per GEMM when evaluating ||XW - Xt Q||^2 from the rows
 # H[t,t] <= DEAD_TOL * max_s H[s,s] counts as a zero column of Xt: q_t = 0.
 DEAD_TOL = 1e-12
 
@@ -306,20 +307,25 @@ class Moments:
 def choose_form(m: int, n0: int, n1: int, groups: int = 1, memory_limit_bytes: int = 2 << 30,
                 passes: int = 2 * len(DEFAULT_C_GRID)) -> str:
     """Pick the Gram or the residual form for a layer with m calibration rows, fan-in n0 per
-    group and n1 output columns *per group*.
+    group and n1 output columns *per group* (N1g), before accumulating.
 
-    Memory (bytes):  gram     3 g N0^2 * 8 (G, H, F in float64)
-                     residual 2 g m N0 * 8 (X, Xt as float64 while quantizing) + g m N1 * 8 (state)
-    Flops:           gram     2 * 3 g m N0^2 to accumulate G, H, F, then ~2 g N0^2 N1 per pass
-                     residual ~4 g m N0 N1 once (tril(G) W streamed), then ~4 g m N0 N1 per pass
-    with ``passes`` greedy/RTN passes (one per C of the grid, for GPFQ and for the RTN baseline).
-    A form whose memory exceeds memory_limit_bytes is ruled out (if both do, the smaller one
-    wins); otherwise the one with fewer flops. A wide FC layer seen by few rows (m << N0, e.g.
-    N0 = 25088, m = 32) therefore never allocates N0^2.
+    Memory (bytes):  gram     3 g N0^2 * 8            (G, H, F in float64)
+                     residual 2 g m N0 * 8            (X, Xt as float64 while quantizing)
+                              + g m N1 * 8            (the state U)
+    Flops:           gram     6 g m N0^2              to accumulate G, H, F
+                              + 5 g N0^2 N1           once per layer (tril(G) W, G W, F W)
+                              + per pass g N0^2 N1 + triangle g 128 N0 N1
+                     residual 4 g m N0 N1             once per layer (tril(G) W streamed, X W)
+                              + per pass 4 g m N0 N1 + triangle g B N0 N1 (B = residual_block(m))
+    with ``passes`` passes (one per C of the grid, for GPFQ and for the RTN baseline); triangle
+    flops (single-threaded numba) are weighted x4 against BLAS flops. A form whose memory exceeds
+    memory_limit_bytes is ruled out (if both do, the smaller one wins); otherwise the one with
+    fewer weighted flops. A wide FC layer seen by few rows (m << N0, e.g. N0 = 25088, m = 32)
+    therefore never allocates N0^2.
     """
     for name, v in (("m", m), ("n0", n0), ("n1", n1), ("groups", groups), ("passes", passes)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (0 if name == "m" else 1):
-            raise ValueError(f"choose_form: {name} must be a non-negative int (got {v!r})")
+            raise ValueError(f"choose_form: {name} must be an int >= {0 if name == 'm' else 1} (got {v!r})")
     g, m, n0, n1 = int(groups), int(m), int(n0), int(n1)
     gram_bytes = 3 * g * n0 * n0 * 8
     res_bytes = 2 * g * m * n0 * 8 + g * m * n1 * 8
@@ -328,8 +334,9 @@ def choose_form(m: int, n0: int, n1: int, groups: int = 1, memory_limit_bytes: i
         return "gram" if gram_ok else "residual"
     if not gram_ok:
         return "gram" if gram_bytes <= res_bytes else "residual"
-    gram_flops = 6 * g * m * n0 * n0 + passes * 2 * g * n0 * n0 * n1
-    res_flops = 4 * g * m * n0 * n1 * (passes + 1)
+    tri = 4  # weight of a triangle flop
+    gram_flops = 6 * g * m * n0 * n0 + 5 * g * n0 * n0 * n1 + passes * g * (n0 * n0 * n1 + tri * GRAM_BLOCK * n0 * n1)
+    res_flops = 4 * g * m * n0 * n1 + passes * g * (4 * m * n0 * n1 + tri * residual_block(m) * n0 * n1)
     return "residual" if res_flops < gram_flops else "gram"
 
 
@@ -558,12 +565,20 @@ def gpfq_gram(W: np.ndarray, G: np.ndarray, H: np.ndarray, delta, alphabet: Alph
     return codes[0] if squeeze else codes
 
 
+def residual_block(m: int) -> int:
+    """Rows per block of the residual form for m calibration rows: about m / 4, a power of two in
+    16..128 (measured single-threaded on m = 32 / 256 / 1024, N0 = 4608..8192: B = 16 / 64 / 64-128
+    were fastest, the triangle's B^2 N1 against the GEMMs' 4 m B N1)."""
+    return int(min(128, max(16, 2 ** round(math.log2(max(m, 1) / 4)))))
+
+
 class _Residual:
     """Precomputed pieces of the residual form for one layer: X, Xt (g, m, N0) float64,
     A = tril(G) W computed block by block without forming G, the per-block H triangles, XW."""
 
-    def __init__(self, W, X, Xt, block=RESIDUAL_BLOCK):
+    def __init__(self, W, X, Xt, block=None):
         g, n0, n1 = W.shape
+        block = residual_block(X.shape[1]) if block is None else int(block)
         self.block, self.X, self.Xt = block, X, Xt
         self.A = np.empty((g, n0, n1))
         self.Hb = []
@@ -604,12 +619,13 @@ class _Residual:
 
 def gpfq_residual(W: np.ndarray, X: np.ndarray, Xt: np.ndarray, delta, alphabet: Alphabet,
                   sparsity: Sparsity | None = None, group_size: int = 0,
-                  block: int = RESIDUAL_BLOCK) -> np.ndarray:
+                  block: int | None = None) -> np.ndarray:
     """One GPFQ pass in the residual form (state U = XW - Xt Q of shape (m, N1)); returns codes.
 
     W (N0, N1) or (g, N0, N1); X, Xt (m, N0) or (g, m, N0); delta as in gpfq_gram. Blocked:
     per block of B fan-in rows, z's data term Xt_b^T U is one GEMM, the B x B triangle runs in
-    numba, and U is updated by one GEMM. Never forms an N0 x N0 matrix.
+    numba, and U is updated by one GEMM (block None: residual_block(m)). Never forms an
+    N0 x N0 matrix.
     """
     W3, squeeze = _as3(W, "W")
     X3, _ = _as3(X, "X")
@@ -647,15 +663,18 @@ class _GramProblem:
         self.GW = np.matmul(mom.G, W)
         self.wfw = np.einsum("gin,gin->gn", W, np.matmul(mom.F, W))
         self.dead = _dead(mom.H)
+        self.dH = np.ascontiguousarray(np.diagonal(mom.H, axis1=1, axis2=2))
 
     def greedy(self, delta, bsize, alphabet, sparsity):
         codes, Q, qhq = _gram_pass(self.A, self.H, delta, bsize, alphabet, sparsity, self.dead)
         return codes, self.wfw - 2.0 * np.einsum("gin,gin->gn", Q, self.GW) + qhq
 
     def error(self, codes, delta, bsize):
+        """Exact per-column error of given codes; q^T H q from the lower triangle only:
+        q^T H q = sum_t q_t (2 (tril(H) q)_t - H[t,t] q_t)."""
         Q = codes * _rows_of(delta, bsize, codes.shape[1])
-        return (self.wfw - 2.0 * np.einsum("gin,gin->gn", Q, self.GW)
-                + np.einsum("gin,gin->gn", Q, np.matmul(self.H, Q)))
+        qhq = np.einsum("gin,gin->gn", Q, 2.0 * tril_matmul(self.H, Q) - self.dH[:, :, None] * Q)
+        return self.wfw - 2.0 * np.einsum("gin,gin->gn", Q, self.GW) + qhq
 
 
 class _ResidualProblem:
@@ -672,12 +691,11 @@ class _ResidualProblem:
 
     def error(self, codes, delta, bsize):
         n0 = codes.shape[1]
+        rows = _rows_of(delta, bsize, n0)
         U = self.r.XW.copy()
-        for b0 in range(0, n0, RESIDUAL_BLOCK):  # U = XW - Xt Q without forming Q
-            b1 = min(b0 + RESIDUAL_BLOCK, n0)
-            Qb = codes[:, b0:b1] * _rows_of(delta, bsize, n0)[:, b0:b1] if delta.shape[1] > 1 \
-                else codes[:, b0:b1] * delta
-            U -= np.matmul(self.r.Xt[:, :, b0:b1], Qb)
+        for b0 in range(0, n0, RESIDUAL_CHUNK):  # U = XW - Xt Q without forming all of Q
+            b1 = min(b0 + RESIDUAL_CHUNK, n0)
+            U -= np.matmul(self.r.Xt[:, :, b0:b1], codes[:, b0:b1] * (rows if rows.shape[1] == 1 else rows[:, b0:b1]))
         return np.einsum("gmn,gmn->gn", U, U)
 
 
