@@ -40,12 +40,12 @@ DEAD_TOL = 1e-12
 # Default grid of C in delta = C r / K: geometric, ratio ~1.25, 0.1 .. 1.25, with 1.0 in it (so the
 # search is never worse than the plain rule C = 1). Measured with per-channel search on correlated
 # Gaussian inputs (X mixed along the fan-in, Xt = X + 5% noise), Gaussian and Student-t(4) weights,
-# N0 = 256 / 1152 / 4608: the per-column best C (median, GPFQ) is 0.35-0.45 (ternary), 0.5-0.66
-# (3 bits), 0.66-0.8 (4 bits), ~1.0-1.1 (8 bits) for Gaussian weights and drops with heavy tails
-# and wide fan-in (t4, N0 = 4608: 0.15 ternary, 0.28 3 bits, 0.44 4 bits). C > 1.25 never helped
-# by more than 0.1%. This grid stays within 1-5% of the error of a fine 46-point grid in all
-# cases except ternary with t4 weights at N0 = 4608 (+36%, best C ~0.12-0.15 between points),
-# where the old 0.4..1.5 grid lost 2-3x.
+# N0 = 256 / 1152 / 4608, ternary / 3 / 4 / 8 bits, GPFQ and RTN: the per-column best C (median)
+# is 0.34-0.43 (ternary), 0.52-0.67 (3 bits), 0.66-0.83 (4 bits), ~1.0-1.15 (8 bits) for Gaussian
+# weights and drops with heavy tails and wide fan-in (t4, N0 = 4608: 0.13-0.15 ternary, 0.28
+# 3 bits, 0.40-0.44 4 bits). C > 1.25 never helped by more than 0.1%. With this grid the layer
+# error is within 0.97x-1.084x (median ~1.02x) of the best over a fine 46-point grid 0.12..1.6 in
+# all 48 cases; the spec's example grid 0.4..1.5 lost up to 2.8x (heavy tails, low bits).
 DEFAULT_C_GRID: tuple[float, ...] = (0.1, 0.125, 0.16, 0.2, 0.25, 0.32, 0.4, 0.5, 0.63, 0.8, 1.0, 1.25)
 
 
@@ -77,7 +77,8 @@ class Alphabet:
 
     @staticmethod
     def from_bits(bits: int | str, full_range: bool = False) -> "Alphabet":
-        """"ternary" -> {-1, 0, 1}; b in 2..8 -> +-(2^(b-1) - 1), or [-2^(b-1), 2^(b-1) - 1] when full_range."""
+        """Levels for a bit width: "ternary" -> {-1, 0, 1}; b in 2..8 (int or digit string) ->
+        -(2^(b-1) - 1) .. 2^(b-1) - 1, or the full two's-complement -2^(b-1) .. 2^(b-1) - 1."""
         if isinstance(bits, str):
             text = bits.strip().lower()
             if text == "ternary":
@@ -253,16 +254,17 @@ class Moments:
         self._sx += X64.sum(axis=1)
         self._sxt += Xt64.sum(axis=1)
         self.m += rows
-        if self.form == "gram":
-            for k in range(self.groups):  # 2-D products: numpy uses syrk for A^T A
-                F = X64[k].T @ X64[k]
-                self.F[k] += F
-                if same:
-                    self.G[k] += F
-                    self.H[k] += F
-                else:
-                    self.G[k] += Xt64[k].T @ X64[k]
-                    self.H[k] += Xt64[k].T @ Xt64[k]
+        if self.form == "gram" and self.groups == 1:  # 2-D products: numpy uses syrk for A^T A
+            F = X64[0].T @ X64[0]
+            self.F[0] += F
+            self.G[0] += F if same else Xt64[0].T @ X64[0]
+            self.H[0] += F if same else Xt64[0].T @ Xt64[0]
+        elif self.form == "gram":  # one batched product per matrix over all groups
+            XT, XtT = X64.transpose(0, 2, 1), Xt64.transpose(0, 2, 1)
+            F = np.matmul(XT, X64)
+            self.F += F
+            self.G += F if same else np.matmul(XtT, X64)
+            self.H += F if same else np.matmul(XtT, Xt64)
         else:
             keep = np.float64 if X.dtype == np.float64 and Xt.dtype == np.float64 else np.float32
             self._xs.append(np.array(X, dtype=keep))
@@ -573,8 +575,15 @@ def residual_block(m: int) -> int:
 
 
 class _Residual:
-    """Precomputed pieces of the residual form for one layer: X, Xt (g, m, N0) float64,
-    A = tril(G) W computed block by block without forming G, the per-block H triangles, XW."""
+    """The residual form for one layer, blocked.
+
+    With U_t = X[:, :t+1] W[:t+1] - Xt[:, :t] Q[:t] (the paper's u_{t-1} + w_t X_t), the
+    decision is z_t = Xt_t^T U_t / ||Xt_t||^2. Its C-independent part
+    A_t = Xt_t^T X[:, :t+1] W[:t+1] = (tril(G) W)_t is computed once per layer, streamed block by
+    block without forming G; the pass then keeps the state R = Xt[:, :b0] Q[:b0] (m, N1) and per
+    block of B rows: L = Xt_b^T R (one GEMM), the B x B triangle with H_bb = Xt_b^T Xt_b in numba,
+    R += Xt_b Q_b (one GEMM). At the end U = X W - R, and the exact error is ||U||^2 per column.
+    """
 
     def __init__(self, W, X, Xt, block=None):
         g, n0, n1 = W.shape
@@ -620,12 +629,10 @@ class _Residual:
 def gpfq_residual(W: np.ndarray, X: np.ndarray, Xt: np.ndarray, delta, alphabet: Alphabet,
                   sparsity: Sparsity | None = None, group_size: int = 0,
                   block: int | None = None) -> np.ndarray:
-    """One GPFQ pass in the residual form (state U = XW - Xt Q of shape (m, N1)); returns codes.
+    """One GPFQ pass in the residual form (state of shape (m, N1), see _Residual); returns codes.
 
-    W (N0, N1) or (g, N0, N1); X, Xt (m, N0) or (g, m, N0); delta as in gpfq_gram. Blocked:
-    per block of B fan-in rows, z's data term Xt_b^T U is one GEMM, the B x B triangle runs in
-    numba, and U is updated by one GEMM (block None: residual_block(m)). Never forms an
-    N0 x N0 matrix.
+    W (N0, N1) or (g, N0, N1); X, Xt (m, N0) or (g, m, N0); delta as in gpfq_gram; block: rows
+    per block (None: residual_block(m)). Never forms an N0 x N0 matrix.
     """
     W3, squeeze = _as3(W, "W")
     X3, _ = _as3(X, "X")
@@ -658,12 +665,13 @@ class _GramProblem:
     """Per-layer quantities shared by every pass: A = tril(G) W, G W, w^T F w."""
 
     def __init__(self, W, mom: Moments):
-        self.W, self.H = W, mom.H
-        self.A = tril_matmul(mom.G, W)
-        self.GW = np.matmul(mom.G, W)
+        G, self.H = np.ascontiguousarray(mom.G), np.ascontiguousarray(mom.H)
+        self.W = W
+        self.A = tril_matmul(G, W)
+        self.GW = np.matmul(G, W)
         self.wfw = np.einsum("gin,gin->gn", W, np.matmul(mom.F, W))
-        self.dead = _dead(mom.H)
-        self.dH = np.ascontiguousarray(np.diagonal(mom.H, axis1=1, axis2=2))
+        self.dead = _dead(self.H)
+        self.dH = np.ascontiguousarray(np.diagonal(self.H, axis1=1, axis2=2))
 
     def greedy(self, delta, bsize, alphabet, sparsity):
         codes, Q, qhq = _gram_pass(self.A, self.H, delta, bsize, alphabet, sparsity, self.dead)
@@ -678,6 +686,8 @@ class _GramProblem:
 
 
 class _ResidualProblem:
+    """Per-layer quantities of the residual form: the float64 rows, A, X W and ||X W||^2."""
+
     def __init__(self, W, mom: Moments):
         X = np.asarray(mom.X, dtype=np.float64)
         Xt = X if mom.Xt is mom.X else np.asarray(mom.Xt, dtype=np.float64)
