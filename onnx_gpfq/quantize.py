@@ -23,7 +23,7 @@ from .errors import UserError
 from .graph import GraphIndex, load_model, normalise
 from .options import Options
 from .activations import activation_tensors, calibrate
-from .rewrite import ActQuant, QuantizedLayer, dq_name
+from .rewrite import ActQuant, QuantizedLayer, read_name
 from .targets import Skipped, Target, find_targets
 
 
@@ -156,7 +156,7 @@ def quantize(model, calibration, options: Options | None = None, **kwargs) -> tu
         float_stream.advance(list(graph.node), index.initializers, [t.x], quant_acts)
         _observe_new(quant_acts, acts, float_stream, options)
         nodes_q, inits_q = rewrite.apply(graph, layers, acts)
-        x_tilde = dq_name(t.x) if t.x in acts and t.node not in weight_only else t.x
+        x_tilde = t.x if t.node in weight_only else read_name(t.x, acts, index.graph_outputs)
         quant_stream.advance(nodes_q, inits_q, [x_tilde])
 
         W = t.to_matrix(index.array(t.w).astype(np.float64))

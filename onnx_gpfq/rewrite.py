@@ -69,6 +69,15 @@ def dq_name(tensor: str) -> str:
     return f"{tensor}_DequantizeLinear_Output"
 
 
+def read_name(tensor: str, acts: dict, graph_outputs: set[str]) -> str:
+    """The name consumers of ``tensor`` read after rewriting: its DequantizeLinear output when it is
+    quantized. A quantized graph output keeps its name on the DequantizeLinear output (the model's
+    interface does not change) and its producer writes ``{tensor}_float`` instead."""
+    if tensor not in acts:
+        return tensor
+    return tensor if tensor in graph_outputs else dq_name(tensor)
+
+
 def act_quant_from_range(lo: float, hi: float, bits: int = 8, symmetric: bool = False) -> ActQuant:
     """Parameters covering [lo, hi] (always including 0, so zero is exact).
 
@@ -113,13 +122,20 @@ def apply(
     nodes: list[onnx.NodeProto] = []
     emitted_weights: set[str] = set()
 
+    graph_outputs = {o.name for o in graph.output}
+
+    def produced_name(tensor: str) -> str:
+        return f"{tensor}_float" if tensor in acts and tensor in graph_outputs else tensor
+
     def emit_act_qdq(tensor: str) -> None:
         quant = acts[tensor]
         scale, zp = f"{tensor}_scale", f"{tensor}_zero_point"
         inits[scale] = numpy_helper.from_array(np.array(quant.scale, np.float32), scale)
         inits[zp] = numpy_helper.from_array(np.array(quant.zero_point, quant.dtype), zp)
-        nodes.append(helper.make_node("QuantizeLinear", [tensor, scale, zp], [q_name(tensor)], name=f"{tensor}_QuantizeLinear"))
-        nodes.append(helper.make_node("DequantizeLinear", [q_name(tensor), scale, zp], [dq_name(tensor)], name=f"{tensor}_DequantizeLinear"))
+        nodes.append(helper.make_node("QuantizeLinear", [produced_name(tensor), scale, zp], [q_name(tensor)],
+                                      name=f"{tensor}_QuantizeLinear"))
+        nodes.append(helper.make_node("DequantizeLinear", [q_name(tensor), scale, zp],
+                                      [read_name(tensor, acts, graph_outputs)], name=f"{tensor}_DequantizeLinear"))
 
     graph_inputs = [i.name for i in graph.input if i.name not in inits]
     for name in graph_inputs:
@@ -129,11 +145,11 @@ def apply(
     for node in graph.node:
         layer = layers.get(node.name)
         new = node
-        rewired = [dq_name(n) if n in acts else n for n in node.input]
+        rewired = [read_name(n, acts, graph_outputs) for n in node.input]
         if layer is not None and layer.weight_only:
             rewired[0] = node.input[0]
         if layer is not None and layer.fmt == "matmulnbits":
-            nodes.append(_matmul_nbits(node, layer, rewired[0], inits))
+            nodes.append(_matmul_nbits(node, layer, rewired[0], [produced_name(o) for o in node.output], inits))
             for out in node.output:
                 if out in acts:
                     emit_act_qdq(out)
@@ -150,11 +166,14 @@ def apply(
                 while len(rewired) < 3:
                     rewired.append("")
                 rewired[2] = bias_input
-        if rewired != list(node.input):
+        outputs = [produced_name(o) for o in node.output]
+        if rewired != list(node.input) or outputs != list(node.output):
             new = onnx.NodeProto()
             new.CopyFrom(node)
             del new.input[:]
             new.input.extend(rewired)
+            del new.output[:]
+            new.output.extend(outputs)
         nodes.append(new)
         for out in node.output:
             if out in acts:
@@ -180,7 +199,8 @@ def _weight_dq(t: Target, layer: QuantizedLayer, inits: dict[str, onnx.TensorPro
                             name=f"{t.w}_DequantizeLinear", **attrs)
 
 
-def _matmul_nbits(node: onnx.NodeProto, layer: QuantizedLayer, x: str, inits: dict[str, onnx.TensorProto]) -> onnx.NodeProto:
+def _matmul_nbits(node: onnx.NodeProto, layer: QuantizedLayer, x: str, outputs: list[str],
+                  inits: dict[str, onnx.TensorProto]) -> onnx.NodeProto:
     """MatMul(x, W) -> com.microsoft MatMulNBits(x, packed 4-bit codes, block scales).
 
     MatMulNBits stores unsigned codes u = q + 8 (its default zero point is 8), two per byte, low
@@ -196,7 +216,7 @@ def _matmul_nbits(node: onnx.NodeProto, layer: QuantizedLayer, x: str, inits: di
     b_name, s_name = f"{t.w}_nbits", f"{t.w}_nbits_scales"
     inits[b_name] = numpy_helper.from_array(packed, b_name)
     inits[s_name] = numpy_helper.from_array(layer.scale.astype(np.float32).T.reshape(-1), s_name)
-    return helper.make_node("MatMulNBits", [x, b_name, s_name], list(node.output), name=node.name,
+    return helper.make_node("MatMulNBits", [x, b_name, s_name], outputs, name=node.name,
                             domain="com.microsoft", K=k, N=n, bits=4, block_size=bs)
 
 
