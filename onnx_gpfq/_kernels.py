@@ -87,7 +87,8 @@ def greedy_block(base, boff, L, loff, H, hoff, Q, codes, qoff, delta, doff, bsiz
                 h3 = H[k, th, hoff + j + 3]
                 s = qoff + j
                 for c in range(n1):
-                    L[k, loff + i, c] += (h0 * Q[k, s, c] + h1 * Q[k, s + 1, c]) + (h2 * Q[k, s + 2, c] + h3 * Q[k, s + 3, c])
+                    L[k, loff + i, c] += ((h0 * Q[k, s, c] + h1 * Q[k, s + 1, c])
+                                          + (h2 * Q[k, s + 2, c] + h3 * Q[k, s + 3, c]))
                 j += 4
             while j < i:
                 h0 = H[k, th, hoff + j]

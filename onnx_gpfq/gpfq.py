@@ -171,7 +171,8 @@ class QuantSpec:
         except (TypeError, ValueError):
             raise ValueError(f"QuantSpec.c_grid must be a sequence of numbers (got {self.c_grid!r})") from None
         if not grid or not all(_positive_number(c) for c in grid):
-            raise ValueError(f"QuantSpec.c_grid must be a non-empty sequence of finite numbers > 0 (got {self.c_grid!r})")
+            raise ValueError("QuantSpec.c_grid must be a non-empty sequence of finite numbers > 0 "
+                             f"(got {self.c_grid!r})")
         object.__setattr__(self, "c_grid", grid)
         for name in ("search_per_channel", "bias_correction"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
@@ -444,7 +445,8 @@ def dequantize(codes: np.ndarray, scale: np.ndarray, group_size: int = 0) -> np.
     codes = np.asarray(codes)
     scale = np.asarray(scale, dtype=np.float64)
     if codes.ndim != 3 or scale.ndim != 3 or scale.shape[0] != codes.shape[0] or scale.shape[2] != codes.shape[2]:
-        raise ValueError(f"dequantize: codes (g, N0, N1g) and scale (g, nb, N1g) expected (got {codes.shape}, {scale.shape})")
+        raise ValueError(f"dequantize: codes (g, N0, N1g) and scale (g, nb, N1g) expected "
+                         f"(got {codes.shape}, {scale.shape})")
     n0, nb = codes.shape[1], scale.shape[1]
     if nb == 1:
         return codes * scale
@@ -715,6 +717,19 @@ class _ResidualProblem:
         return np.einsum("gmn,gmn->gn", U, U)
 
 
+def _rtn_chunked(W, delta, bsize, alphabet, sparsity, chunk=RESIDUAL_CHUNK):
+    """RTN codes (g, N0, N1) int32 of W with steps delta (g, nb, N1), a chunk of fan-in rows at a
+    time (bounded float temporaries for very wide layers)."""
+    g, n0, n1 = W.shape
+    rows = _rows_of(delta, bsize, n0)
+    codes = np.empty((g, n0, n1), np.int32)
+    for b0 in range(0, n0, chunk):
+        b1 = min(b0 + chunk, n0)
+        codes[:, b0:b1] = quantize_codes(W[:, b0:b1], rows if rows.shape[1] == 1 else rows[:, b0:b1],
+                                         alphabet, sparsity)
+    return codes
+
+
 class _Choice(NamedTuple):
     codes: np.ndarray  # (g, N0, N1) int32
     delta: np.ndarray  # (g, nb, N1)
@@ -731,7 +746,7 @@ def _search(problem, r, bsize, grid, per_column, method, alphabet, sparsity) -> 
         if method == "gpfq":
             codes, err = problem.greedy(delta, bsize, alphabet, sparsity)
         else:
-            codes = quantize_codes(problem.W, _rows_of(delta, bsize, problem.W.shape[1]), alphabet, sparsity)
+            codes = _rtn_chunked(problem.W, delta, bsize, alphabet, sparsity)
             err = problem.error(codes, delta, bsize)
         if best is None:
             best = _Choice(codes, delta, np.full(err.shape, float(C)), err)

@@ -79,7 +79,8 @@ def plot(res: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
-    for ax, suffix, title in ((axes[0], "", "K = 4, delta = 0.25"), (axes[1], "_ternary", "K = 1 (ternary), delta = 1")):
+    panels = ((axes[0], "", "K = 4, delta = 0.25"), (axes[1], "_ternary", "K = 1 (ternary), delta = 1"))
+    for ax, suffix, title in panels:
         for meth, style in (("gpfq", "o-"), ("msq", "s--")):
             ax.loglog(res["n0"], res[f"{meth}_error{suffix}"], style, base=2,
                       label=f"{meth.upper()} (slope {res[f'{meth}_slope{suffix}']:.2f})")
