@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    '{"exclude": [GLOB...], "layers": [{"match": GLOB|OP, "weight_bits": .., "method": .., '
                    '"granularity": .., "block_size": .., "scale_rule": .., "c": .., "exclude": bool}]}; '
                    "a pattern matching no layer is an error")
+    q.add_argument("--external-data", action="store_true",
+                   help="store tensors in OUT.onnx.data beside the model (automatic above 2 GiB)")
     q.add_argument("--report", metavar="FILE.json", help="also write the per-layer report as JSON")
     q.add_argument("--quiet", action="store_true", help="no progress bar and no report table")
     q.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -136,7 +138,7 @@ def _cmd_quantize(args) -> int:
         exclude=tuple(args.exclude) + config_exclude, rules=rules, quiet=args.quiet,
     )
     model, report = quantize(args.model, args.calib, options)
-    save_model(model, args.output)
+    save_model(model, args.output, external_data=args.external_data)
     if args.report:
         from .graph import write_text
 

@@ -68,7 +68,9 @@ def opset_version(model: onnx.ModelProto) -> int:
 
 def normalise(model: onnx.ModelProto, min_opset: int = MIN_OPSET) -> onnx.ModelProto:
     """Return a normalised copy of ``model`` (the input is never modified), at opset >= min_opset."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    model = copy
     # Old exports (IR < 4) list weights as graph inputs too; an input can be overridden at run
     # time, so no optimiser treats it as constant. A quantized model fixes its weights: drop them.
     inits = {t.name for t in model.graph.initializer}
@@ -77,6 +79,7 @@ def normalise(model: onnx.ModelProto, min_opset: int = MIN_OPSET) -> onnx.ModelP
         del model.graph.input[:]
         model.graph.input.extend(kept)
         model.ir_version = max(model.ir_version, 4)
+    _float16_to_float32(model)
     if opset_version(model) < min_opset:
         try:
             model = onnx.version_converter.convert_version(model, min_opset)
@@ -91,16 +94,93 @@ def normalise(model: onnx.ModelProto, min_opset: int = MIN_OPSET) -> onnx.ModelP
     return model
 
 
+def _float16_to_float32(model: onnx.ModelProto) -> None:
+    """Compute in float32 inside a float16 model, keeping its float16 inputs and outputs.
+
+    float16 initializers, Constant values and Cast targets become float32; each float16 graph input
+    gets a Cast to float32 and each float16 graph output a Cast back, so the model's interface
+    (what callers feed and read) does not change.
+    """
+    F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    graph = model.graph
+    io = [v for v in list(graph.input) + list(graph.output) if v.type.tensor_type.elem_type == F16]
+    if not io and not any(t.data_type == F16 for t in graph.initializer) and not _has_f16_nodes(graph):
+        return
+    _convert_graph_f16(graph)
+    del graph.value_info[:]
+    casts_in, casts_out = [], []
+    for value in graph.input:
+        if value.type.tensor_type.elem_type == F16:
+            inner = f"{value.name}_float32"
+            _rename_uses(graph, value.name, inner)
+            casts_in.append(onnx.helper.make_node("Cast", [value.name], [inner], name=f"{value.name}_to_float32", to=F32))
+    for value in graph.output:
+        if value.type.tensor_type.elem_type == F16:
+            inner = f"{value.name}_float32"
+            _rename_uses(graph, value.name, inner, outputs_too=True)
+            casts_out.append(onnx.helper.make_node("Cast", [inner], [value.name], name=f"{value.name}_to_float16", to=F16))
+    nodes = casts_in + list(graph.node) + casts_out
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _has_f16_nodes(graph: onnx.GraphProto) -> bool:
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == onnx.TensorProto.FLOAT16:
+                return True
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == onnx.TensorProto.FLOAT16:
+                return True
+    return False
+
+
+def _convert_graph_f16(graph: onnx.GraphProto) -> None:
+    F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    for i, t in enumerate(graph.initializer):
+        if t.data_type == F16:
+            graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == F16:
+                attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float32), attr.t.name))
+            elif node.op_type in ("Cast", "CastLike") and attr.name == "to" and attr.i == F16:
+                attr.i = F32
+            for sub in _subgraphs(attr):
+                _convert_graph_f16(sub)
+                for v in list(sub.input) + list(sub.output):
+                    if v.type.tensor_type.elem_type == F16:
+                        v.type.tensor_type.elem_type = F32
+                del sub.value_info[:]
+
+
+def _rename_uses(graph: onnx.GraphProto, old: str, new: str, outputs_too: bool = False) -> None:
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+        if outputs_too:
+            for i, name in enumerate(node.output):
+                if name == old:
+                    node.output[i] = new
+        for attr in node.attribute:
+            for sub in _subgraphs(attr):  # outer-scope reads inside control-flow bodies
+                _rename_uses(sub, old, new)
+
+
 def _ort_basic_optimise(model: onnx.ModelProto) -> onnx.ModelProto:
     """Constant folding, Constant nodes -> initializers, Conv+BatchNormalization fusion."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="onnx_gpfq_") as tmp:
         src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
-        onnx.save(model, src)
+        big = needs_external_data(model)
+        onnx.save(model, src, save_as_external_data=big, location="in.onnx.data")
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         so.optimized_model_filepath = dst
+        if big:
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "out.onnx.data")
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         so.log_severity_level = 3
         try:
             ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
@@ -199,12 +279,40 @@ def check_output_path(output: str | os.PathLike, inputs: Iterable[str | os.PathL
     return out
 
 
-def save_model(model: onnx.ModelProto, output: str | os.PathLike) -> None:
+PROTOBUF_LIMIT = 2**31 - 2**24  # a serialised ModelProto must stay under 2 GiB; keep a margin
+
+
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    return model.ByteSize() > PROTOBUF_LIMIT
+
+
+def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool = False) -> None:
     """Write atomically: a temporary file in the same folder, renamed into place when complete.
 
-    A crash, an interrupt or a full disk leaves no partial output and no temporary file.
+    A crash, an interrupt or a full disk leaves no partial output and no temporary file. Models
+    over 2 GiB (or with ``external_data``) store their tensors in ``OUTPUT.data`` beside the model.
     """
-    _write_atomic(Path(output), model.SerializeToString())
+    out = Path(output)
+    if not (external_data or needs_external_data(model)):
+        _write_atomic(out, model.SerializeToString())
+        return
+    folder = out.parent if str(out.parent) else Path(".")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder))
+    try:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        location = f"{out.name}.data"
+        onnx.save(copy, str(tmp / out.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=location, size_threshold=1024)
+        if (tmp / location).exists():
+            os.replace(tmp / location, folder / location)
+        os.replace(tmp / out.name, out)
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        for leftover in tmp.iterdir():
+            leftover.unlink()
+        tmp.rmdir()
 
 
 def write_text(output: str | os.PathLike, text: str) -> None:

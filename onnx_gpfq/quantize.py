@@ -9,7 +9,9 @@ that advance segment by segment, so no node runs twice for the same sample and s
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -20,7 +22,7 @@ from . import gpfq, rewrite
 from .calib import load_batches, model_inputs
 from .capture import Stream
 from .errors import UserError
-from .graph import GraphIndex, load_model, normalise
+from .graph import GraphIndex, load_model, needs_external_data, normalise, save_model
 from .options import Options
 from .activations import activation_tensors, calibrate
 from .rewrite import ActQuant, QuantizedLayer, read_name
@@ -278,11 +280,18 @@ def validate(model: onnx.ModelProto, batch: dict[str, np.ndarray]) -> None:
     """The output must pass the full ONNX checker and run in onnxruntime."""
     import onnxruntime as ort
 
-    onnx.checker.check_model(model, full_check=True)
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    outputs = session.run(None, batch)
+    if needs_external_data(model):  # over 2 GiB: check and load it from disk, as it will be saved
+        with tempfile.TemporaryDirectory(prefix="onnx_gpfq_validate_") as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            save_model(model, path, external_data=True)
+            onnx.checker.check_model(path, full_check=True)
+            outputs = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]).run(None, batch)
+    else:
+        onnx.checker.check_model(model, full_check=True)
+        session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        outputs = session.run(None, batch)
     for out in outputs:
         if isinstance(out, np.ndarray) and out.dtype.kind == "f" and not np.isfinite(out).all():
             raise RuntimeError("the quantized model produces NaN/Inf on the calibration data")

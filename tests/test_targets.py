@@ -94,3 +94,38 @@ def test_activation_only_matmul_is_reported_not_targeted():
                               [helper.make_value_info("y", onnx.TypeProto())])
     targets, skipped = find_targets(graph)
     assert targets == [] and skipped[0].node == "mm" and "activations" in skipped[0].reason
+
+
+CONV_T_CASES = [
+    dict(x=(2, 3, 5, 5), w=(3, 4, 3, 3), attrs={}),
+    dict(x=(2, 3, 5, 4), w=(3, 4, 3, 3), attrs={"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 0]}),
+    dict(x=(1, 2, 4, 4), w=(2, 3, 2, 3), attrs={"strides": [2, 1], "dilations": [1, 2], "pads": [0, 1, 1, 0]}),
+    dict(x=(2, 2, 6), w=(2, 5, 4), attrs={"strides": [3], "pads": [2, 1]}),  # 1-D
+    dict(x=(1, 2, 4, 4), w=(2, 3, 3, 3), attrs={"strides": [2, 2], "output_shape": [8, 8]}),
+    dict(x=(1, 2, 4, 4), w=(2, 3, 3, 3), attrs={"strides": [2, 2], "auto_pad": "SAME_UPPER"}),
+]
+
+
+@pytest.mark.parametrize("case", CONV_T_CASES)
+def test_conv_transpose_rows_times_weight_matches_onnxruntime(case):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(case["x"]).astype(np.float32)
+    w = rng.standard_normal(case["w"]).astype(np.float32)
+    model, y = _run(helper.make_node("ConvTranspose", ["x", "w"], ["y"], **case["attrs"]), x, {"w": w})
+    (t,), skipped = find_targets(model.graph)
+    assert t.channel_axis == 1
+    W = t.to_matrix(w)
+    np.testing.assert_array_equal(t.from_matrix(W), w)
+    rows = t.rows(x, None)
+    expected = y.reshape(y.shape[0], y.shape[1], -1).transpose(0, 2, 1).reshape(1, -1, y.shape[1])
+    np.testing.assert_allclose(rows @ W, expected, rtol=1e-4, atol=1e-4)
+    pos = t.positions(x.shape, 3, np.random.default_rng(0))
+    assert t.rows(x, pos).shape == (1, x.shape[0] * 3, W.shape[1])
+
+
+def test_grouped_conv_transpose_is_reported():
+    x = np.zeros((1, 4, 3, 3), np.float32)
+    w = np.zeros((4, 1, 3, 3), np.float32)
+    model, _ = _run(helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="ct", group=4), x, {"w": w})
+    targets, skipped = find_targets(model.graph)
+    assert not targets and "grouped ConvTranspose" in skipped[0].reason
