@@ -138,6 +138,22 @@ def ort_prepare(model_path: str, workdir: str, min_opset: int = 13, pre_process:
     opset = opset_of(model)
     info["original_opset"] = opset
     path = model_path
+    inits = {t.name for t in model.graph.initializer}
+    as_inputs = [i for i in model.graph.input if i.name in inits]
+    if model.ir_version < 4 or as_inputs:
+        # Old exports (IR < 4) list weights as graph inputs too: ORT then cannot treat them as
+        # constants (no BatchNormalization folding, ...), and the version converter rejects an IR-3
+        # model whose initializers are not all inputs ("Input ... is undefined"). Do what onnx-gpfq's
+        # own normalisation does: drop them from the inputs and declare IR 7.
+        keep = [i for i in model.graph.input if i.name not in inits]
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+        info["initializers_removed_from_inputs"] = len(as_inputs)
+        if model.ir_version < 7:
+            info["ir_version_raised"] = f"{model.ir_version} -> 7"
+            model.ir_version = 7
+        path = os.path.join(workdir, "ort_no_init_inputs.onnx")
+        onnx.save(model, path)
     if opset < min_opset:
         model = version_converter.convert_version(model, min_opset)
         path = os.path.join(workdir, f"ort_opset{min_opset}.onnx")
@@ -164,7 +180,10 @@ def ort_quantize_static(model_path: str, out_path: str, arrays: dict[str, np.nda
     """onnxruntime.quantization.quantize_static, QDQ, per-channel, MinMax, activations QUInt8, weights
     ``weight_type`` ("QInt8" or "QInt4"; QInt4 raises the opset to 21 first). Returns timings and the
     preprocessing it got; ``seconds`` is quantize_static alone (calibration included)."""
+    import onnxruntime  # noqa: PLC0415
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static  # noqa: PLC0415
+
+    onnxruntime.set_default_logger_severity(3)  # no per-initializer warnings on old models
 
     own_tmp = None
     if workdir is None:
@@ -213,6 +232,20 @@ def current_rss_mb() -> float:
     return float("nan")
 
 
+def package_commit() -> str | None:
+    """The checkout's HEAD (short), with '+dirty' when onnx_gpfq/ has uncommitted changes."""
+    import subprocess  # noqa: PLC0415
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "onnx_gpfq"], cwd=REPO, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
 def machine() -> dict:
     """CPU model, cores, memory, OS and library versions."""
     import onnx  # noqa: PLC0415
@@ -248,6 +281,7 @@ def machine() -> dict:
     import onnx_gpfq  # noqa: PLC0415
 
     return {
+        "commit": package_commit(),
         "cpu": cpu,
         "cores": cores,
         "memory_gib": mem_gib,

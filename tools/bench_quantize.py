@@ -73,8 +73,14 @@ def _child_gpfq(model_path: str, calib_path: str, warmup: bool) -> dict:
     model, report = onnx_gpfq.quantize(model_path, calib_path, weight_bits=4, act_bits=8, quiet=True)
     seconds = time.perf_counter() - t0
     peak = common.peak_rss_mb()
+    layer_seconds = sum(layer.seconds for layer in report.layers)
+    slowest = sorted(report.layers, key=lambda layer: -layer.seconds)[:5]
     return {"seconds": seconds, "peak_rss_mb": peak, "rss_before_mb": before, "samples": n,
-            "layers": len(report.layers), "left_in_float": len(report.skipped), "warmup_seconds": warm}
+            "layers": len(report.layers), "left_in_float": len(report.skipped), "warmup_seconds": warm,
+            "layer_seconds": layer_seconds,
+            "slowest_layers": [{"node": layer.node, "op": layer.op_type, "weight_shape": list(layer.weight_shape),
+                                "form": layer.form, "rows": layer.rows, "seconds": round(layer.seconds, 3)}
+                               for layer in slowest]}
 
 
 def _child_ort(model_path: str, calib_path: str, warmup: bool) -> dict:
@@ -120,7 +126,8 @@ def bench(model_spec: str, calib_spec: str, multiplier: int = 1, warmup: bool = 
         np.savez(calib_path, **arrays)
         g = _run_child("gpfq", model_path, calib_path, work, warmup)
         o = _run_child("ort", model_path, calib_path, work, warmup)
-        result: dict = {"model": model_spec, "calibration": calib_text, "samples": common.sample_count(arrays),
+        result: dict = {"model": model_spec, "commit": common.package_commit(),
+                        "calibration": calib_text, "samples": common.sample_count(arrays),
                         "samples_multiplier": multiplier, "warmup": warmup}
         result["gpfq_seconds"] = g.get("seconds")
         result["ort_seconds"] = o.get("seconds")
@@ -133,6 +140,9 @@ def bench(model_spec: str, calib_spec: str, multiplier: int = 1, warmup: bool = 
         result["ort_preprocessing"] = o.get("preprocessing")
         result["ort_preprocess_seconds"] = (o.get("preprocessing") or {}).get("preprocess_seconds")
         result["ort_batch_size"] = o.get("batch_size")
+        result["gpfq_layers"] = g.get("layers")
+        result["gpfq_layer_seconds"] = g.get("layer_seconds")  # per-layer work (capture + GPFQ), from the Report
+        result["gpfq_slowest_layers"] = g.get("slowest_layers")
         if warmup:
             result["gpfq_warmup_seconds"] = g.get("warmup_seconds")
             result["ort_warmup_seconds"] = o.get("warmup_seconds")
