@@ -1,15 +1,24 @@
 """Calibration data: read it from what the user has, check it against the model's inputs, batch it.
 
-Sources: a ``.npz`` path (one array per model input, named after it, samples along axis 0); any
-iterable of ``{input_name: array}`` dicts (each one batch); any object with onnxruntime's
-``CalibrationDataReader`` interface (``get_next()`` returning a dict, or None at the end).
+Sources (``load_batches(source, ...)``):
+- a ``.npz`` file: one array per model input, named after it, samples along the batch axis;
+- a folder of ``.npz`` files (read in name order, as one data set) or of ``.npy`` files (single-input
+  models: each file one sample, or a stack of samples), or of images (see ``ImageOptions``);
+- ``"random:N"``: N seeded samples from the declared input shapes (``input_shapes`` fills symbolic
+  dims) — for pipelines that only check that a conversion works;
+- from Python: a dict of arrays (like a .npz), any iterable of ``{input_name: array}`` batches, or an
+  onnxruntime ``CalibrationDataReader`` (anything with ``get_next()``).
+
+Batch axes: samples are stacked along axis 0, except for inputs listed in ``batch_axes``: a
+recurrent state laid out (layers, batch, hidden) has batch axis 1, and an input with no batch axis
+(``None``: a sample rate, a fixed state) is fed whole to every run. Scalar inputs have none.
 """
 
 from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +29,7 @@ from onnx import helper
 from .errors import UserError
 
 Batch = dict[str, np.ndarray]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -29,6 +39,35 @@ class InputSpec:
     name: str
     dtype: np.dtype
     dims: tuple[int | None, ...]
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """Preprocessing for a folder of images (needs Pillow: ``pip install onnx-gpfq[images]``).
+
+    size: (height, width) fed to the model (default: the model input's fixed dims).
+    resize: "stretch" to size, or "crop" (resize the shorter side, then center-crop).
+    scale: multiplies the 0..255 pixel values first (e.g. 1/255); then (x - mean) / std per channel.
+    channels: "RGB" or "BGR" order; layout: "NCHW" or "NHWC".
+    """
+
+    size: tuple[int, int] | None = None
+    resize: str = "crop"
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    channels: str = "RGB"
+    layout: str = "NCHW"
+
+    def __post_init__(self):
+        if self.resize not in ("stretch", "crop"):
+            raise UserError(f"image resize must be stretch or crop (got {self.resize!r})")
+        if self.channels not in ("RGB", "BGR"):
+            raise UserError(f"image channel order must be RGB or BGR (got {self.channels!r})")
+        if self.layout not in ("NCHW", "NHWC"):
+            raise UserError(f"image layout must be NCHW or NHWC (got {self.layout!r})")
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
+            raise UserError("image mean and std need 3 values each, std > 0")
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -44,17 +83,31 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-def load_batches(source, inputs: list[InputSpec], batch_size: int) -> list[Batch]:
+def load_batches(source, inputs: list[InputSpec], batch_size: int, *, batch_axes: Mapping[str, int | None] | None = None,
+                 input_shapes: Mapping[str, tuple[int, ...]] | None = None, images: ImageOptions | None = None,
+                 seed: int = 0) -> list[Batch]:
     """Read, validate and batch calibration data. Raises UserError naming the offending input."""
+    axes = {spec.name: (None if len(spec.dims) == 0 else 0) for spec in inputs}
+    for name, axis in (batch_axes or {}).items():
+        if name not in axes:
+            raise UserError(f"--batch-axis names {name!r}, which is not a model input ({', '.join(axes)})")
+        axes[name] = axis
+    for name in input_shapes or {}:
+        if name not in axes:
+            raise UserError(f"--input-shape names {name!r}, which is not a model input ({', '.join(axes)})")
     if isinstance(source, (str, os.PathLike)):
-        arrays = _read_npz(Path(source))
-        batches = _split(arrays, inputs, batch_size, str(source))
+        text = str(source)
+        if text.startswith("random:"):
+            arrays = _random(text, inputs, input_shapes or {}, axes, seed)
+        else:
+            arrays = _read_path(Path(source), inputs, images, axes)
+        batches = _split(arrays, inputs, batch_size, text, axes)
     elif hasattr(source, "get_next"):
         batches = []
         while (item := source.get_next()) is not None:
             batches.append(dict(item))
-    elif isinstance(source, dict):
-        batches = _split({k: np.asarray(v) for k, v in source.items()}, inputs, batch_size, "calibration dict")
+    elif isinstance(source, Mapping):
+        batches = _split({k: np.asarray(v) for k, v in source.items()}, inputs, batch_size, "calibration dict", axes)
     elif isinstance(source, Iterable):
         batches = [dict(item) for item in source]
     else:
@@ -64,11 +117,49 @@ def load_batches(source, inputs: list[InputSpec], batch_size: int) -> list[Batch
     return [_check_batch(b, inputs, i) for i, b in enumerate(batches)]
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+# --- sources ------------------------------------------------------------------------------------
+
+def _read_path(path: Path, inputs: list[InputSpec], images: ImageOptions | None, axes) -> dict[str, np.ndarray]:
     if not path.exists():
-        raise UserError(f"calibration file not found: {path}")
-    if path.suffix != ".npz":
-        raise UserError(f"calibration file must be a .npz archive (got {path})")
+        raise UserError(f"calibration data not found: {path}")
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise UserError(f"calibration file must be a .npz archive or a folder (got {path})")
+        return _read_npz(path)
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    npz = [p for p in files if p.suffix == ".npz"]
+    npy = [p for p in files if p.suffix == ".npy"]
+    pictures = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if npz:
+        parts = [_read_npz(p) for p in npz]
+        keys = set(parts[0])
+        for p, part in zip(npz, parts):
+            if set(part) != keys:
+                raise UserError(f"{p} holds arrays {sorted(part)}, but {npz[0].name} holds {sorted(keys)}")
+        return {k: _concat([part[k] for part in parts], axes.get(k, 0), k) for k in keys}
+    if npy:
+        if len(inputs) != 1:
+            raise UserError(f"a folder of .npy files only works for single-input models; this one has "
+                            f"{len(inputs)} inputs: use .npz files named by input")
+        spec = inputs[0]
+        arrays = [np.load(p, allow_pickle=False) for p in npy]
+        arrays = [a[None] if a.ndim == len(spec.dims) - 1 else a for a in arrays]  # one sample per file
+        return {spec.name: _concat(arrays, 0, spec.name)}
+    if pictures:
+        return {**_read_images(pictures, inputs, images or ImageOptions())}
+    raise UserError(f"calibration folder {path} has no .npz, .npy or image files")
+
+
+def _concat(arrays: list[np.ndarray], axis: int | None, name: str) -> np.ndarray:
+    if axis is None:
+        return arrays[0]
+    try:
+        return np.concatenate(arrays, axis=axis)
+    except ValueError as exc:
+        raise UserError(f"calibration input {name!r}: files do not stack ({exc})") from None
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
@@ -76,24 +167,111 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise UserError(f"cannot read calibration file {path}: {exc}") from None
 
 
-def _split(arrays: dict[str, np.ndarray], inputs: list[InputSpec], batch_size: int, where: str) -> list[Batch]:
+def _read_images(files: list[Path], inputs: list[InputSpec], opts: ImageOptions) -> dict[str, np.ndarray]:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise UserError("reading images needs Pillow: pip install 'onnx-gpfq[images]'") from None
+    if len(inputs) != 1:
+        raise UserError(f"a folder of images only works for single-input models (this one has {len(inputs)})")
+    spec = inputs[0]
+    if len(spec.dims) != 4:
+        raise UserError(f"model input {spec.name!r} has rank {len(spec.dims)}; images need a rank-4 input")
+    hw = spec.dims[2:4] if opts.layout == "NCHW" else spec.dims[1:3]
+    size = opts.size or (tuple(hw) if None not in hw else None)
+    if size is None:
+        raise UserError(f"model input {spec.name!r} has symbolic height/width: give the image size (--image-size HxW)")
+    h, w = size
+    samples = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+                if opts.resize == "crop":
+                    ratio = max(h / img.height, w / img.width)
+                    img = img.resize((max(w, round(img.width * ratio)), max(h, round(img.height * ratio))), Image.BILINEAR)
+                    left, top = (img.width - w) // 2, (img.height - h) // 2
+                    img = img.crop((left, top, left + w, top + h))
+                else:
+                    img = img.resize((w, h), Image.BILINEAR)
+                pixels = np.asarray(img, dtype=np.float32)  # (h, w, 3) RGB
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read image {path}: {exc}") from None
+        if opts.channels == "BGR":
+            pixels = pixels[..., ::-1]
+        pixels = (pixels * opts.scale - np.array(opts.mean, np.float32)) / np.array(opts.std, np.float32)
+        samples.append(pixels.transpose(2, 0, 1) if opts.layout == "NCHW" else pixels)
+    return {spec.name: np.stack(samples).astype(np.float32)}
+
+
+def _random(text: str, inputs: list[InputSpec], shapes: Mapping[str, tuple[int, ...]], axes, seed: int) -> dict[str, np.ndarray]:
+    """random:N -> N samples: floats ~ N(0, 1), integers uniform in 0..9, booleans fair coins."""
+    try:
+        n = int(text.split(":", 1)[1])
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UserError(f"--calib random:N needs a positive sample count (got {text!r})")
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for spec in inputs:
+        dims = list(shapes.get(spec.name, spec.dims))
+        if len(dims) != len(spec.dims):
+            raise UserError(f"--input-shape {spec.name}: rank {len(dims)}, the model input has rank {len(spec.dims)}")
+        axis = axes[spec.name]
+        if axis is not None:
+            dims[axis] = n
+        if None in dims:
+            raise UserError(f"model input {spec.name!r} has symbolic dims {_dims_text(spec.dims)}: "
+                            f"give --input-shape {spec.name}:" + "x".join("1" if d is None else str(d) for d in spec.dims))
+        if spec.dtype.kind == "f":
+            arrays[spec.name] = rng.standard_normal(dims).astype(spec.dtype)
+        elif spec.dtype.kind in "iu":
+            arrays[spec.name] = rng.integers(0, 10, dims).astype(spec.dtype)
+        elif spec.dtype.kind == "b":
+            arrays[spec.name] = rng.integers(0, 2, dims).astype(bool)
+        else:
+            raise UserError(f"cannot make random data for input {spec.name!r} of dtype {spec.dtype}")
+    return arrays
+
+
+# --- batching and validation -------------------------------------------------------------------
+
+def _split(arrays: dict[str, np.ndarray], inputs: list[InputSpec], batch_size: int, where: str, axes) -> list[Batch]:
     for spec in inputs:
         if spec.name not in arrays:
             found = ", ".join(sorted(arrays)) or "nothing"
             raise UserError(f"{where} has no array for model input {spec.name!r} (found: {found})")
-    counts = {spec.name: arrays[spec.name].shape[0] if arrays[spec.name].ndim else 0 for spec in inputs}
+    batched = [spec for spec in inputs if axes[spec.name] is not None]
+    if not batched:  # nothing to split: one run with everything as given
+        return [{spec.name: arrays[spec.name] for spec in inputs}]
+    counts = {}
+    for spec in batched:
+        array, axis = arrays[spec.name], axes[spec.name]
+        if array.ndim <= axis:
+            raise UserError(f"calibration input {spec.name!r} has shape {array.shape}: no batch axis {axis}")
+        counts[spec.name] = array.shape[axis]
     n = min(counts.values())
     if n == 0:
         raise UserError(f"{where} holds no samples for input {min(counts, key=counts.get)!r}")
     if len(set(counts.values())) > 1:
         raise UserError(f"{where}: inputs have different sample counts {counts}")
-    fixed = {spec.dims[0] for spec in inputs if spec.dims and spec.dims[0] is not None}
-    if fixed:  # a fixed leading dim (often 1): feed batches of exactly that size
+    fixed = {spec.dims[axes[spec.name]] for spec in batched if len(spec.dims) > axes[spec.name]
+             and spec.dims[axes[spec.name]] is not None}
+    if fixed:  # a fixed batch dim (often 1): feed batches of exactly that size
         batch_size = fixed.pop()
         n -= n % batch_size
         if n == 0:
             raise UserError(f"{where}: the model takes batches of {batch_size} but fewer samples were given")
-    return [{spec.name: arrays[spec.name][i:i + batch_size] for spec in inputs} for i in range(0, n, batch_size)]
+    batches = []
+    for i in range(0, n, batch_size):
+        batch = {}
+        for spec in inputs:
+            axis = axes[spec.name]
+            array = arrays[spec.name]
+            batch[spec.name] = array if axis is None else np.take(array, range(i, min(i + batch_size, n)), axis=axis)
+        batches.append(batch)
+    return batches
 
 
 def _check_batch(batch: Batch, inputs: list[InputSpec], index: int) -> Batch:
@@ -107,11 +285,13 @@ def _check_batch(batch: Batch, inputs: list[InputSpec], index: int) -> Batch:
                 array = array.astype(spec.dtype)
             else:
                 raise UserError(f"calibration input {spec.name!r} has dtype {array.dtype}, the model expects {spec.dtype}")
-        if spec.dims and array.ndim != len(spec.dims):
-            raise UserError(f"calibration input {spec.name!r} has rank {array.ndim} (shape {array.shape}), the model expects rank {len(spec.dims)}")
+        if spec.dims and array.ndim != len(spec.dims) or (not spec.dims and array.ndim != 0):
+            raise UserError(f"calibration input {spec.name!r} has rank {array.ndim} (shape {array.shape}), the model "
+                            f"expects rank {len(spec.dims)}")
         for axis, (got, want) in enumerate(zip(array.shape, spec.dims)):
             if want is not None and got != want:
-                raise UserError(f"calibration input {spec.name!r} has shape {array.shape}, the model expects {_dims_text(spec.dims)} (axis {axis})")
+                raise UserError(f"calibration input {spec.name!r} has shape {array.shape}, the model expects "
+                                f"{_dims_text(spec.dims)} (axis {axis})")
         if array.size == 0:
             raise UserError(f"calibration input {spec.name!r} is empty (shape {array.shape})")
         if array.dtype.kind == "f" and not np.isfinite(array).all():

@@ -12,6 +12,7 @@ whose graph changes between segments as layers get quantized (see ``rewrite.appl
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -23,12 +24,43 @@ from .graph import node_inputs
 Batch = dict[str, np.ndarray]
 
 
+class Spill:
+    """Where frontier tensors live: in memory up to ``budget`` bytes (shared by both streams), then
+    in memory-mapped .npy files under ``folder`` (the caller removes the folder when done)."""
+
+    def __init__(self, budget: int | None = None, folder: str | None = None):
+        self.budget, self.folder = budget, folder
+        self.in_memory = 0
+        self.spilled_bytes = 0  # total ever written to disk (for the report)
+        self._count = 0
+
+    def keep(self, array: np.ndarray) -> np.ndarray:
+        if self.budget is None or self.folder is None or self.in_memory + array.nbytes <= self.budget:
+            self.in_memory += array.nbytes
+            return array
+        self._count += 1
+        path = os.path.join(self.folder, f"t{self._count}.npy")
+        mapped = np.lib.format.open_memmap(path, mode="w+", dtype=array.dtype, shape=array.shape)
+        mapped[...] = array
+        mapped.flush()
+        self.spilled_bytes += array.nbytes
+        return np.load(path, mmap_mode="r")
+
+    def release(self, array: np.ndarray) -> None:
+        if isinstance(array, np.memmap) and array.filename:
+            os.unlink(array.filename)  # the mapping stays valid until its last reference goes
+        else:
+            self.in_memory -= array.nbytes
+
+
 class Stream:
     """Segment-by-segment execution of one network over a fixed list of calibration batches."""
 
-    def __init__(self, batches: Sequence[Batch], model: onnx.ModelProto, threads: int = 0):
+    def __init__(self, batches: Sequence[Batch], model: onnx.ModelProto, threads: int = 0, spill: Spill | None = None):
         self.n_batches = len(batches)
-        self.values: dict[str, list[np.ndarray]] = {name: [b[name] for b in batches] for name in batches[0]}
+        self.spill = spill or Spill()
+        self.values: dict[str, list[np.ndarray]] = {name: [self.spill.keep(b[name]) for b in batches]
+                                                   for name in batches[0]}
         self.done: set[str] = set()  # nodes already run, by name
         self.opset_import = list(model.opset_import)
         self.ir_version = model.ir_version
@@ -106,7 +138,7 @@ class Stream:
         for b in range(self.n_batches):
             arrays = session.run(outputs, {name: self.values[name][b] for name in feeds})
             for name, array in zip(outputs, arrays):
-                results[name].append(array)
+                results[name].append(self.spill.keep(array))
         return results
 
     def _prune(self, nodes: list[onnx.NodeProto], keep: set[str]) -> None:
@@ -114,4 +146,5 @@ class Stream:
         still_read = {i for n in nodes if n.name not in self.done for i in node_inputs(n)}
         for name in list(self.values):
             if name not in still_read and name not in keep:
-                del self.values[name]
+                for array in self.values.pop(name):
+                    self.spill.release(array)

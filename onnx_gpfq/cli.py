@@ -51,8 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
                        "that onnxruntime runs with integer kernels.")
     q.add_argument("model", metavar="MODEL.onnx", help="the float model to quantize (never modified)")
     q.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write the quantized model")
-    q.add_argument("--calib", required=True, metavar="DATA.npz",
-                   help="calibration data: a .npz with one array per model input, named after it, samples along axis 0")
+    q.add_argument("--calib", required=True, metavar="DATA",
+                   help="calibration data: a .npz with one array per model input, named after it, samples along "
+                   "axis 0; a folder of .npz files, of .npy files (single-input models) or of images; or random:N "
+                   "for N seeded random samples (a conversion check, not a calibration)")
+    q.add_argument("--input-shape", action="append", default=[], metavar="NAME:DIMS",
+                   help="shape for random data where the model's is symbolic, e.g. input:1x3x224x224 (repeatable)")
+    q.add_argument("--batch-axis", action="append", default=[], metavar="NAME:AXIS",
+                   help="the axis samples are stacked on for input NAME (default 0), or NAME:none for an input "
+                   "with no batch axis (fed whole to every run, e.g. a sample rate) (repeatable)")
+    q.add_argument("--image-size", metavar="HxW", help="images: size fed to the model (default: the model's fixed H, W)")
+    q.add_argument("--image-resize", choices=["crop", "stretch"], default="crop",
+                   help="images: resize the shorter side and center-crop, or stretch (default: crop)")
+    q.add_argument("--image-scale", type=float, default=1 / 255, help="images: pixel scale before mean/std (default: 1/255)")
+    q.add_argument("--image-mean", default="0,0,0", metavar="R,G,B", help="images: per-channel mean (default: 0,0,0)")
+    q.add_argument("--image-std", default="1,1,1", metavar="R,G,B", help="images: per-channel std (default: 1,1,1)")
+    q.add_argument("--image-channels", choices=["RGB", "BGR"], default="RGB", help="images: channel order (default: RGB)")
+    q.add_argument("--image-layout", choices=["NCHW", "NHWC"], default="NCHW", help="images: tensor layout (default: NCHW)")
     q.add_argument("--weight-bits", type=_bits, default=4, metavar="{2..8,ternary}",
                    help="weight bit width; ternary = levels {-1,0,1} x step (default: 4)")
     q.add_argument("--act-bits", type=_act_bits, default=8, metavar="{8,16,none}",
@@ -85,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=32, help="calibration samples per onnxruntime run (default: 32)")
     q.add_argument("--max-patches", type=int, default=256,
                    help="rows of X sampled per calibration sample and layer (conv patches, tokens) (default: 256)")
+    q.add_argument("--memory-budget", default="1G", metavar="SIZE",
+                   help="captured activations kept in memory (e.g. 512M, 2G, none); beyond it they spill to "
+                   "memory-mapped files in a temporary folder that is always removed (default: 1G)")
     q.add_argument("--exclude", action="append", default=[], metavar="GLOB|OP",
                    help="leave nodes in float: a node-name glob or an op type (repeatable)")
     q.add_argument("--config", metavar="FILE", help="JSON or TOML per-layer overrides: "
@@ -122,20 +140,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_quantize(args) -> int:
     from .graph import check_output_path, save_model
-    from .options import Options, load_config, parse_sparsity
+    from .calib import ImageOptions
+    from .options import Options, load_config, parse_batch_axis, parse_input_shape, parse_size, parse_sparsity
     from .quantize import quantize
 
-    check_output_path(args.output, [args.model, args.calib])
+    check_output_path(args.output, [args.model] + ([args.calib] if not args.calib.startswith("random:") else []))
     if args.report:
         check_output_path(args.report, [args.model, args.calib, args.output])
     rules, config_exclude = load_config(args.config) if args.config else ((), ())
+    images = ImageOptions(size=_hw(args.image_size) if args.image_size else None, resize=args.image_resize,
+                          scale=args.image_scale, mean=_floats(args.image_mean, "--image-mean"),
+                          std=_floats(args.image_std, "--image-std"), channels=args.image_channels, layout=args.image_layout)
     options = Options(
         weight_bits=args.weight_bits, act_bits=args.act_bits, method=args.method, seed=args.seed,
         granularity=args.granularity, block_size=args.block_size, scale_rule=args.scale_rule, c=args.c,
         sparsity=parse_sparsity(args.sparsity), bias_correction=args.bias_correction, full_range=args.full_range,
         weight_format=args.weight_format, act_symmetric=args.act_symmetric, act_calibration=args.act_calibration,
         percentile=args.percentile, batch_size=args.batch_size, max_patches=args.max_patches,
-        exclude=tuple(args.exclude) + config_exclude, rules=rules, quiet=args.quiet,
+        memory_budget=parse_size(args.memory_budget),
+        exclude=tuple(args.exclude) + config_exclude, rules=rules, quiet=args.quiet, images=images,
+        batch_axes=tuple(parse_batch_axis(v) for v in args.batch_axis),
+        input_shapes=tuple(parse_input_shape(v) for v in args.input_shape),
     )
     model, report = quantize(args.model, args.calib, options)
     save_model(model, args.output, external_data=args.external_data)
@@ -146,6 +171,23 @@ def _cmd_quantize(args) -> int:
     if not args.quiet:
         print(report.table(), file=sys.stderr)
     return 0
+
+
+def _hw(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+        if h > 0 and w > 0:
+            return h, w
+    except ValueError:
+        pass
+    raise UserError(f"--image-size must look like 224x224 (got {text!r})")
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{option} must be comma-separated numbers (got {text!r})") from None
 
 
 def _json_default(value):

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from .calib import ImageOptions
 from .errors import UserError
 from .gpfq import Alphabet, QuantSpec, Sparsity
 
@@ -46,6 +47,43 @@ def parse_sparsity(value: str | None) -> Sparsity | None:
     if kind not in ("soft", "hard") or not lam_value >= 0:
         raise UserError(f"--sparsity must look like soft:LAMBDA or hard:LAMBDA with LAMBDA >= 0 (got {value!r})")
     return Sparsity(kind, lam_value)
+
+
+def parse_size(value: str) -> int | None:
+    """'512M' / '2G' / '1500000' -> bytes; 'none' -> None (no limit)."""
+    text = str(value).strip().upper()
+    if text == "NONE":
+        return None
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    factor = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        size = float(number) * factor
+    except ValueError:
+        raise UserError(f"--memory-budget must be a size like 512M or 2G, or none (got {value!r})") from None
+    if size < 0:
+        raise UserError(f"--memory-budget must not be negative (got {value!r})")
+    return int(size)
+
+
+def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
+    """'input:1x3x224x224' -> ('input', (1, 3, 224, 224))."""
+    name, _, dims = str(value).rpartition(":")
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x")) if dims else ()
+    except ValueError:
+        shape = ()
+    if not name or not shape or min(shape) < 1:
+        raise UserError(f"--input-shape must look like NAME:1x3x224x224 (got {value!r})")
+    return name, shape
+
+
+def parse_batch_axis(value: str) -> tuple[str, int | None]:
+    """'state:1' -> ('state', 1); 'sample_rate:none' -> ('sample_rate', None)."""
+    name, _, axis = str(value).rpartition(":")
+    if not name or not (axis.lower() == "none" or axis.isdigit()):
+        raise UserError(f"--batch-axis must look like NAME:AXIS or NAME:none (got {value!r})")
+    return name, None if axis.lower() == "none" else int(axis)
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -96,8 +134,13 @@ class Options:
       point 0 instead of asymmetric uint8/uint16. act_calibration: "minmax", "percentile" (clip at
       the given percentile of each tail) or "mse" (clip range minimising the fake-quant error).
     max_patches: conv patches / tokens (rows of X) sampled per calibration sample and layer.
+    memory_budget: bytes of captured activations (both streams) kept in memory; beyond it they go
+      to memory-mapped files in a temporary folder. None: no limit.
     batch_size: calibration samples per onnxruntime run.
     exclude: node-name globs or op types left in float. rules: per-layer overrides (--config).
+    batch_axes: (input, axis) pairs for inputs whose samples are not stacked on axis 0 (axis None:
+      no batch axis, fed whole to every run). input_shapes: (input, dims) for random data.
+    images: preprocessing when the calibration source is a folder of images.
     """
 
     weight_bits: int | str = 4
@@ -117,8 +160,12 @@ class Options:
     percentile: float = 99.99
     batch_size: int = 32
     max_patches: int = 256
+    memory_budget: int | None = 1 << 30
     exclude: tuple[str, ...] = field(default_factory=tuple)
     rules: tuple[LayerRule, ...] = field(default_factory=tuple)
+    batch_axes: tuple[tuple[str, int | None], ...] = ()
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    images: ImageOptions | None = None
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -145,6 +192,8 @@ class Options:
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer (got {value!r})")
+        if self.memory_budget is not None and not (isinstance(self.memory_budget, int) and self.memory_budget >= 0):
+            raise UserError(f"--memory-budget must be a size like 512M or 2G (got {self.memory_budget!r})")
         if self.full_range and self.weight_bits == "ternary":
             raise UserError("--full-range does not apply to ternary weights")
         if self.sparsity is not None and not isinstance(self.sparsity, Sparsity):

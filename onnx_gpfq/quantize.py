@@ -20,7 +20,7 @@ import onnx
 
 from . import gpfq, rewrite
 from .calib import load_batches, model_inputs
-from .capture import Stream
+from .capture import Spill, Stream
 from .errors import UserError
 from .graph import GraphIndex, load_model, needs_external_data, normalise, save_model
 from .options import Options
@@ -56,6 +56,7 @@ class Report:
     float_weight_bytes: int = 0
     quant_weight_bytes: int = 0
     calibration_samples: int = 0
+    spilled_bytes: int = 0  # frontier activations written to disk beyond the memory budget
     seconds: float = 0.0
     options: dict = field(default_factory=dict)
 
@@ -83,6 +84,7 @@ class Report:
             "float_weight_bytes": self.float_weight_bytes,
             "quant_weight_bytes": self.quant_weight_bytes,
             "calibration_samples": self.calibration_samples,
+            "spilled_bytes": self.spilled_bytes,
             "seconds": self.seconds,
             "options": self.options,
         }
@@ -116,8 +118,8 @@ def quantize(model, calibration, options: Options | None = None, **kwargs) -> tu
     original = load_model(model)
     base = normalise(original, min_opset=required_opset(options))
     graph = base.graph
-    index = GraphIndex(graph)
-    batches = load_batches(calibration, model_inputs(base), options.batch_size)
+    batches = load_batches(calibration, model_inputs(base), options.batch_size, batch_axes=dict(options.batch_axes),
+                           input_shapes=dict(options.input_shapes), images=options.images, seed=options.seed)
 
     targets, skipped = find_targets(graph)
     options.check_patterns([(t.node, t.op_type) for t in targets])
@@ -133,9 +135,25 @@ def quantize(model, calibration, options: Options | None = None, **kwargs) -> tu
 
     report = Report(skipped=skipped, calibration_samples=sum(next(iter(b.values())).shape[0] for b in batches),
                     options=_jsonable(options))
+    with tempfile.TemporaryDirectory(prefix="onnx_gpfq_spill_") as spill_dir:
+        spill = Spill(options.memory_budget, spill_dir)
+        float_stream, quant_stream = Stream(batches, base, spill=spill), Stream(batches, base, spill=spill)
+        first_batch = batches[0]
+        del batches  # the streams hold (or spill) them now
+        out = _quantize_layers(base, targets, plans, options, report, float_stream, quant_stream)
+        report.spilled_bytes = spill.spilled_bytes
+    validate(out, first_batch)
+    report.seconds = time.perf_counter() - start
+    return out, report
+
+
+def _quantize_layers(base: onnx.ModelProto, targets: list[Target], plans: dict, options: Options, report: Report,
+                     float_stream: Stream, quant_stream: Stream) -> onnx.ModelProto:
+    """Layer by layer in topological order: capture X and X~, run GPFQ, rewrite; the output model."""
+    graph = base.graph
+    index = GraphIndex(graph)
     weight_only = {t.node for t in targets if plans[t.node][1] == "matmulnbits" or plans[t.node][0].granularity == "block"}
     quant_acts = activation_tensors(graph, targets, weight_only) if options.act_bits else set()
-    float_stream, quant_stream = Stream(batches, base), Stream(batches, base)
     acts: dict[str, ActQuant] = {}
     layers: dict[str, QuantizedLayer] = {}
     by_weight: dict[str, QuantizedLayer] = {}
@@ -187,13 +205,10 @@ def quantize(model, calibration, options: Options | None = None, **kwargs) -> tu
         _observe_new(quant_acts, acts, float_stream, options)
 
     nodes, inits = rewrite.apply(graph, layers, acts)
-    out = rewrite.build_model(base, nodes, inits)
-    validate(out, batches[0])
     report.activations = len(acts)
     report.float_weight_bytes = sum(_tensor_bytes(index.initializers[w]) for w in by_weight)
     report.quant_weight_bytes = sum(_stored_bytes(q) for q in by_weight.values())
-    report.seconds = time.perf_counter() - start
-    return out, report
+    return rewrite.build_model(base, nodes, inits)
 
 
 def required_opset(options: Options) -> int:

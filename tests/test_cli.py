@@ -96,7 +96,7 @@ def test_bad_calibration_data(capsys, out, tmp_path, arrays, fragment):
 
 
 def test_missing_and_garbage_calibration_file(capsys, out, tmp_path):
-    assert_user_error(["quantize", MLP, "-o", out, "--calib", tmp_path / "none.npz"], capsys, "calibration file not found", out)
+    assert_user_error(["quantize", MLP, "-o", out, "--calib", tmp_path / "none.npz"], capsys, "calibration data not found", out)
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a zip")
     assert_user_error(["quantize", MLP, "-o", out, "--calib", garbage], capsys, "cannot read calibration file", out)
