@@ -296,7 +296,7 @@ def _check_batch(batch: Batch, inputs: list[InputSpec], index: int) -> Batch:
             raise UserError(f"calibration input {spec.name!r} is empty (shape {array.shape})")
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise UserError(f"calibration input {spec.name!r} contains NaN or Inf values")
-        out[spec.name] = np.ascontiguousarray(array)
+        out[spec.name] = np.ascontiguousarray(array) if array.ndim else array  # (it makes 0-d arrays 1-d)
     return out
 
 

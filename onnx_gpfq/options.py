@@ -151,6 +151,7 @@ class Options:
     block_size: int = 32
     scale_rule: str = "search"
     c: float = 1.0
+    c_grid: tuple[float, ...] | None = None  # None: the core's default grid
     sparsity: Sparsity | None = None
     bias_correction: bool = False
     full_range: bool = False
@@ -252,6 +253,7 @@ class Options:
             group_size=layer.block_size if block else 0,
             scale_rule=layer.scale_rule,
             c=float(layer.c),
+            **({"c_grid": tuple(self.c_grid)} if self.c_grid else {}),
             sparsity=self.sparsity,
             bias_correction=self.bias_correction,
         )
