@@ -280,7 +280,7 @@ def _accumulate(t: Target, xs: list[np.ndarray], xts: list[np.ndarray], w_shape,
 
 def _corrected_bias(t: Target, index: GraphIndex, result, graph: onnx.GraphProto) -> np.ndarray | None:
     """b' = b + mu_X^T W - mu_X~^T Q, in the bias's ONNX shape (Gemm: divided by beta, times alpha)."""
-    if result.bias_delta is None or t.op_type == "MatMul":
+    if result.bias_delta is None or t.op_type == "MatMul" or t.bias_locked:
         return None
     delta = result.bias_delta.reshape(-1)
     if t.op_type == "Gemm":

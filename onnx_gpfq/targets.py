@@ -40,6 +40,7 @@ class Target:
     trans_b: bool = False
     output_padding: tuple[int, ...] = ()  # ConvTranspose
     output_shape: tuple[int, ...] = ()  # ConvTranspose: explicit output spatial shape, if given
+    bias_locked: bool = False  # the bias slot holds an activation: no bias correction, no int32 bias
 
     @property
     def channel_axis(self) -> int:
@@ -313,12 +314,13 @@ def _target(node: onnx.NodeProto, index: GraphIndex) -> Target | str:
         trans_b = bool(attrs.get("transB", 0))
         n_out = shape[0] if trans_b else shape[1]
         c = inputs[2] or None
-        if c is not None:
-            if not index.is_constant(c):
-                return "Gemm C is not constant"
+        if c is not None and index.is_constant(c):
             c_shape = tuple(index.initializers[c].dims)
             if c_shape not in ((n_out,), (1, n_out)):
                 return f"Gemm C of shape {c_shape} is not a per-column bias"
+        elif c is not None:  # an activation added to the product (e.g. a fused MatMul + Add): left as it is
+            return Target(node=node.name, op_type="Gemm", x=x, w=w, b=None, w_shape=shape,
+                          trans_a=bool(attrs.get("transA", 0)), trans_b=trans_b, bias_locked=True)
         return Target(node=node.name, op_type="Gemm", x=x, w=w, b=c, w_shape=shape,
                       trans_a=bool(attrs.get("transA", 0)), trans_b=trans_b)
     return Target(node=node.name, op_type="MatMul", x=x, w=w, b=None, w_shape=shape)
