@@ -194,6 +194,7 @@ def main(argv=None) -> int:
     if args.samples_multiplier < 1:
         ap.error("--samples-multiplier must be >= 1")
     res = bench(args.model, args.calib, args.samples_multiplier, args.warmup)
+    res["command"] = "python tools/bench_quantize.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.json:
         print(json.dumps(res))
     else:

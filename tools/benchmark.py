@@ -202,6 +202,69 @@ def run_error_decay(plot: str | None, log) -> dict | None:
     return res
 
 
+# ---------------------------------------------------------------- quantization cost (tools/bench_quantize.py)
+
+def run_bench_quantize(args: list[str], log) -> dict:
+    cmd = [sys.executable, os.path.join(REPO, "tools", "bench_quantize.py"), *args, "--json"]
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        return {"command": "python tools/bench_quantize.py " + " ".join(args + ["--json"]),
+                "failed": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
+    res = json.loads(lines[-1])
+    log(f"  {res.get('model')}: gpfq {res.get('gpfq_seconds')} s, ort {res.get('ort_seconds')} s")
+    return res
+
+
+def load_cost_results(paths: list[str]) -> list[dict]:
+    """bench_quantize --json outputs saved earlier (one JSON object per line)."""
+    out = []
+    for path in paths:
+        with open(path) as f:
+            out += [json.loads(ln) for ln in f if ln.strip().startswith("{")]
+    return out
+
+
+def _cost_lines(costs: list[dict]) -> list[str]:
+    lines = ["## Quantization cost: onnx-gpfq W4A8 vs onnxruntime quantize_static", "",
+             "`tools/bench_quantize.py`: each quantizer in its own fresh child process, wall clock of the quantize "
+             "call (first call in the process: numba's kernel cache load lands on onnx-gpfq), peak RSS = the "
+             "child's VmHWM (imports and calibration data included). ORT: QDQ, per-channel, MinMax, QUInt8/QInt8, "
+             "on the preprocessed model (its preprocessing time not counted). Targets: time ratio <= 3; peak RSS "
+             "at 8x samples <= 1.3x the 1x peak.", "",
+             "| model | samples | onnx-gpfq (s) | ORT (s) | ratio | gpfq peak RSS (MiB) | ORT peak RSS (MiB) | "
+             "gpfq RSS vs 1x | ORT preprocessing | command |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for c in costs:
+        if "failed" in c:
+            lines.append(f"| | | | | | | | | failed: {c['failed']} | `{c.get('command', '')}` |")
+            continue
+        pre = c.get("ort_preprocessing") or {}
+        pre_text = ", ".join(filter(None, [
+            f"IR {pre['ir_version_raised']}" if pre.get("ir_version_raised") else "",
+            f"opset {pre['original_opset']} -> {pre['opset_converted_to']}" if pre.get("opset_converted_to") else "",
+            "quant_pre_process" if pre.get("quant_pre_process") is True else str(pre.get("quant_pre_process", "")),
+        ]))
+        growth = c.get("gpfq_rss_growth")
+        growth_text = (f"{growth:.2f}x (1x: {c['gpfq_peak_rss_mb_1x']:.0f})" if growth else "-")
+        ratio = c.get("ratio")
+        lines.append(
+            f"| {c['model']} | {c['samples']} | {_f(c.get('gpfq_seconds'), '.1f')} | {_f(c.get('ort_seconds'), '.1f')} | "
+            f"{_f(ratio, '.1f')}{'' if ratio is None or c.get('samples_multiplier', 1) > 1 else (' (met)' if ratio <= 3 else ' (**not met**)')} | "
+            f"{_f(c.get('gpfq_peak_rss_mb'), '.0f')} | {_f(c.get('ort_peak_rss_mb'), '.0f')} | "
+            f"{growth_text}{'' if not growth else (' (met)' if growth <= 1.3 else ' (**not met**)')} | {pre_text} | "
+            f"`{c.get('command', '')}` |")
+    slow = [c for c in costs if c.get("gpfq_slowest_layers")]
+    if slow:
+        c = max(slow, key=lambda c: c.get("gpfq_seconds") or 0)
+        lines += ["", f"Slowest onnx-gpfq layers for {c['model']} at {c['samples']} samples "
+                  f"({c.get('gpfq_layers')} layers, {_f(c.get('gpfq_layer_seconds'), '.0f')} s in the per-layer loop of "
+                  f"{_f(c.get('gpfq_seconds'), '.0f')} s): " + "; ".join(
+                      f"{x['node']} ({x['op']} {'x'.join(map(str, x['weight_shape']))}, {x['form']}, {x['rows']} rows) "
+                      f"{x['seconds']:.1f} s" for x in c["gpfq_slowest_layers"]) + "."]
+    return lines + [""]
+
+
 # ---------------------------------------------------------------- plot
 
 def plot_accuracy(rows: list[dict], path: str) -> None:
@@ -236,7 +299,7 @@ def plot_accuracy(rows: list[dict], path: str) -> None:
             if row_i == 0:
                 ax.set_title(model)
     axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.suptitle("onnx-gpfq GPFQ vs RTN vs onnxruntime quantize_static (digits test set, 500 samples)", fontsize=10)
+    fig.suptitle("GPFQ vs RTN vs onnxruntime (digits test set)", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=72)
@@ -330,6 +393,9 @@ def markdown(result: dict) -> str:
         rel = os.path.relpath(os.path.abspath(result["plot"]), os.path.dirname(os.path.abspath(result["out"])))
         lines += [f"![accuracy and SQNR vs weight bits]({rel})", ""]
 
+    if result.get("cost"):
+        lines += _cost_lines(result["cost"])
+
     ed = result.get("error_decay")
     lines += ["## Single-layer error decay (the paper's experiment)", ""]
     if not ed:
@@ -399,6 +465,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-error-decay", dest="error_decay", action="store_false")
     ap.add_argument("--decay-plot", default="docs/error_decay.png", metavar="PNG",
                     help="plot for tools/error_decay.py, written when --plot is given (default: docs/error_decay.png)")
+    ap.add_argument("--cost", dest="cost", action="store_true", default=None,
+                    help="run tools/bench_quantize.py on models/digits_cnn.onnx (default: on, off with --quick)")
+    ap.add_argument("--no-cost", dest="cost", action="store_false")
+    ap.add_argument("--cost-results", nargs="+", default=[], metavar="JSONL",
+                    help="saved `bench_quantize.py --json` outputs to include (e.g. the light:resnet50 runs)")
     args = ap.parse_args(argv)
 
     models = args.models or (["digits_mlp"] if args.quick else MODELS)
@@ -428,6 +499,12 @@ def main(argv=None) -> int:
             result["rows"] += bench_model(name, bits, act_modes, repeats, calib, test, work, log,
                                           int4_format=not args.quick)
     result["summary"] = summary(result["rows"])
+    run_cost = (not args.quick) if args.cost is None else args.cost
+    result["cost"] = []
+    if run_cost:
+        log("quantization cost:")
+        result["cost"].append(run_bench_quantize(["models/digits_cnn.onnx", "--calib", "models/digits_calib.npz"], log))
+    result["cost"] += load_cost_results(args.cost_results)
     if error_decay:
         log("error decay:")
         decay_plot = os.path.abspath(args.decay_plot) if args.plot else None
