@@ -177,3 +177,220 @@ def dead_threshold(H, tol):
         out[k] = tol * m
     return out
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Residual form, fused (few calibration rows)
+# ----------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _level(z, d, flo, fhi):
+    """quant_code for MODE_PLAIN as a float (branch-free, so loops over columns vectorise):
+    rint(z / d) clipped to [lo, hi], 0.0 where d <= 0. Needs error_model="numpy" (z / 0)."""
+    x = np.rint(z / d)
+    x = min(max(x, flo), fhi)
+    return x if d > 0.0 else 0.0
+
+
+@njit(cache=True, error_model="numpy")
+def residual_lanes(W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode, lam, tile, store, codes, err_g, err_r, xw2):
+    """The residual form row by row, for several step choices ("lanes") at once.
+
+    For every group k and column c, walking the fan-in t = 0..N0-1 with the running products
+    V = X[:, :t+1] W[:t+1] (shared by all lanes) and, per lane, R = Xt[:, :t] Q[:t] (m values):
+
+        GPFQ lane l: z = (Xt_t . V - Xt_t . R) / H[t,t],  code = quant(z, DG[l])   (0 if H[t,t] <= dead)
+        RTN  lane l: code = quant(w_t, DR[l])
+        R += Xt_t * code * delta
+
+    which is GPFQ's u_t = V - R recursion; at the end err = ||V - R||^2 per lane and column and
+    xw2 = ||V||^2 = ||X w||^2. Costs ~4 m flops per row, column and lane, no N0 x N0 and no
+    matrix products: the cheap choice when m is small (the blocked form's per-block products
+    are then rank-m updates dominated by overhead). Columns are independent and processed in
+    tiles of `tile`; one sweep over a lane's R per row updates it and accumulates the next row's
+    Xt_{t+1} . R, in the order k = 0..m-1. A column's arithmetic does not depend on the tile or on
+    the other lanes (same bits whatever the batch).
+
+    W (g, N0, N1) float64; XT, XtT (g, N0, m) = X, Xt transposed; hd (g, N0) = H[t,t];
+    dead (g,); DG (nG, g, nb, N1), DR (nR, g, nb, N1) steps per block of bsize fan-in rows;
+    store: write lane 0's GPFQ codes into codes (g, N0, N1) int32; err_g (nG, g, N1),
+    err_r (nR, g, N1), xw2 (g, N1) outputs.
+    """
+    g, n0, n1 = W.shape
+    m = XT.shape[2]
+    nG = DG.shape[0]
+    nR = DR.shape[0]
+    T = max(1, min(tile, n1))
+    V = np.empty((m, T))
+    RG = np.empty((nG, m, T))
+    RR = np.empty((nR, m, T))
+    LG = np.empty((nG, T))  # Xt_t . R for the current row, per GPFQ lane
+    a = np.empty(T)
+    xs = np.empty(T)
+    qv = np.empty(T)
+    zero_row = np.zeros(m)
+    flo = float(lo)
+    fhi = float(hi)
+    for kg in range(g):
+        dk = dead[kg]
+        for c0 in range(0, n1, T):
+            c1 = min(c0 + T, n1)
+            nt = c1 - c0
+            V[:] = 0.0
+            RG[:] = 0.0
+            RR[:] = 0.0
+            LG[:] = 0.0
+            for t in range(n0):
+                htt = hd[kg, t]
+                live = htt > dk
+                td = t // bsize
+                w = W[kg, t, c0:c1]
+                xrow = XT[kg, t]
+                xtrow = XtT[kg, t]
+                ynext = XtT[kg, t + 1] if t + 1 < n0 else zero_row
+                # shared: V += X_t w_t and a = Xt_t . V  (= (tril(G) W)_t), k in order
+                for c in range(nt):
+                    a[c] = 0.0
+                for k in range(m):
+                    xk = xrow[k]
+                    yk = xtrow[k]
+                    Vk = V[k]
+                    for c in range(nt):
+                        v = Vk[c] + xk * w[c]
+                        Vk[c] = v
+                        a[c] += yk * v
+                for l in range(nG):
+                    d_ = DG[l, kg, td, c0:c1]
+                    R = RG[l]
+                    L = LG[l]
+                    if live:
+                        if mode == MODE_PLAIN:
+                            for c in range(nt):
+                                d = d_[c]
+                                x = _level((a[c] - L[c]) / htt, d, flo, fhi)
+                                xs[c] = x
+                                qv[c] = x * d if x != 0.0 else 0.0
+                        else:
+                            for c in range(nt):
+                                d = d_[c]
+                                code = quant_code((a[c] - L[c]) / htt, d, lo, hi, mode, lam)
+                                xs[c] = code
+                                qv[c] = code * d if code != 0 else 0.0
+                        if store and l == 0:
+                            for c in range(nt):
+                                codes[kg, t, c0 + c] = np.int32(xs[c])
+                    elif store and l == 0:  # a zero column of Xt: q_t = 0, R unchanged
+                        for c in range(nt):
+                            codes[kg, t, c0 + c] = 0
+                    # one sweep: R += Xt_t q_t and L = Xt_{t+1} . R (next row)
+                    for c in range(nt):
+                        L[c] = 0.0
+                    for k in range(m):
+                        xk = xtrow[k]
+                        yk = ynext[k]
+                        Rk = R[k]
+                        if live:
+                            for c in range(nt):
+                                r = Rk[c] + xk * qv[c]
+                                Rk[c] = r
+                                L[c] += yk * r
+                        else:
+                            for c in range(nt):
+                                L[c] += yk * Rk[c]
+                for l in range(nR):
+                    d_ = DR[l, kg, td, c0:c1]
+                    R = RR[l]
+                    if mode == MODE_PLAIN:
+                        for c in range(nt):
+                            d = d_[c]
+                            x = _level(w[c], d, flo, fhi)
+                            qv[c] = x * d if x != 0.0 else 0.0
+                    else:
+                        for c in range(nt):
+                            d = d_[c]
+                            code = quant_code(w[c], d, lo, hi, mode, lam)
+                            qv[c] = code * d if code != 0 else 0.0
+                    for k in range(m):
+                        xk = xtrow[k]
+                        Rk = R[k]
+                        for c in range(nt):
+                            Rk[c] += xk * qv[c]
+            for c in range(nt):
+                xw2[kg, c0 + c] = 0.0
+            for k in range(m):
+                for c in range(nt):
+                    xw2[kg, c0 + c] += V[k, c] * V[k, c]
+            for l in range(nG):
+                for c in range(nt):
+                    err_g[l, kg, c0 + c] = 0.0
+                for k in range(m):
+                    for c in range(nt):
+                        u = V[k, c] - RG[l, k, c]
+                        err_g[l, kg, c0 + c] += u * u
+            for l in range(nR):
+                for c in range(nt):
+                    err_r[l, kg, c0 + c] = 0.0
+                for k in range(m):
+                    for c in range(nt):
+                        u = V[k, c] - RR[l, k, c]
+                        err_r[l, kg, c0 + c] += u * u
+
+
+# ----------------------------------------------------------------------------------------------
+# Elementwise passes over the weight (one pass, no temporaries)
+# ----------------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def abs_max_blocks(W, bsize, out):
+    """out[k, b, c] = max |W[k, t, c]| over the rows t of block b (bsize rows each); NaN
+    propagates like numpy's max. out (g, ceil(N0 / bsize), N1) of W's dtype."""
+    g, n0, n1 = W.shape
+    nb = out.shape[1]
+    for k in range(g):
+        for b in range(nb):
+            o = out[k, b]
+            t0 = b * bsize
+            t1 = min(t0 + bsize, n0)
+            for c in range(n1):
+                o[c] = abs(W[k, t0, c])
+            for t in range(t0 + 1, t1):
+                row = W[k, t]
+                for c in range(n1):
+                    x = abs(row[c])
+                    if not x <= o[c] and o[c] == o[c]:  # larger, or the first NaN
+                        o[c] = x
+
+
+@njit(cache=True, error_model="numpy")
+def quantize_array(z, d, bsize, lo, hi, mode, lam, out):
+    """out = quant_code(z, d) elementwise for z (g, N0, N1) float64 and steps d (gd, nd, nd1),
+    gd in (1, g), nd1 in (1, N1) (broadcast), nd = 1 (one row for all) or ceil(N0 / bsize) (row t
+    uses d[:, t // bsize]); NaN z -> INT32_MIN (as numpy's cast in quantize_codes)."""
+    g, n0, n1 = z.shape
+    gd, nd, nd1 = d.shape
+    flo = float(lo)
+    fhi = float(hi)
+    for k in range(g):
+        kd = k if gd > 1 else 0
+        for t in range(n0):
+            zr = z[k, t]
+            dr = d[kd, t // bsize if nd > 1 else 0]
+            o = out[k, t]
+            if mode == MODE_PLAIN and nd1 == n1:
+                for c in range(n1):
+                    dc = dr[c]
+                    y = zr[c] / dc
+                    x = min(max(np.rint(y), flo), fhi)
+                    if not dc > 0.0:
+                        x = 0.0
+                    o[c] = np.int32(x) if (y == y or not dc > 0.0) else np.int32(-2147483648)
+            else:
+                for c in range(n1):
+                    dc = dr[c if nd1 > 1 else 0]
+                    zc = zr[c]
+                    if zc != zc and dc > 0.0:
+                        o[c] = -2147483648
+                    else:
+                        o[c] = quant_code(zc, dc, lo, hi, mode, lam)

@@ -34,6 +34,13 @@ GRAM_BLOCK = 128
 # Residual form: per block of B rows two GEMMs cost ~4 m B N1 flops and the numba triangle
 # ~B^2 N1; see residual_block() for the choice of B.
 RESIDUAL_CHUNK = 1024  # fan-in rows per GEMM when evaluating ||XW - Xt Q||^2 from the rows
+# Residual form with at most this many calibration rows runs fused, row by row in numba, all C of
+# the grid in one sweep (see _kernels.residual_lanes); more rows: blocked with BLAS (_Residual).
+RESIDUAL_FUSED_MAX_M = 64
+# Columns per tile of the fused kernel. Measured (single thread, N0 = 4608, N1 = 512, 12 + 12
+# lanes): 512 fastest for m = 1..64 (128: +5-15%, 2048: +0-10%), although V and the lanes' R
+# then outgrow L2 at m = 64 (6.8 MB): long vector loops matter more than cache residency.
+RESIDUAL_TILE = 512
 # H[t,t] <= DEAD_TOL * max_s H[s,s] counts as a zero column of Xt: q_t = 0.
 DEAD_TOL = 1e-12
 
@@ -364,17 +371,27 @@ def step_ranges(W: np.ndarray, granularity: str = "channel", group_size: int = 0
     layer incl. all groups ("tensor"; nb = 1, all equal) or per column per block of group_size
     fan-in rows ("block"; nb = ceil(N0 / group_size)); bsize = fan-in rows per block of r.
     """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}")
+    if granularity == "block" and group_size < 1:
+        raise ValueError("granularity='block' needs group_size >= 1")
+    if (isinstance(W, np.ndarray) and W.ndim == 3 and W.dtype in (np.float64, np.float32)
+            and W.shape[1] > 0 and W.size > 0):
+        # one pass in numba, no |W| temporary (same values: max is exact, NaN propagates)
+        g, n0, n1 = W.shape
+        bs = int(group_size) if granularity == "block" else n0
+        r = np.empty((g, -(-n0 // bs), n1), W.dtype)
+        _kernels.abs_max_blocks(W, bs, r)
+        if granularity == "tensor":
+            return np.full((g, 1, n1), r.max()), n0
+        return r, bs
     A = np.abs(W)
     g, n0, n1 = W.shape
     if granularity == "channel":
         return A.max(axis=1, keepdims=True), n0
     if granularity == "tensor":
         return np.full((g, 1, n1), A.max()), n0
-    if granularity == "block":
-        if group_size < 1:
-            raise ValueError("granularity='block' needs group_size >= 1")
-        return np.maximum.reduceat(A, np.arange(0, n0, group_size), axis=1), int(group_size)
-    raise ValueError(f"unknown granularity {granularity!r}")
+    return np.maximum.reduceat(A, np.arange(0, n0, group_size), axis=1), int(group_size)
 
 
 def steps_from_ranges(r: np.ndarray, C, K: int) -> np.ndarray:
@@ -423,8 +440,17 @@ def quantize_codes(z: np.ndarray, delta_rows: np.ndarray, alphabet: Alphabet,
     """Vectorised Quant (same rule as the kernel): codes int32 for values z with steps delta_rows
     (broadcastable). delta <= 0 -> code 0. Round half to even, saturate at lo/hi."""
     z = np.asarray(z, dtype=np.float64)
-    d = np.broadcast_to(np.asarray(delta_rows, dtype=np.float64), z.shape)
     mode, lam = _mode(sparsity)
+    d = np.asarray(delta_rows, dtype=np.float64)
+    if 2 <= z.ndim <= 3 and d.ndim <= z.ndim and z.size > 0:
+        # one pass in numba (no float temporaries) when delta broadcasts along whole axes
+        z3 = z if z.ndim == 3 else z[None]
+        d3 = d.reshape((1,) * (3 - d.ndim) + d.shape)
+        if all(dn in (1, zn) for dn, zn in zip(d3.shape, z3.shape)):
+            out = np.empty(z3.shape, np.int32)
+            _kernels.quantize_array(z3, d3, 1, alphabet.lo, alphabet.hi, mode, lam, out)
+            return out.reshape(z.shape)
+    d = np.broadcast_to(d, z.shape)
     if mode == _kernels.MODE_SOFT:
         z = np.sign(z) * np.maximum(np.abs(z) - lam, 0.0)
     live = d > 0
@@ -649,7 +675,10 @@ def gpfq_residual(W: np.ndarray, X: np.ndarray, Xt: np.ndarray, delta, alphabet:
     if X3.shape[0] != g or X3.shape[2] != n0 or Xt3.shape != X3.shape:
         raise ValueError(f"X, Xt must be (g, m, N0) with g={g}, N0={n0} (got {X3.shape}, {Xt3.shape})")
     d, bsize = _delta3(delta, g, n0, n1, group_size)
-    codes, _ = _Residual(W3, X3, Xt3, block).greedy(d, bsize, alphabet, sparsity)
+    if block is None and X3.shape[1] <= RESIDUAL_FUSED_MAX_M:
+        codes = _Fused(X3, Xt3).sweep(W3, d[None], None, bsize, alphabet, sparsity, store=True)[0]
+    else:
+        codes, _ = _Residual(W3, X3, Xt3, block).greedy(d, bsize, alphabet, sparsity)
     return codes[0] if squeeze else codes
 
 
@@ -694,16 +723,26 @@ class _GramProblem:
 
 
 class _ResidualProblem:
-    """Per-layer quantities of the residual form: the float64 rows, A, X W and ||X W||^2."""
+    """Per-layer quantities of the residual form.
+
+    m <= RESIDUAL_FUSED_MAX_M rows ("fused"): the rows transposed, H[t,t] and the dead
+    threshold, O(m N0); every pass runs in _kernels.residual_lanes, all C of the grid (and the
+    RTN baseline) in one sweep over W. More rows: the blocked _Residual (A, X W, ||X W||^2).
+    """
 
     def __init__(self, W, mom: Moments):
         X = np.asarray(mom.X, dtype=np.float64)
         Xt = X if mom.Xt is mom.X else np.asarray(mom.Xt, dtype=np.float64)
         self.W = W
-        self.r = _Residual(W, X, Xt)
-        self.wfw = np.einsum("gmn,gmn->gn", self.r.XW, self.r.XW)
+        self.fused = X.shape[1] <= RESIDUAL_FUSED_MAX_M
+        if self.fused:
+            self.f = _Fused(X, Xt)
+            self.wfw = None  # ||X W||^2 per column, set by search()
+        else:
+            self.r = _Residual(W, X, Xt)
+            self.wfw = np.einsum("gmn,gmn->gn", self.r.XW, self.r.XW)
 
-    def greedy(self, delta, bsize, alphabet, sparsity):
+    def greedy(self, delta, bsize, alphabet, sparsity):  # blocked only (fused: search)
         codes, U = self.r.greedy(delta, bsize, alphabet, sparsity)
         return codes, np.einsum("gmn,gmn->gn", U, U)
 
@@ -716,17 +755,58 @@ class _ResidualProblem:
             U -= np.matmul(self.r.Xt[:, :, b0:b1], codes[:, b0:b1] * (rows if rows.shape[1] == 1 else rows[:, b0:b1]))
         return np.einsum("gmn,gmn->gn", U, U)
 
+    def search(self, r, bsize, grid, per_column, method, alphabet, sparsity) -> tuple["_Choice", "_Choice"]:
+        """Fused form only: the step search for `method` and for the RTN baseline, in one sweep
+        over W for every C of the grid at once (errors only), then one more sweep for the codes
+        of the chosen steps (GPFQ; RTN codes are a direct rounding). Same choices as _search."""
+        deltas = np.stack([steps_from_ranges(r, C, alphabet.K) for C in grid])
+        gpfq = method == "gpfq"
+        store = gpfq and len(grid) == 1
+        codes, err_g, err_r, xw2 = self.f.sweep(self.W, deltas if gpfq else None, deltas, bsize, alphabet,
+                                                sparsity, store=store)
+        self.wfw = xw2
+        rtn = _select(err_r, deltas, grid, per_column)
+        if not gpfq:
+            return rtn._replace(codes=_rtn(self.W, rtn.delta, bsize, alphabet, sparsity)), rtn
+        best = _select(err_g, deltas, grid, per_column)
+        if store:
+            return best._replace(codes=codes), rtn
+        codes, err, _, _ = self.f.sweep(self.W, best.delta[None], None, bsize, alphabet, sparsity, store=True)
+        return best._replace(codes=codes, err=err[0]), rtn
 
-def _rtn_chunked(W, delta, bsize, alphabet, sparsity, chunk=RESIDUAL_CHUNK):
-    """RTN codes (g, N0, N1) int32 of W with steps delta (g, nb, N1), a chunk of fan-in rows at a
-    time (bounded float temporaries for very wide layers)."""
-    g, n0, n1 = W.shape
-    rows = _rows_of(delta, bsize, n0)
-    codes = np.empty((g, n0, n1), np.int32)
-    for b0 in range(0, n0, chunk):
-        b1 = min(b0 + chunk, n0)
-        codes[:, b0:b1] = quantize_codes(W[:, b0:b1], rows if rows.shape[1] == 1 else rows[:, b0:b1],
-                                         alphabet, sparsity)
+
+class _Fused:
+    """Rows of the residual form laid out for _kernels.residual_lanes."""
+
+    def __init__(self, X, Xt):
+        self.XT = np.ascontiguousarray(X.transpose(0, 2, 1))
+        self.XtT = self.XT if Xt is X else np.ascontiguousarray(Xt.transpose(0, 2, 1))
+        self.hd = np.ascontiguousarray(np.einsum("gmn,gmn->gn", Xt, Xt))  # H[t,t] = ||Xt_t||^2
+        self.dead = np.ascontiguousarray(DEAD_TOL * self.hd.max(axis=1)) if self.hd.size else np.zeros(X.shape[0])
+
+    def sweep(self, W, DG, DR, bsize, alphabet, sparsity, store):
+        """DG (nG, g, nb, N1) GPFQ steps, DR (nR, g, nb, N1) RTN steps (None: no lanes).
+        Returns (codes of GPFQ lane 0 or None, err_g (nG, g, N1), err_r (nR, g, N1), ||XW||^2)."""
+        g, n0, n1 = W.shape
+        nb = -(-n0 // bsize)
+        empty = np.zeros((0, g, nb, n1))
+        DG = empty if DG is None else np.ascontiguousarray(DG)
+        DR = empty if DR is None else np.ascontiguousarray(DR)
+        nG, nR = DG.shape[0], DR.shape[0]
+        codes = np.empty((g, n0, n1) if store else (0, 0, 0), np.int32)
+        err_g, err_r, xw2 = np.empty((nG, g, n1)), np.empty((nR, g, n1)), np.empty((g, n1))
+        mode, lam = _mode(sparsity)
+        _kernels.residual_lanes(W, self.XT, self.XtT, self.hd, self.dead, DG, DR, bsize, alphabet.lo, alphabet.hi,
+                                mode, lam, RESIDUAL_TILE, store, codes, err_g, err_r, xw2)
+        return (codes if store else None), err_g, err_r, xw2
+
+
+def _rtn(W, delta, bsize, alphabet, sparsity):
+    """RTN codes (g, N0, N1) int32 of W with steps delta (g, nb, N1) (block b for rows
+    b*bsize..), one pass in numba."""
+    codes = np.empty(W.shape, np.int32)
+    mode, lam = _mode(sparsity)
+    _kernels.quantize_array(W, np.ascontiguousarray(delta), bsize, alphabet.lo, alphabet.hi, mode, lam, codes)
     return codes
 
 
@@ -746,7 +826,7 @@ def _search(problem, r, bsize, grid, per_column, method, alphabet, sparsity) -> 
         if method == "gpfq":
             codes, err = problem.greedy(delta, bsize, alphabet, sparsity)
         else:
-            codes = _rtn_chunked(problem.W, delta, bsize, alphabet, sparsity)
+            codes = _rtn(problem.W, delta, bsize, alphabet, sparsity)
             err = problem.error(codes, delta, bsize)
         if best is None:
             best = _Choice(codes, delta, np.full(err.shape, float(C)), err)
@@ -760,6 +840,22 @@ def _search(problem, r, bsize, grid, per_column, method, alphabet, sparsity) -> 
         elif err.sum() < best.err.sum():
             best = _Choice(codes, delta, np.full(err.shape, float(C)), err)
     return best
+
+
+def _select(errs, deltas, grid, per_column) -> _Choice:
+    """The choice _search makes, from all errors at once: errs (nC, g, N1), deltas (nC, g, nb, N1).
+    Codes left None."""
+    best_err, best_C, best_i = errs[0].copy(), np.full(errs[0].shape, float(grid[0])), np.zeros(errs[0].shape, np.intp)
+    for i in range(1, len(grid)):
+        if per_column:
+            better = errs[i] < best_err
+            best_C[better] = grid[i]
+            best_i[better] = i
+            np.copyto(best_err, errs[i], where=better)
+        elif errs[i].sum() < best_err.sum():
+            best_err, best_C, best_i = errs[i].copy(), np.full(errs[i].shape, float(grid[i])), np.full(errs[i].shape, i)
+    delta = np.take_along_axis(deltas, best_i[None, :, None, :], axis=0)[0]
+    return _Choice(None, np.ascontiguousarray(delta), best_C, best_err)
 
 
 @dataclass(frozen=True)
@@ -806,18 +902,21 @@ def quantize_layer(W: np.ndarray, moments: Moments, spec: QuantSpec) -> LayerRes
     if W.ndim != 3 or W.shape[0] != moments.groups or W.shape[1] != moments.n0 or W.shape[2] < 1:
         raise ValueError(f"quantize_layer: W must be (groups={moments.groups}, N0={moments.n0}, N1g) (got {W.shape})")
     W = np.ascontiguousarray(W, dtype=np.float64)
-    if not np.isfinite(W).all():
+    r, bsize = step_ranges(W, spec.granularity, spec.group_size)
+    if not np.isfinite(r).all():  # max |w| is NaN or inf exactly when some w is
         raise ValueError("quantize_layer: W contains NaN or inf")
     if moments.m == 0:
         raise ValueError("quantize_layer: moments saw no calibration rows")
     g, n0, n1 = W.shape
     problem = _GramProblem(W, moments) if moments.form == "gram" else _ResidualProblem(W, moments)
-    r, bsize = step_ranges(W, spec.granularity, spec.group_size)
     grid = spec.c_grid if spec.scale_rule == "search" else (spec.c,)
     per_column = spec.search_per_channel and spec.granularity != "tensor"
     args = (problem, r, bsize, grid, per_column)
-    best = _search(*args, spec.method, spec.alphabet, spec.sparsity)
-    rtn = best if spec.method == "rtn" else _search(*args, "rtn", spec.alphabet, spec.sparsity)
+    if isinstance(problem, _ResidualProblem) and problem.fused:
+        best, rtn = problem.search(*args[1:], spec.method, spec.alphabet, spec.sparsity)
+    else:
+        best = _search(*args, spec.method, spec.alphabet, spec.sparsity)
+        rtn = best if spec.method == "rtn" else _search(*args, "rtn", spec.alphabet, spec.sparsity)
 
     denom = float(problem.wfw.sum())
 
@@ -830,8 +929,8 @@ def quantize_layer(W: np.ndarray, moments: Moments, spec: QuantSpec) -> LayerRes
     if spec.bias_correction:
         Q = best.codes * _rows_of(best.delta, bsize, n0)
         bias_delta = (np.einsum("gi,gin->gn", moments.mu_x, W) - np.einsum("gi,gin->gn", moments.mu_xt, Q))
+    zeros = best.codes.size - np.count_nonzero(best.codes)  # = mean(codes == 0) * size, no bool temporary
     return LayerResult(
         codes=best.codes, scale=scale, C=best.C, rel_error=rel(best.err), rel_error_rtn=rel(rtn.err),
-        sparsity=float(np.mean(best.codes == 0)), bias_delta=bias_delta, form=moments.form,
-        group_size=bsize,
+        sparsity=zeros / best.codes.size, bias_delta=bias_delta, form=moments.form, group_size=bsize,
     )

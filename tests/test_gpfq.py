@@ -133,6 +133,136 @@ def test_search_matches_reference_per_column():
     assert (res.C == grid[k]).all()
 
 
+# Few calibration rows (m <= RESIDUAL_FUSED_MAX_M): the residual form runs fused, row by row in
+# numba, with every C of the grid in one sweep. (g, m, N0, N1g, granularity, group_size, sparsity, bits)
+FEW_ROWS = [
+    pytest.param(1, 1, 40, 6, "channel", 0, None, 4, id="m1"),
+    pytest.param(1, 3, 45, 5, "channel", 0, None, 3, id="m3"),
+    pytest.param(2, 1, 30, 4, "block", 8, "soft", 3, id="m1-groups-block-soft"),
+    pytest.param(1, 3, 33, 3, "tensor", 0, "hard", "ternary", id="m3-tensor-hard"),
+    pytest.param(1, 3, 12, P.RESIDUAL_TILE + 37, "channel", 0, None, 4, id="m3-two-column-tiles"),
+    pytest.param(3, 2, 9, 1, "channel", 0, None, 4, id="m2-depthwise"),
+]
+
+
+@pytest.mark.parametrize("g,m,n0,n1,gran,gs,sp,bits", FEW_ROWS)
+def test_residual_few_rows_matches_reference(g, m, n0, n1, gran, gs, sp, bits):
+    rng = np.random.default_rng(zlib.crc32(repr(("few", g, m, n0, n1, gran, sp)).encode()))
+    X, Xt = correlated(rng, g, m, n0, dead=(2,))
+    W = rng.standard_normal((g, n0, n1)) * 0.3
+    if n1 > 1:
+        W[0, :, -1] = 0.0
+    alphabet, sparsity = Alphabet.from_bits(bits), SPARSE[sp]
+    r, bsize = P.step_ranges(W, gran, gs)
+    grid = (0.5, 0.8, 1.1)
+    codes, errs = [], []
+    for C in grid:
+        d = np.broadcast_to(P._rows_of(P.steps_from_ranges(r, C, alphabet.K), bsize, n0), W.shape)
+        c, e = ref.gpfq_layer(X, Xt, W, d, alphabet.lo, alphabet.hi, ref_sparsity(sparsity))
+        codes.append(c)
+        errs.append(e)
+    assert (codes[1][:, 2, :] == 0).all()
+    delta = P.steps_from_ranges(r, 0.8, alphabet.K)
+    fused = P.gpfq_residual(W, X, Xt, delta, alphabet, sparsity, group_size=gs)
+    np.testing.assert_array_equal(fused, codes[1])
+    blocked = P.gpfq_residual(W, X, Xt, delta, alphabet, sparsity, group_size=gs, block=4)
+    np.testing.assert_array_equal(blocked, codes[1])
+
+    denom = float(np.einsum("gmn,gmn->", X @ W, X @ W))
+    mom = moments_of(X, Xt, "residual", batches=min(m, 2))
+    res = P.quantize_layer(W, mom, QuantSpec(alphabet, granularity=gran, group_size=gs, scale_rule="fixed", c=0.8,
+                                             sparsity=sparsity))
+    np.testing.assert_array_equal(res.codes, codes[1])
+    assert res.rel_error == pytest.approx(errs[1].sum() / denom, rel=1e-9)
+    rtn = P.rtn_codes(W, delta, alphabet, sparsity, group_size=gs) * P._rows_of(delta, bsize, n0)
+    assert res.rel_error_rtn == pytest.approx(((X @ W - Xt @ rtn) ** 2).sum() / denom, rel=1e-9)
+
+    # the search: per column (or per layer for tensor), the C with the smallest reference error
+    res = P.quantize_layer(W, mom, QuantSpec(alphabet, granularity=gran, group_size=gs, c_grid=grid,
+                                             sparsity=sparsity))
+    if gran == "tensor":
+        best = np.full(W.shape[::2], int(np.argmin(np.array(errs).sum(axis=(1, 2)))))
+    else:
+        best = np.argmin(np.array(errs), axis=0)
+    want = np.take_along_axis(np.array(codes), best[None, :, None, :], axis=0)[0]
+    np.testing.assert_array_equal(res.codes, want)
+    np.testing.assert_array_equal(res.C, np.array(grid)[best])
+    err = np.take_along_axis(np.array(errs), best[None], axis=0)[0]
+    assert res.rel_error == pytest.approx(err.sum() / denom, rel=1e-9)
+    assert res.rel_error == pytest.approx(((X @ W - Xt @ res.weights()) ** 2).sum() / denom, rel=1e-9)
+
+
+def test_fused_lanes_are_independent():
+    """Several steps in one sweep give bit for bit what each gives alone (so the search can keep
+    only errors and rerun the chosen steps for the codes)."""
+    rng = np.random.default_rng(21)
+    g, m, n0, n1 = 2, 5, 60, 700
+    X, Xt = correlated(rng, g, m, n0, dead=(7,))
+    W = rng.standard_t(4, (g, n0, n1)) * 0.1
+    alphabet = Alphabet.from_bits(3)
+    r, bsize = P.step_ranges(W, "block", 16)
+    D = np.stack([P.steps_from_ranges(r, C, alphabet.K) for C in (0.4, 0.7, 1.0)])
+    f = P._Fused(X, Xt)
+    _, eg, er, xw2 = f.sweep(W, D, D[:2], bsize, alphabet, None, store=False)
+    np.testing.assert_allclose(xw2, ((X @ W) ** 2).sum(axis=1), rtol=1e-12)
+    for lane in range(3):
+        c, e, _, x1 = f.sweep(W, D[lane:lane + 1], None, bsize, alphabet, None, store=True)
+        assert e.tobytes() == eg[lane:lane + 1].tobytes() and x1.tobytes() == xw2.tobytes()
+        np.testing.assert_array_equal(c, P.gpfq_residual(W, X, Xt, D[lane], alphabet, group_size=16, block=8))
+        if lane < 2:
+            _, _, e, _ = f.sweep(W, None, D[lane:lane + 1], bsize, alphabet, None, store=False)
+            assert e.tobytes() == er[lane:lane + 1].tobytes()
+
+
+def _quantize_codes_numpy(z, delta_rows, alphabet, sparsity=None):
+    """The vectorised numpy rule quantize_codes implemented before its numba fast path."""
+    z = np.asarray(z, dtype=np.float64)
+    d = np.broadcast_to(np.asarray(delta_rows, dtype=np.float64), z.shape)
+    mode, lam = P._mode(sparsity)
+    if mode == P._kernels.MODE_SOFT:
+        z = np.sign(z) * np.maximum(np.abs(z) - lam, 0.0)
+    live = d > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = np.where(live, z / np.where(live, d, 1.0), 0.0)
+    k = np.clip(np.rint(x), alphabet.lo, alphabet.hi)
+    if mode == P._kernels.MODE_HARD:
+        k = np.where(k == 0, np.where(z > 0, 1.0, -1.0), k)
+        k = np.where(np.abs(z) <= lam, 0.0, k)
+    k = np.where(live, k, 0.0)
+    return k.astype(np.int32)
+
+
+@pytest.mark.parametrize("sp", [None, "soft", "hard"])
+def test_quantize_codes_and_step_ranges_fast_paths(sp):
+    rng = np.random.default_rng(22)
+    g, n0, n1 = 2, 13, 6
+    z = rng.standard_normal((g, n0, n1)) * 0.2
+    z[0, 0, :3] = [np.inf, -np.inf, 0.0]
+    z[1, 4] = 0.05 * rng.integers(-3, 4, n1) + 0.025  # exact halves: round half to even
+    a, sparsity = Alphabet.from_bits(3), SPARSE[sp]
+    d = np.abs(rng.standard_normal((g, n0, n1))) * 0.05
+    d[0, 1, 2] = 0.0
+    d[1, 4] = 0.05
+    for dd in (d, d[:, :1], d[:1], d[0, 0], d[:1, :, :1], 0.05, 0.0, d[:, :1, :1], d[0, :, :1]):
+        for zz in (z, z[0]):
+            if np.ndim(dd) == 3 and zz.ndim == 2:
+                continue
+            want = _quantize_codes_numpy(zz, dd, a, sparsity)
+            got = P.quantize_codes(zz, dd, a, sparsity)
+            assert got.dtype == np.int32 and got.shape == want.shape
+            np.testing.assert_array_equal(got, want)
+    for dtype in (np.float64, np.float32):
+        W = z.astype(dtype)
+        W[1, 3, 1] = np.nan
+        A = np.abs(W)
+        for gran, gs, want in (("channel", 0, A.max(axis=1, keepdims=True)),
+                               ("tensor", 0, np.full((g, 1, n1), A.max())),
+                               ("block", 4, np.maximum.reduceat(A, np.arange(0, n0, 4), axis=1))):
+            r, bsize = P.step_ranges(W, gran, gs)
+            assert r.dtype == want.dtype and bsize == (gs or n0)
+            np.testing.assert_array_equal(r, want)
+
+
 def test_output_error_formula():
     rng = np.random.default_rng(1)
     X, Xt = correlated(rng, 2, 30, 12)
