@@ -325,16 +325,25 @@ def choose_form(m: int, n0: int, n1: int, groups: int = 1, memory_limit_bytes: i
     Memory (bytes):  gram     3 g N0^2 * 8            (G, H, F in float64)
                      residual 2 g m N0 * 8            (X, Xt as float64 while quantizing)
                               + g m N1 * 8            (the state U)
-    Flops:           gram     6 g m N0^2              to accumulate G, H, F
-                              + 5 g N0^2 N1           once per layer (tril(G) W, G W, F W)
-                              + per pass g N0^2 N1 + triangle g 128 N0 N1
-                     residual 4 g m N0 N1             once per layer (tril(G) W streamed, X W)
-                              + per pass 4 g m N0 N1 + triangle g B N0 N1 (B = residual_block(m))
-    with ``passes`` passes (one per C of the grid, for GPFQ and for the RTN baseline); triangle
-    flops (single-threaded numba) are weighted x4 against BLAS flops. A form whose memory exceeds
-    memory_limit_bytes is ruled out (if both do, the smaller one wins); otherwise the one with
-    fewer weighted flops. A wide FC layer seen by few rows (m << N0, e.g. N0 = 25088, m = 32)
-    therefore never allocates N0^2.
+    Cost, in units of one BLAS flop (single core ~0.022 ns), g groups, ``passes`` passes (one per
+    C of the grid, for GPFQ and for the RTN baseline):
+      gram      6 g m N0^2                  accumulate G, H, F
+                + 5 g N0^2 N1               once per layer (tril(G) W, G W, F W)
+                + per pass g (N0^2 N1 + 4 min(N0, 128) N0 N1 + 1800 N0)
+      residual, m <= RESIDUAL_FUSED_MAX_M (fused kernel, passes + 1 lanes of one sweep):
+                (passes + 1) g N0 (770 + 115 m + N1 (27 + 7 m))
+      residual, more rows (blocked):
+                4 g m N0 N1 once + per pass g (4 m N0 N1 + 4 B N0 N1 + 1800 N0), B = residual_block(m)
+    The numba triangle flops are weighted x4; 1800 is the per-row overhead of the triangle kernel
+    (~40 ns per row, group and pass). The fused constants are measured: per lane ~17 + 2.5 m ns
+    per row and group plus ~0.6 + 0.15 m ns per column (one core, AMD EPYC with AVX-512, 12 + 12
+    lanes, m = 1..64, N1 = 1..512). Checked against whole quantize_layer runs (default grid, one
+    core): fused residual 3x faster than gram at m = 64, N0 = 576, N1 = 64 and 7x at N0 = 2304,
+    N1 = 256; as fast at m = 64, N0 = 27..64; gram 2-4x faster for depthwise 3x3 (N0 = 9, N1 = 1)
+    from m = 16 on; blocked residual 5x faster at m = 256, N0 = 2304; equal at m = 1024,
+    N0 = 1152, N1 = 128. A form whose memory exceeds memory_limit_bytes is ruled out (if both
+    do, the smaller one wins); otherwise the one with the lower cost. A wide FC layer seen by
+    few rows (m << N0, e.g. N0 = 25088, m = 32) therefore never allocates N0^2.
     """
     for name, v in (("m", m), ("n0", n0), ("n1", n1), ("groups", groups), ("passes", passes)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (0 if name == "m" else 1):
@@ -347,9 +356,13 @@ def choose_form(m: int, n0: int, n1: int, groups: int = 1, memory_limit_bytes: i
         return "gram" if gram_ok else "residual"
     if not gram_ok:
         return "gram" if gram_bytes <= res_bytes else "residual"
-    tri = 4  # weight of a triangle flop
-    gram_flops = 6 * g * m * n0 * n0 + 5 * g * n0 * n0 * n1 + passes * g * (n0 * n0 * n1 + tri * GRAM_BLOCK * n0 * n1)
-    res_flops = 4 * g * m * n0 * n1 + passes * g * (4 * m * n0 * n1 + tri * residual_block(m) * n0 * n1)
+    tri, row = 4, 1800  # weight of a triangle flop; per-row overhead of the triangle kernel
+    gram_flops = (6 * g * m * n0 * n0 + 5 * g * n0 * n0 * n1
+                  + passes * g * (n0 * n0 * n1 + tri * min(n0, GRAM_BLOCK) * n0 * n1 + row * n0))
+    if m <= RESIDUAL_FUSED_MAX_M:
+        res_flops = (passes + 1) * g * n0 * (770 + 115 * m + n1 * (27 + 7 * m))
+    else:
+        res_flops = 4 * g * m * n0 * n1 + passes * g * (4 * m * n0 * n1 + tri * residual_block(m) * n0 * n1 + row * n0)
     return "residual" if res_flops < gram_flops else "gram"
 
 

@@ -521,4 +521,9 @@ def test_choose_form():
     assert P.choose_form(100000, 9, 1, groups=512) == "gram"
     # a small layer with few rows
     assert P.choose_form(16, 1024, 10) == "residual"
+    # few rows, fused residual kernel: convs with a wide fan-in; depthwise 3x3 only with ~1 row
+    assert P.choose_form(64, 576, 64) == "residual"
+    assert P.choose_form(64, 4608, 512) == "residual"
+    assert P.choose_form(64, 9, 1, groups=512) == "gram"
+    assert P.choose_form(1, 9, 1, groups=512) == "residual"
     assert P.choose_form(32, 25088, 4096, memory_limit_bytes=1 << 40) == "residual"
