@@ -57,8 +57,31 @@ def _first_batch(calib_path: str, batch: int) -> dict:
         return {k: data[k][:batch] for k in data.files}
 
 
-def _child_gpfq(model_path: str, calib_path: str, warmup: bool) -> dict:
+def _parse_options(items: list[str]) -> dict:
+    """KEY=VALUE strings -> keyword options for onnx_gpfq.quantize (ints, floats, none/true/false parsed)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--gpfq-option needs KEY=VALUE (got {item!r})")
+        low = value.lower()
+        if low in ("none", "true", "false"):
+            out[key] = {"none": None, "true": True, "false": False}[low]
+        else:
+            try:
+                out[key] = int(value)
+            except ValueError:
+                try:
+                    out[key] = float(value)
+                except ValueError:
+                    out[key] = value
+    return out
+
+
+def _child_gpfq(model_path: str, calib_path: str, warmup: bool, extra: dict | None = None) -> dict:
     import onnx_gpfq
+
+    extra = extra or {}
 
     with np.load(calib_path, allow_pickle=False) as data:
         n = min(data[k].shape[0] for k in data.files)
@@ -66,11 +89,11 @@ def _child_gpfq(model_path: str, calib_path: str, warmup: bool) -> dict:
     if warmup:  # untimed: numba kernels loaded / compiled on one batch of the same model
         t0 = time.perf_counter()
         onnx_gpfq.quantize(model_path, _first_batch(calib_path, common.fixed_batch(model_path) or 32),
-                           weight_bits=4, act_bits=8, quiet=True)
+                           **({"weight_bits": 4, "act_bits": 8, "quiet": True} | extra))
         warm = time.perf_counter() - t0
     before = common.current_rss_mb()
     t0 = time.perf_counter()
-    model, report = onnx_gpfq.quantize(model_path, calib_path, weight_bits=4, act_bits=8, quiet=True)
+    model, report = onnx_gpfq.quantize(model_path, calib_path, **({"weight_bits": 4, "act_bits": 8, "quiet": True} | extra))
     seconds = time.perf_counter() - t0
     peak = common.peak_rss_mb()
     layer_seconds = sum(layer.seconds for layer in report.layers)
@@ -104,10 +127,13 @@ def _child_ort(model_path: str, calib_path: str, warmup: bool) -> dict:
             "warmup_seconds": warm}
 
 
-def _run_child(kind: str, model_path: str, calib_path: str, workdir: str, warmup: bool = False) -> dict:
+def _run_child(kind: str, model_path: str, calib_path: str, workdir: str, warmup: bool = False,
+               gpfq_options: list[str] | None = None) -> dict:
     out = os.path.join(workdir, f"child-{kind}-{os.getpid()}-{time.monotonic_ns()}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--child-model", model_path,
            "--child-calib", calib_path, "--child-out", out] + (["--warmup"] if warmup else [])
+    for item in gpfq_options or []:
+        cmd += ["--gpfq-option", item]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0 or not os.path.exists(out):
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
@@ -118,17 +144,19 @@ def _run_child(kind: str, model_path: str, calib_path: str, workdir: str, warmup
 
 # ---------------------------------------------------------------- parent
 
-def bench(model_spec: str, calib_spec: str, multiplier: int = 1, warmup: bool = False) -> dict:
+def bench(model_spec: str, calib_spec: str, multiplier: int = 1, warmup: bool = False,
+          gpfq_options: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as work:
         model_path = common.resolve_model(model_spec, work)
         arrays, calib_text = common.resolve_calibration(calib_spec, model_path, multiplier)
         calib_path = os.path.join(work, "calib.npz")
         np.savez(calib_path, **arrays)
-        g = _run_child("gpfq", model_path, calib_path, work, warmup)
+        g = _run_child("gpfq", model_path, calib_path, work, warmup, gpfq_options)
         o = _run_child("ort", model_path, calib_path, work, warmup)
         result: dict = {"model": model_spec, "commit": common.package_commit(),
                         "calibration": calib_text, "samples": common.sample_count(arrays),
-                        "samples_multiplier": multiplier, "warmup": warmup}
+                        "samples_multiplier": multiplier, "warmup": warmup,
+                        "gpfq_options": {"weight_bits": 4, "act_bits": 8} | _parse_options(gpfq_options)}
         result["gpfq_seconds"] = g.get("seconds")
         result["ort_seconds"] = o.get("seconds")
         ok = result["gpfq_seconds"] is not None and result["ort_seconds"]
@@ -150,7 +178,7 @@ def bench(model_spec: str, calib_spec: str, multiplier: int = 1, warmup: bool = 
             base_arrays, _ = common.resolve_calibration(calib_spec, model_path, 1)
             base_path = os.path.join(work, "calib_1x.npz")
             np.savez(base_path, **base_arrays)
-            g1 = _run_child("gpfq", model_path, base_path, work, warmup)
+            g1 = _run_child("gpfq", model_path, base_path, work, warmup, gpfq_options)
             result["gpfq_seconds_1x"] = g1.get("seconds")
             result["gpfq_peak_rss_mb_1x"] = g1.get("peak_rss_mb")
             if g1.get("peak_rss_mb") and g.get("peak_rss_mb"):
@@ -176,6 +204,8 @@ def main(argv=None) -> int:
                     help="use K times the samples; also runs gpfq at 1x and reports the peak-RSS growth")
     ap.add_argument("--warmup", action="store_true",
                     help="before the timed call, one untimed run of each quantizer on the first batch (same child)")
+    ap.add_argument("--gpfq-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra onnx_gpfq.quantize option for diagnosis, e.g. scale_rule=fixed (repeatable)")
     ap.add_argument("--child", choices=["gpfq", "ort"], help=argparse.SUPPRESS)
     ap.add_argument("--child-model", help=argparse.SUPPRESS)
     ap.add_argument("--child-calib", help=argparse.SUPPRESS)
@@ -183,8 +213,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.child:
-        fn = _child_gpfq if args.child == "gpfq" else _child_ort
-        res = fn(args.child_model, args.child_calib, args.warmup)
+        if args.child == "gpfq":
+            res = _child_gpfq(args.child_model, args.child_calib, args.warmup, _parse_options(args.gpfq_option))
+        else:
+            res = _child_ort(args.child_model, args.child_calib, args.warmup)
         with open(args.child_out, "w") as f:
             json.dump(res, f)
         return 0
@@ -193,7 +225,8 @@ def main(argv=None) -> int:
         ap.error("MODEL and --calib are required")
     if args.samples_multiplier < 1:
         ap.error("--samples-multiplier must be >= 1")
-    res = bench(args.model, args.calib, args.samples_multiplier, args.warmup)
+    _parse_options(args.gpfq_option)  # fail early on a malformed KEY=VALUE
+    res = bench(args.model, args.calib, args.samples_multiplier, args.warmup, args.gpfq_option)
     res["command"] = "python tools/bench_quantize.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.json:
         print(json.dumps(res))
