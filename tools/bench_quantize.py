@@ -168,6 +168,8 @@ def bench(model_spec: str, calib_spec: str, multiplier: int = 1, warmup: bool = 
         result["ort_preprocessing"] = o.get("preprocessing")
         result["ort_preprocess_seconds"] = (o.get("preprocessing") or {}).get("preprocess_seconds")
         result["ort_batch_size"] = o.get("batch_size")
+        commits = {r.get("commit") for r in (g, o)}
+        result["child_commits"] = sorted(c for c in commits if c)  # more than one: the package changed mid-run
         result["gpfq_layers"] = g.get("layers")
         result["gpfq_layer_seconds"] = g.get("layer_seconds")  # per-layer work (capture + GPFQ), from the Report
         result["gpfq_slowest_layers"] = g.get("slowest_layers")
@@ -181,6 +183,9 @@ def bench(model_spec: str, calib_spec: str, multiplier: int = 1, warmup: bool = 
             g1 = _run_child("gpfq", model_path, base_path, work, warmup, gpfq_options)
             result["gpfq_seconds_1x"] = g1.get("seconds")
             result["gpfq_peak_rss_mb_1x"] = g1.get("peak_rss_mb")
+            result["gpfq_commit_1x"] = g1.get("commit")
+            if g1.get("commit") != g.get("commit"):
+                result["warning"] = "the package changed between the Kx and 1x gpfq runs; compare with care"
             if g1.get("peak_rss_mb") and g.get("peak_rss_mb"):
                 growth = g["peak_rss_mb"] / g1["peak_rss_mb"]
                 result["gpfq_rss_growth"] = growth
@@ -213,10 +218,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.child:
+        started_at_commit = common.package_commit()
         if args.child == "gpfq":
             res = _child_gpfq(args.child_model, args.child_calib, args.warmup, _parse_options(args.gpfq_option))
         else:
             res = _child_ort(args.child_model, args.child_calib, args.warmup)
+        res["commit"] = started_at_commit
         with open(args.child_out, "w") as f:
             json.dump(res, f)
         return 0
