@@ -1,9 +1,12 @@
 """Numba kernels of the GPFQ greedy pass (no ONNX, no options: plain arrays and scalars).
 
-Only the sequential part lives here: the triangle inside one block of B fan-in rows, where
-each rounding decision feeds the next row. Everything that can be a matrix product stays in
-numpy (BLAS) in :mod:`onnx_gpfq.gpfq`. Compiled with ``cache=True`` and without fastmath, so
-results are deterministic: same input -> same bits.
+The sequential part: the triangle inside one block of B fan-in rows, where each rounding
+decision feeds the next row, and the whole residual-form pass for few calibration rows
+(residual_lanes, where the block products would be tiny). Plus one-pass elementwise kernels
+over the weight (max |w|, rounding) that avoid numpy's full-size temporaries. Everything that
+is a sizeable matrix product stays in numpy (BLAS) in :mod:`onnx_gpfq.gpfq`. Compiled with
+``cache=True`` and without fastmath (no reassociation, no FMA contraction), so results are
+deterministic: same input -> same bits.
 """
 
 from __future__ import annotations
@@ -225,6 +228,7 @@ def residual_lanes(W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode, lam, tile,
     V = np.empty((m, T))
     RG = np.empty((nG, m, T))
     RR = np.empty((nR, m, T))
+    QR = np.empty((nR, 4, T))  # the RTN lanes' q of up to four rows, not yet added to R
     LG = np.empty((nG, T))  # Xt_t . R for the current row, per GPFQ lane
     a = np.empty(T)
     xs = np.empty(T)
@@ -298,24 +302,42 @@ def residual_lanes(W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode, lam, tile,
                         else:
                             for c in range(nt):
                                 L[c] += yk * Rk[c]
+                # RTN lanes: q does not depend on R, so R += Xt_t q_t is applied four rows at a
+                # time (same additions in the same order, one pass over R instead of four)
+                j = t % 4
+                flush = j == 3 or t == n0 - 1
                 for l in range(nR):
                     d_ = DR[l, kg, td, c0:c1]
-                    R = RR[l]
+                    qj = QR[l, j]
                     if mode == MODE_PLAIN:
                         for c in range(nt):
                             d = d_[c]
                             x = _level(w[c], d, flo, fhi)
-                            qv[c] = x * d if x != 0.0 else 0.0
+                            qj[c] = x * d if x != 0.0 else 0.0
                     else:
                         for c in range(nt):
                             d = d_[c]
                             code = quant_code(w[c], d, lo, hi, mode, lam)
-                            qv[c] = code * d if code != 0 else 0.0
-                    for k in range(m):
-                        xk = xtrow[k]
-                        Rk = R[k]
-                        for c in range(nt):
-                            Rk[c] += xk * qv[c]
+                            qj[c] = code * d if code != 0 else 0.0
+                    if not flush:
+                        continue
+                    R = RR[l]
+                    tb = t - j
+                    if j == 3:
+                        q0, q1, q2, q3 = QR[l, 0], QR[l, 1], QR[l, 2], QR[l, 3]
+                        for k in range(m):
+                            x0, x1, x2, x3 = XtT[kg, tb, k], XtT[kg, tb + 1, k], XtT[kg, tb + 2, k], XtT[kg, tb + 3, k]
+                            Rk = R[k]
+                            for c in range(nt):
+                                Rk[c] = (((Rk[c] + x0 * q0[c]) + x1 * q1[c]) + x2 * q2[c]) + x3 * q3[c]
+                    else:
+                        for k in range(m):
+                            Rk = R[k]
+                            for i in range(j + 1):
+                                xi = XtT[kg, tb + i, k]
+                                qi = QR[l, i]
+                                for c in range(nt):
+                                    Rk[c] += xi * qi[c]
             for c in range(nt):
                 xw2[kg, c0 + c] = 0.0
             for k in range(m):
