@@ -78,7 +78,32 @@ def _parse_options(items: list[str]) -> dict:
     return out
 
 
-def _child_gpfq(model_path: str, calib_path: str, warmup: bool, extra: dict | None = None) -> dict:
+def _trace_layers() -> list[dict]:
+    """Wrap onnx_gpfq.gpfq.quantize_layer (in this child only) to record, per layer, the weight shape,
+    the moments' form and rows, resident memory before the call and the high-water mark after it."""
+    from onnx_gpfq import gpfq
+
+    trace: list[dict] = []
+    original = gpfq.quantize_layer
+
+    def traced(W, moments, spec):
+        entry = {"w": list(getattr(W, "shape", ())), "form": getattr(moments, "form", None),
+                 "rows": int(getattr(moments, "m", 0)), "rss_before_mb": round(common.current_rss_mb(), 1),
+                 "hwm_before_mb": round(common.peak_rss_mb(), 1)}
+        t0 = time.perf_counter()
+        try:
+            return original(W, moments, spec)
+        finally:
+            entry["seconds"] = round(time.perf_counter() - t0, 3)
+            entry["hwm_after_mb"] = round(common.peak_rss_mb(), 1)
+            trace.append(entry)
+
+    gpfq.quantize_layer = traced
+    return trace
+
+
+def _child_gpfq(model_path: str, calib_path: str, warmup: bool, extra: dict | None = None,
+                trace_memory: bool = False) -> dict:
     import onnx_gpfq
 
     extra = extra or {}
@@ -92,15 +117,29 @@ def _child_gpfq(model_path: str, calib_path: str, warmup: bool, extra: dict | No
                            **({"weight_bits": 4, "act_bits": 8, "quiet": True} | extra))
         warm = time.perf_counter() - t0
     before = common.current_rss_mb()
+    trace = _trace_layers() if trace_memory else None
     t0 = time.perf_counter()
     model, report = onnx_gpfq.quantize(model_path, calib_path, **({"weight_bits": 4, "act_bits": 8, "quiet": True} | extra))
     seconds = time.perf_counter() - t0
     peak = common.peak_rss_mb()
+    hwm_end = common.peak_rss_mb()
     layer_seconds = sum(layer.seconds for layer in report.layers)
+    memory = None
+    if trace is not None:
+        # where the high-water mark rose: before the first layer (loading, normalising, first capture),
+        # inside a layer's GPFQ call, or between calls (capture of the next layer's inputs, rewrite)
+        rises, last = [], before
+        for i, e in enumerate(trace):
+            rises.append({"where": f"before layer {i} (capture, rewrite)", "mb": e["hwm_before_mb"] - last})
+            rises.append({"where": f"in layer {i} {e['w']} {e['form']} rows={e['rows']}", "mb": e["hwm_after_mb"] - e["hwm_before_mb"]})
+            last = e["hwm_after_mb"]
+        rises.append({"where": "after the last layer (final calibration, rewrite, validation)", "mb": hwm_end - last})
+        memory = {"layers": trace, "largest_rises": sorted((r for r in rises if r["mb"] > 0), key=lambda r: -r["mb"])[:6]}
     slowest = sorted(report.layers, key=lambda layer: -layer.seconds)[:5]
     return {"seconds": seconds, "peak_rss_mb": peak, "rss_before_mb": before, "samples": n,
             "layers": len(report.layers), "left_in_float": len(report.skipped), "warmup_seconds": warm,
-            "layer_seconds": layer_seconds,
+            "layer_seconds": layer_seconds, "memory_trace": memory,
+            "spilled_bytes": getattr(report, "spilled_bytes", None),
             "slowest_layers": [{"node": layer.node, "op": layer.op_type, "weight_shape": list(layer.weight_shape),
                                 "form": layer.form, "rows": layer.rows, "seconds": round(layer.seconds, 3)}
                                for layer in slowest]}
@@ -128,12 +167,14 @@ def _child_ort(model_path: str, calib_path: str, warmup: bool) -> dict:
 
 
 def _run_child(kind: str, model_path: str, calib_path: str, workdir: str, warmup: bool = False,
-               gpfq_options: list[str] | None = None) -> dict:
+               gpfq_options: list[str] | None = None, trace_memory: bool = False) -> dict:
     out = os.path.join(workdir, f"child-{kind}-{os.getpid()}-{time.monotonic_ns()}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--child-model", model_path,
            "--child-calib", calib_path, "--child-out", out] + (["--warmup"] if warmup else [])
     for item in gpfq_options or []:
         cmd += ["--gpfq-option", item]
+    if trace_memory and kind == "gpfq":
+        cmd.append("--trace-memory")
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0 or not os.path.exists(out):
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
@@ -145,13 +186,13 @@ def _run_child(kind: str, model_path: str, calib_path: str, workdir: str, warmup
 # ---------------------------------------------------------------- parent
 
 def bench(model_spec: str, calib_spec: str, multiplier: int = 1, warmup: bool = False,
-          gpfq_options: list[str] | None = None) -> dict:
+          gpfq_options: list[str] | None = None, trace_memory: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as work:
         model_path = common.resolve_model(model_spec, work)
         arrays, calib_text = common.resolve_calibration(calib_spec, model_path, multiplier)
         calib_path = os.path.join(work, "calib.npz")
         np.savez(calib_path, **arrays)
-        g = _run_child("gpfq", model_path, calib_path, work, warmup, gpfq_options)
+        g = _run_child("gpfq", model_path, calib_path, work, warmup, gpfq_options, trace_memory)
         o = _run_child("ort", model_path, calib_path, work, warmup)
         result: dict = {"model": model_spec, "commit": common.package_commit(),
                         "calibration": calib_text, "samples": common.sample_count(arrays),
@@ -173,6 +214,9 @@ def bench(model_spec: str, calib_spec: str, multiplier: int = 1, warmup: bool = 
         result["gpfq_layers"] = g.get("layers")
         result["gpfq_layer_seconds"] = g.get("layer_seconds")  # per-layer work (capture + GPFQ), from the Report
         result["gpfq_slowest_layers"] = g.get("slowest_layers")
+        result["gpfq_spilled_bytes"] = g.get("spilled_bytes")
+        if trace_memory:
+            result["gpfq_memory_trace"] = g.get("memory_trace")
         if warmup:
             result["gpfq_warmup_seconds"] = g.get("warmup_seconds")
             result["ort_warmup_seconds"] = o.get("warmup_seconds")
@@ -180,10 +224,12 @@ def bench(model_spec: str, calib_spec: str, multiplier: int = 1, warmup: bool = 
             base_arrays, _ = common.resolve_calibration(calib_spec, model_path, 1)
             base_path = os.path.join(work, "calib_1x.npz")
             np.savez(base_path, **base_arrays)
-            g1 = _run_child("gpfq", model_path, base_path, work, warmup, gpfq_options)
+            g1 = _run_child("gpfq", model_path, base_path, work, warmup, gpfq_options, trace_memory)
             result["gpfq_seconds_1x"] = g1.get("seconds")
             result["gpfq_peak_rss_mb_1x"] = g1.get("peak_rss_mb")
             result["gpfq_commit_1x"] = g1.get("commit")
+            if trace_memory:
+                result["gpfq_memory_trace_1x"] = g1.get("memory_trace")
             if g1.get("commit") != g.get("commit"):
                 result["warning"] = "the package changed between the Kx and 1x gpfq runs; compare with care"
             if g1.get("peak_rss_mb") and g.get("peak_rss_mb"):
@@ -211,6 +257,8 @@ def main(argv=None) -> int:
                     help="before the timed call, one untimed run of each quantizer on the first batch (same child)")
     ap.add_argument("--gpfq-option", action="append", default=[], metavar="KEY=VALUE",
                     help="extra onnx_gpfq.quantize option for diagnosis, e.g. scale_rule=fixed (repeatable)")
+    ap.add_argument("--trace-memory", action="store_true",
+                    help="record resident memory around every layer of the gpfq run (where the peak comes from)")
     ap.add_argument("--child", choices=["gpfq", "ort"], help=argparse.SUPPRESS)
     ap.add_argument("--child-model", help=argparse.SUPPRESS)
     ap.add_argument("--child-calib", help=argparse.SUPPRESS)
@@ -220,7 +268,8 @@ def main(argv=None) -> int:
     if args.child:
         started_at_commit = common.package_commit()
         if args.child == "gpfq":
-            res = _child_gpfq(args.child_model, args.child_calib, args.warmup, _parse_options(args.gpfq_option))
+            res = _child_gpfq(args.child_model, args.child_calib, args.warmup, _parse_options(args.gpfq_option),
+                              args.trace_memory)
         else:
             res = _child_ort(args.child_model, args.child_calib, args.warmup)
         res["commit"] = started_at_commit
@@ -233,7 +282,7 @@ def main(argv=None) -> int:
     if args.samples_multiplier < 1:
         ap.error("--samples-multiplier must be >= 1")
     _parse_options(args.gpfq_option)  # fail early on a malformed KEY=VALUE
-    res = bench(args.model, args.calib, args.samples_multiplier, args.warmup, args.gpfq_option)
+    res = bench(args.model, args.calib, args.samples_multiplier, args.warmup, args.gpfq_option, args.trace_memory)
     res["command"] = "python tools/bench_quantize.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.json:
         print(json.dumps(res))
