@@ -255,9 +255,13 @@ class Moments:
         rows = X.shape[1]
         if rows == 0:
             return
-        X64 = X.astype(np.float64, copy=False)
-        Xt64 = X64 if same else Xt.astype(np.float64, copy=False)
-        ones = np.ones(rows)
+        # float32 rows in the Gram form: the batch's products in float32 (twice the GEMM speed),
+        # summed over batches in float64 (within a batch float32 keeps ~1e-6 relative accuracy).
+        # Anything else is computed in float64.
+        work = np.float32 if self.form == "gram" and X.dtype == Xt.dtype == np.float32 else np.float64
+        X64 = X.astype(work, copy=False)
+        Xt64 = X64 if same else Xt.astype(work, copy=False)
+        ones = np.ones(rows, X64.dtype)  # column sums in the products' dtype, added in float64
         sx = np.matmul(ones, X64)  # column sums (g, N0); faster than sum(axis=1) for small N0
         sxt = sx if same else np.matmul(ones, Xt64)
         if not (np.isfinite(sx).all() and np.isfinite(sxt).all()):  # a NaN / inf anywhere shows here
