@@ -18,6 +18,7 @@ Every consumer of a quantized activation tensor reads its DequantizeLinear outpu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import onnx
@@ -25,6 +26,9 @@ from onnx import helper, numpy_helper
 
 from .graph import GraphIndex
 from .targets import Target
+
+
+INT4 = helper.tensor_dtype_to_np_dtype(onnx.TensorProto.INT4)
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,15 @@ class QuantizedLayer:
     bias: np.ndarray | None  # float32 bias after bias correction (None: keep the model's)
     block_size: int = 0
     fmt: str = "int8"
+
+    @cached_property
+    def weight_tensors(self) -> tuple[onnx.TensorProto, onnx.TensorProto, onnx.TensorProto]:
+        """Codes, scale and zero point initializers (built once: rewrite.apply runs at every layer)."""
+        w = self.target.w
+        dtype = INT4 if self.fmt == "int4" else np.int8
+        return (numpy_helper.from_array(self.codes.astype(np.int8).astype(dtype), f"{w}_quantized"),
+                numpy_helper.from_array(self.scale.astype(np.float32), f"{w}_scale"),
+                numpy_helper.from_array(np.zeros(self.scale.shape, np.int8).astype(dtype), f"{w}_zero_point"))
 
     @property
     def weight_only(self) -> bool:
@@ -181,16 +194,11 @@ def apply(
     return nodes, inits
 
 
-INT4 = helper.tensor_dtype_to_np_dtype(onnx.TensorProto.INT4)
-
-
 def _weight_dq(t: Target, layer: QuantizedLayer, inits: dict[str, onnx.TensorProto]) -> onnx.NodeProto:
     """int8 or packed-int4 codes -> DequantizeLinear (per tensor, per channel, or block-wise)."""
-    codes, scale, zp = f"{t.w}_quantized", f"{t.w}_scale", f"{t.w}_zero_point"
-    dtype = INT4 if layer.fmt == "int4" else np.int8
-    inits[codes] = numpy_helper.from_array(layer.codes.astype(np.int8).astype(dtype), codes)
-    inits[scale] = numpy_helper.from_array(layer.scale.astype(np.float32), scale)
-    inits[zp] = numpy_helper.from_array(np.zeros(layer.scale.shape, np.int8).astype(dtype), zp)
+    for tensor in layer.weight_tensors:
+        inits[tensor.name] = tensor
+    codes, scale, zp = (tensor.name for tensor in layer.weight_tensors)
     if layer.block_size:
         attrs = {"axis": t.fan_in_axis, "block_size": layer.block_size}
     else:
