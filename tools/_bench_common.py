@@ -233,12 +233,12 @@ def current_rss_mb() -> float:
 
 
 def package_commit() -> str | None:
-    """The checkout's HEAD (short), with '+dirty' when onnx_gpfq/ has uncommitted changes."""
+    """The last commit that changed onnx_gpfq/ (short), with '+dirty' when it has uncommitted changes."""
     import subprocess  # noqa: PLC0415
 
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+        head = subprocess.run(["git", "log", "-1", "--format=%h", "--", "onnx_gpfq"], cwd=REPO, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "onnx_gpfq"], cwd=REPO, capture_output=True,
                                text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
