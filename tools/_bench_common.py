@@ -246,6 +246,52 @@ def package_commit() -> str | None:
     return (head + ("+dirty" if dirty else "")) or None
 
 
+def rss_parts_mb() -> dict:
+    """Current RssAnon / RssFile / RssShmem in MiB (/proc/self/status). RssFile counts pages of
+    memory-mapped files (e.g. spilled activations) that the kernel can drop and re-read."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                    key, value = line.split(":", 1)
+                    out[key] = int(value.split()[0]) / 1024.0
+    except OSError:
+        pass
+    return out
+
+
+class RssSampler:
+    """Background thread polling /proc/self/status: peak RssAnon (anonymous memory, what cannot be
+    dropped) and peak RssAnon + RssFile, next to the kernel's VmHWM (which counts mapped file pages)."""
+
+    def __init__(self, interval: float = 0.05):
+        import threading  # noqa: PLC0415
+
+        self.interval = interval
+        self.peak_anon = 0.0
+        self.peak_total = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            parts = rss_parts_mb()
+            anon = parts.get("RssAnon", 0.0)
+            self.peak_anon = max(self.peak_anon, anon)
+            self.peak_total = max(self.peak_total, anon + parts.get("RssFile", 0.0) + parts.get("RssShmem", 0.0))
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        return False
+
+
 def machine() -> dict:
     """CPU model, cores, memory, OS and library versions."""
     import onnx  # noqa: PLC0415

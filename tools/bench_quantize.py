@@ -21,7 +21,9 @@ By default each call is the first in its process (numba's kernel cache load, or 
 cache is stale, lands on gpfq; onnxruntime's first-call costs on ORT); --warmup first runs each
 quantizer once, untimed, on the first calibration batch (its peak RSS then includes that run).
 Peak RSS is each child's VmHWM at the end (imports and the calibration data included);
-``*_rss_before_mb`` is its resident size just before the quantize call.
+``*_rss_before_mb`` is its resident size just before the quantize call. VmHWM also counts pages
+of memory-mapped files (onnx-gpfq spills captured activations beyond its --memory-budget to such
+files), so ``*_peak_anon_mb`` adds the peak of RssAnon alone, sampled every 50 ms during the call.
 
 MODEL: a path, or ``light:NAME`` (tests/light_models.prepared(NAME), seeded random weights).
 --calib: a .npz (one array per model input) or ``random:N`` (N seeded samples, random_inputs).
@@ -89,6 +91,7 @@ def _trace_layers() -> list[dict]:
     def traced(W, moments, spec):
         entry = {"w": list(getattr(W, "shape", ())), "form": getattr(moments, "form", None),
                  "rows": int(getattr(moments, "m", 0)), "rss_before_mb": round(common.current_rss_mb(), 1),
+                 "anon_before_mb": round(common.rss_parts_mb().get("RssAnon", float("nan")), 1),
                  "hwm_before_mb": round(common.peak_rss_mb(), 1)}
         t0 = time.perf_counter()
         try:
@@ -118,9 +121,11 @@ def _child_gpfq(model_path: str, calib_path: str, warmup: bool, extra: dict | No
         warm = time.perf_counter() - t0
     before = common.current_rss_mb()
     trace = _trace_layers() if trace_memory else None
-    t0 = time.perf_counter()
-    model, report = onnx_gpfq.quantize(model_path, calib_path, **({"weight_bits": 4, "act_bits": 8, "quiet": True} | extra))
-    seconds = time.perf_counter() - t0
+    with common.RssSampler() as sampler:
+        t0 = time.perf_counter()
+        model, report = onnx_gpfq.quantize(model_path, calib_path,
+                                           **({"weight_bits": 4, "act_bits": 8, "quiet": True} | extra))
+        seconds = time.perf_counter() - t0
     peak = common.peak_rss_mb()
     hwm_end = common.peak_rss_mb()
     layer_seconds = sum(layer.seconds for layer in report.layers)
@@ -137,6 +142,7 @@ def _child_gpfq(model_path: str, calib_path: str, warmup: bool, extra: dict | No
         memory = {"layers": trace, "largest_rises": sorted((r for r in rises if r["mb"] > 0), key=lambda r: -r["mb"])[:6]}
     slowest = sorted(report.layers, key=lambda layer: -layer.seconds)[:5]
     return {"seconds": seconds, "peak_rss_mb": peak, "rss_before_mb": before, "samples": n,
+            "peak_anon_mb": sampler.peak_anon, "peak_anon_plus_file_mb": sampler.peak_total,
             "layers": len(report.layers), "left_in_float": len(report.skipped), "warmup_seconds": warm,
             "layer_seconds": layer_seconds, "memory_trace": memory,
             "spilled_bytes": getattr(report, "spilled_bytes", None),
@@ -159,9 +165,11 @@ def _child_ort(model_path: str, calib_path: str, warmup: bool) -> dict:
                                        batch, "QInt8", work)
             warm = time.perf_counter() - t0
         before = common.current_rss_mb()
-        info = common.ort_quantize_static(model_path, os.path.join(work, "ort.onnx"), arrays, batch, "QInt8", work)
+        with common.RssSampler() as sampler:
+            info = common.ort_quantize_static(model_path, os.path.join(work, "ort.onnx"), arrays, batch, "QInt8", work)
         peak = common.peak_rss_mb()
     return {"seconds": info.pop("seconds"), "peak_rss_mb": peak, "rss_before_mb": before,
+            "peak_anon_mb": sampler.peak_anon,
             "samples": common.sample_count(arrays), "batch_size": batch, "preprocessing": info,
             "warmup_seconds": warm}
 
@@ -204,6 +212,8 @@ def bench(model_spec: str, calib_spec: str, multiplier: int = 1, warmup: bool = 
         result["ratio"] = result["gpfq_seconds"] / result["ort_seconds"] if ok else None
         result["gpfq_peak_rss_mb"] = g.get("peak_rss_mb")
         result["ort_peak_rss_mb"] = o.get("peak_rss_mb")
+        result["gpfq_peak_anon_mb"] = g.get("peak_anon_mb")  # sampled every 50 ms: anonymous memory only
+        result["ort_peak_anon_mb"] = o.get("peak_anon_mb")
         result["gpfq_rss_before_mb"] = g.get("rss_before_mb")
         result["ort_rss_before_mb"] = o.get("rss_before_mb")
         result["ort_preprocessing"] = o.get("preprocessing")
@@ -232,6 +242,9 @@ def bench(model_spec: str, calib_spec: str, multiplier: int = 1, warmup: bool = 
                 result["gpfq_memory_trace_1x"] = g1.get("memory_trace")
             if g1.get("commit") != g.get("commit"):
                 result["warning"] = "the package changed between the Kx and 1x gpfq runs; compare with care"
+            result["gpfq_peak_anon_mb_1x"] = g1.get("peak_anon_mb")
+            if g1.get("peak_anon_mb") and g.get("peak_anon_mb"):
+                result["gpfq_anon_growth"] = g["peak_anon_mb"] / g1["peak_anon_mb"]
             if g1.get("peak_rss_mb") and g.get("peak_rss_mb"):
                 growth = g["peak_rss_mb"] / g1["peak_rss_mb"]
                 result["gpfq_rss_growth"] = growth
