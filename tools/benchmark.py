@@ -229,11 +229,13 @@ def _cost_lines(costs: list[dict]) -> list[str]:
     lines = ["## Quantization cost: onnx-gpfq W4A8 vs onnxruntime quantize_static", "",
              "`tools/bench_quantize.py`: each quantizer in its own fresh child process, wall clock of the quantize "
              "call (first call in the process: numba's kernel cache load lands on onnx-gpfq), peak RSS = the "
-             "child's VmHWM (imports and calibration data included). ORT: QDQ, per-channel, MinMax, QUInt8/QInt8, "
+             "child's VmHWM (imports and calibration data included), anon = peak RssAnon sampled every 50 ms "
+             "(VmHWM also counts mapped file pages: shared libraries, and onnx-gpfq's activation spill files beyond "
+             "its memory budget). ORT: QDQ, per-channel, MinMax, QUInt8/QInt8, "
              "on the preprocessed model (its preprocessing time not counted). Targets: time ratio <= 3; peak RSS "
              "at 8x samples <= 1.3x the 1x peak.", "",
-             "| model | samples | onnx-gpfq (s) | ORT (s) | ratio | gpfq peak RSS (MiB) | ORT peak RSS (MiB) | "
-             "gpfq RSS vs 1x | ORT preprocessing | command |",
+             "| model | samples | onnx-gpfq (s) | ORT (s) | ratio | gpfq peak RSS / anon (MiB) | ORT peak RSS / anon (MiB) | "
+             "gpfq peak vs 1x (RSS / anon) | ORT preprocessing | command |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for c in costs:
         if "failed" in c:
@@ -246,12 +248,15 @@ def _cost_lines(costs: list[dict]) -> list[str]:
             "quant_pre_process" if pre.get("quant_pre_process") is True else str(pre.get("quant_pre_process", "")),
         ]))
         growth = c.get("gpfq_rss_growth")
-        growth_text = (f"{growth:.2f}x (1x: {c['gpfq_peak_rss_mb_1x']:.0f})" if growth else "-")
+        anon_growth = c.get("gpfq_anon_growth")
+        growth_text = (f"{growth:.2f}x / {_f(anon_growth, '.2f')}{'x' if anon_growth else ''} "
+                       f"(1x: {c['gpfq_peak_rss_mb_1x']:.0f} / {_f(c.get('gpfq_peak_anon_mb_1x'), '.0f')})" if growth else "-")
         ratio = c.get("ratio")
         lines.append(
             f"| {c['model']} | {c['samples']} | {_f(c.get('gpfq_seconds'), '.1f')} | {_f(c.get('ort_seconds'), '.1f')} | "
             f"{_f(ratio, '.1f')}{'' if ratio is None or c.get('samples_multiplier', 1) > 1 else (' (met)' if ratio <= 3 else ' (**not met**)')} | "
-            f"{_f(c.get('gpfq_peak_rss_mb'), '.0f')} | {_f(c.get('ort_peak_rss_mb'), '.0f')} | "
+            f"{_f(c.get('gpfq_peak_rss_mb'), '.0f')} / {_f(c.get('gpfq_peak_anon_mb'), '.0f')} | "
+            f"{_f(c.get('ort_peak_rss_mb'), '.0f')} / {_f(c.get('ort_peak_anon_mb'), '.0f')} | "
             f"{growth_text}{'' if not growth else (' (met)' if growth <= 1.3 else ' (**not met**)')} | {pre_text} | "
             f"`{c.get('command', '')}` |")
     slow = [c for c in costs if c.get("gpfq_slowest_layers")]
@@ -262,6 +267,18 @@ def _cost_lines(costs: list[dict]) -> list[str]:
                   f"{_f(c.get('gpfq_seconds'), '.0f')} s): " + "; ".join(
                       f"{x['node']} ({x['op']} {'x'.join(map(str, x['weight_shape']))}, {x['form']}, {x['rows']} rows) "
                       f"{x['seconds']:.1f} s" for x in c["gpfq_slowest_layers"]) + "."]
+    for c in costs:
+        trace = c.get("gpfq_memory_trace")
+        if not trace:
+            continue
+        math_s = sum(e.get("seconds", 0) for e in trace["layers"])
+        rises = "; ".join(f"{r['where']}: +{r['mb']:.0f} MiB" for r in trace["largest_rises"][:3])
+        spilled = c.get("gpfq_spilled_bytes")
+        lines += ["", f"Memory trace for {c['model']} at {c['samples']} samples (`--trace-memory`): the GPFQ math "
+                  f"(`quantize_layer`) took {math_s:.0f} s of {_f(c.get('gpfq_seconds'), '.0f')} s, the rest is "
+                  f"calibration capture, moment accumulation and graph rewriting"
+                  + (f"; {spilled / 2**30:.1f} GiB of activations spilled to disk" if spilled else "")
+                  + f". The high-water mark rose most {rises}."]
     return lines + [""]
 
 
