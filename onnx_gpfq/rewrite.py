@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import GraphIndex
+from .graph import GraphIndex, node_inputs
 from .targets import Target
 
 
@@ -267,25 +267,14 @@ def _bias(
     inits[codes_name] = numpy_helper.from_array(codes, codes_name)
     inits[scale_name] = numpy_helper.from_array(scale.reshape(bias.shape) if bias.ndim == 1 else scale, scale_name)
     out = f"{base}_DequantizeLinear_Output"
-    attrs = {"axis": 0} if bias.ndim == 1 else {}
-    if bias.ndim != 1:  # (1, N) Gemm bias: a per-column scale needs axis 1
-        attrs = {"axis": 1}
+    attrs = {"axis": 0 if bias.ndim == 1 else 1}  # a (1, N) Gemm bias takes its per-column scale on axis 1
     nodes.append(helper.make_node("DequantizeLinear", [codes_name, scale_name], [out], name=f"{base}_DequantizeLinear", **attrs))
     return out
 
 
 def build_model(base: onnx.ModelProto, nodes: list[onnx.NodeProto], inits: dict[str, onnx.TensorProto]) -> onnx.ModelProto:
     """A complete model from ``apply``'s output: unused initializers dropped, order deterministic."""
-    used: set[str] = set()
-    for node in nodes:
-        used.update(node.input)
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                used.update(_all_names(attr.g))
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    used.update(_all_names(g))
-    used.update(o.name for o in base.graph.output)
+    used = {name for node in nodes for name in node_inputs(node)} | {o.name for o in base.graph.output}
     graph = helper.make_graph(
         nodes,
         base.graph.name or "quantized",
@@ -305,15 +294,3 @@ def build_model(base: onnx.ModelProto, nodes: list[onnx.NodeProto], inits: dict[
     model.metadata_props.extend(base.metadata_props)
     return model
 
-
-def _all_names(graph: onnx.GraphProto) -> set[str]:
-    names: set[str] = set()
-    for node in graph.node:
-        names.update(node.input)
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                names.update(_all_names(attr.g))
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    names.update(_all_names(g))
-    return names
