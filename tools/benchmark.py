@@ -268,6 +268,10 @@ def _cost_lines(costs: list[dict]) -> list[str]:
                       f"{x['node']} ({x['op']} {'x'.join(map(str, x['weight_shape']))}, {x['form']}, {x['rows']} rows) "
                       f"{x['seconds']:.1f} s" for x in c["gpfq_slowest_layers"]) + "."]
     for c in costs:
+        if c.get("warning"):
+            lines += ["", f"Note on `{c.get('command', '')}`: {c['warning']} (package commits seen by its runs: "
+                      f"{', '.join(c.get('child_commits') or [])}; 1x run: {c.get('gpfq_commit_1x')})."]
+    for c in costs:
         trace = c.get("gpfq_memory_trace")
         if not trace:
             continue
