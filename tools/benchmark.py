@@ -253,7 +253,7 @@ def _cost_lines(costs: list[dict]) -> list[str]:
                        f"(1x: {c['gpfq_peak_rss_mb_1x']:.0f} / {_f(c.get('gpfq_peak_anon_mb_1x'), '.0f')})" if growth else "-")
         ratio = c.get("ratio")
         lines.append(
-            f"| {c['model']} | {c['samples']} | {_f(c.get('gpfq_seconds'), '.1f')} | {_f(c.get('ort_seconds'), '.1f')} | "
+            f"| {c['model']} | {c['samples']} | {_secs(c.get('gpfq_seconds'))} | {_secs(c.get('ort_seconds'))} | "
             f"{_f(ratio, '.1f')}{'' if ratio is None or c.get('samples_multiplier', 1) > 1 else (' (met)' if ratio <= 3 else ' (**not met**)')} | "
             f"{_f(c.get('gpfq_peak_rss_mb'), '.0f')} / {_f(c.get('gpfq_peak_anon_mb'), '.0f')} | "
             f"{_f(c.get('ort_peak_rss_mb'), '.0f')} / {_f(c.get('ort_peak_anon_mb'), '.0f')} | "
@@ -335,6 +335,10 @@ def _f(value, fmt: str, none: str = "n/a") -> str:
     if isinstance(value, float) and math.isinf(value):
         return "inf"
     return format(value, fmt)
+
+
+def _secs(value) -> str:
+    return _f(value, ".2f" if value is not None and value < 10 else ".1f")
 
 
 def _method_name(method: str) -> str:
