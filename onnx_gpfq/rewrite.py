@@ -285,7 +285,9 @@ def build_model(base: onnx.ModelProto, nodes: list[onnx.NodeProto], inits: dict[
     opsets = list(base.opset_import)
     if any(n.domain == "com.microsoft" for n in nodes) and not any(o.domain == "com.microsoft" for o in opsets):
         opsets.append(helper.make_opsetid("com.microsoft", 1))
-    model = helper.make_model(graph, opset_imports=opsets, ir_version=base.ir_version)
+    # Opset 21 (INT4, 16-bit QDQ, block-wise DequantizeLinear) needs IR 10: never below what the opsets need.
+    ir_version = max(base.ir_version, helper.find_min_ir_version_for(opsets, ignore_unknown=True))
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=ir_version)
     model.producer_name = "onnx-gpfq"
     from . import __version__
 

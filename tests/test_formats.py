@@ -64,6 +64,7 @@ def test_int4_and_matmulnbits_hold_the_same_codes_as_int8_blocks():
     for name in codes8:
         np.testing.assert_array_equal(codes4[name].astype(np.int8), codes8[name])
     assert int4.opset_import[0].version >= 21
+    assert int4.ir_version >= onnx.helper.find_min_ir_version_for(list(int4.opset_import), ignore_unknown=True) == 10
     assert sum(1 for n in nbits.graph.node if n.op_type == "MatMulNBits") == 9  # every MatMul weight
     # About 1/8 of the float weight bytes (4 bits of 32), plus the block scales.
     float_bytes = r4.float_weight_bytes
