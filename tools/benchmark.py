@@ -463,26 +463,20 @@ def _findings(summ: list[dict]) -> list[str]:
             text += f", SQNR {sq:+.1f} dB"
         return text + ")"
 
-    below_ort = [s for s in summ if s["margin_vs_ort_points"] is not None and s["margin_vs_ort_points"] < 0]
-    below_ort_sqnr = [s for s in summ if s["sqnr_margin_vs_ort_db"] is not None and s["sqnr_margin_vs_ort_db"] < 0]
-    below_rtn = [s for s in summ if s["margin_vs_rtn_points"] is not None and s["margin_vs_rtn_points"] < 0]
-    below_rtn_sqnr = [s for s in summ if s["sqnr_margin_vs_rtn_db"] is not None and s["sqnr_margin_vs_rtn_db"] < 0]
-    if below_ort:
-        out.append("GPFQ is **below onnxruntime** in accuracy at: "
-                   + "; ".join(describe(s, "margin_vs_ort_points", "sqnr_margin_vs_ort_db") for s in below_ort) + ".")
-    if below_ort_sqnr:
-        out.append("GPFQ has a **lower output SQNR than onnxruntime** at: " + ", ".join(
-            f"{s['model']} W{s['bits']} {s['act']} ({s['sqnr_margin_vs_ort_db']:+.1f} dB)" for s in below_ort_sqnr) + ".")
-    else:
-        out.append("GPFQ's output SQNR is above onnxruntime's wherever both exist.")
-    if below_rtn:
-        out.append("GPFQ is **below its own RTN baseline** in accuracy at: "
-                   + "; ".join(describe(s, "margin_vs_rtn_points", "sqnr_margin_vs_rtn_db") for s in below_rtn) + ".")
-    if below_rtn_sqnr:
-        out.append("GPFQ has a **lower output SQNR than RTN** at: " + ", ".join(
-            f"{s['model']} W{s['bits']} {s['act']} ({s['sqnr_margin_vs_rtn_db']:+.1f} dB)" for s in below_rtn_sqnr) + ".")
-    else:
-        out.append("GPFQ's output SQNR is above RTN's in every configuration.")
+    for name, label, wherever in (("ort", "onnxruntime", "onnxruntime's wherever both exist"),
+                                  ("rtn", "its own RTN baseline", "RTN's in every configuration")):
+        key, sqnr_key = f"margin_vs_{name}_points", f"sqnr_margin_vs_{name}_db"
+        below = [s for s in summ if s[key] is not None and s[key] < 0]
+        below_sqnr = [s for s in summ if s[sqnr_key] is not None and s[sqnr_key] < 0]
+        if below:
+            out.append(f"GPFQ is **below {label}** in accuracy at: "
+                       + "; ".join(describe(s, key, sqnr_key) for s in below) + ".")
+        short = "onnxruntime" if name == "ort" else "RTN"
+        if below_sqnr:
+            out.append(f"GPFQ has a **lower output SQNR than {short}** at: " + ", ".join(
+                f"{s['model']} W{s['bits']} {s['act']} ({s[sqnr_key]:+.1f} dB)" for s in below_sqnr) + ".")
+        else:
+            out.append(f"GPFQ's output SQNR is above {wherever}.")
     return [" ".join(out), ""]
 
 
