@@ -7,6 +7,8 @@ activation quantization the output graph applies.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 
@@ -62,8 +64,9 @@ def calibrate(values: list[np.ndarray], method: str, bits: int, symmetric: bool,
     minmax: the full range. percentile: each tail clipped at ``percentile`` (e.g. 99.99).
     mse: the range [a lo, a hi], a in (0, 1], minimising the mean squared fake-quantization error.
     """
-    lo = min(float(v.min()) for v in values)
-    hi = max(float(v.max()) for v in values)
+    lo, hi = math.inf, -math.inf
+    for v in values:
+        lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
     if method == "minmax" or lo == hi:
         return act_quant_from_range(lo, hi, bits, symmetric)
     sample = _sample(values, rng)
@@ -79,8 +82,15 @@ def calibrate(values: list[np.ndarray], method: str, bits: int, symmetric: bool,
     return best
 
 
-def _sample(values: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
-    flat = np.concatenate([v.reshape(-1) for v in values]).astype(np.float64)
-    if flat.size > MAX_VALUES:
-        flat = flat[rng.choice(flat.size, MAX_VALUES, replace=False)]
-    return flat
+def _sample(values, rng: np.random.Generator) -> np.ndarray:
+    """All values, or about MAX_VALUES of them drawn uniformly (with replacement) from every
+    batch in proportion to its size; memory O(MAX_VALUES) whatever the number of batches."""
+    entries = values.entries() if hasattr(values, "entries") else values  # no reading of spilled batches
+    total = sum(math.prod(e.shape) for e in entries)
+    if total <= MAX_VALUES:
+        return np.concatenate([v.reshape(-1) for v in values]).astype(np.float64)
+    parts = []
+    for v in values:
+        k = round(MAX_VALUES * v.size / total)
+        parts.append(v.reshape(-1)[rng.integers(0, v.size, k)].astype(np.float64))
+    return np.concatenate(parts)

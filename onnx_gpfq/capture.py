@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -26,7 +27,9 @@ Batch = dict[str, np.ndarray]
 
 class Spill:
     """Where frontier tensors live: in memory up to ``budget`` bytes (shared by both streams), then
-    in memory-mapped .npy files under ``folder`` (the caller removes the folder when done)."""
+    in .npy files under ``folder`` (the caller removes the folder when done), written through a
+    memory map and read back one batch at a time when used, so that what lies on disk never
+    counts in the process's resident memory."""
 
     def __init__(self, budget: int | None = None, folder: str | None = None):
         self.budget, self.folder = budget, folder
@@ -34,8 +37,10 @@ class Spill:
         self.spilled_bytes = 0  # total ever written to disk (for the report)
         self._count = 0
 
-    def keep(self, array: np.ndarray) -> np.ndarray:
+    def keep(self, array: np.ndarray) -> "np.ndarray | OnDisk":
         if self.budget is None or self.folder is None or self.in_memory + array.nbytes <= self.budget:
+            if array.base is not None:  # a view (e.g. one batch of the whole calibration array): own it
+                array = array.copy()
             self.in_memory += array.nbytes
             return array
         self._count += 1
@@ -43,14 +48,39 @@ class Spill:
         mapped = np.lib.format.open_memmap(path, mode="w+", dtype=array.dtype, shape=array.shape)
         mapped[...] = array
         mapped.flush()
+        del mapped  # unmapped: the pages leave this process
         self.spilled_bytes += array.nbytes
-        return np.load(path, mmap_mode="r")
+        return OnDisk(path, array.shape, array.dtype)
 
-    def release(self, array: np.ndarray) -> None:
-        if isinstance(array, np.memmap) and array.filename:
-            os.unlink(array.filename)  # the mapping stays valid until its last reference goes
+    def release(self, entry: "np.ndarray | OnDisk") -> None:
+        if isinstance(entry, OnDisk):
+            os.unlink(entry.path)
         else:
-            self.in_memory -= array.nbytes
+            self.in_memory -= entry.nbytes
+
+
+class OnDisk(NamedTuple):
+    """A spilled batch of one tensor."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+class Batches(list):
+    """One tensor over all calibration batches: a list whose items are arrays; batches spilled to
+    disk are read back (a fresh array, freed after use) when indexed or iterated."""
+
+    def __getitem__(self, i):
+        entry = list.__getitem__(self, i)
+        return np.load(entry.path) if isinstance(entry, OnDisk) else entry
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def entries(self) -> list:
+        """The stored items themselves (arrays or OnDisk), nothing read."""
+        return list(list.__iter__(self))
 
 
 class Stream:
@@ -59,8 +89,8 @@ class Stream:
     def __init__(self, batches: Sequence[Batch], model: onnx.ModelProto, threads: int = 0, spill: Spill | None = None):
         self.n_batches = len(batches)
         self.spill = spill or Spill()
-        self.values: dict[str, list[np.ndarray]] = {name: [self.spill.keep(b[name]) for b in batches]
-                                                   for name in batches[0]}
+        self.values: dict[str, Batches] = {name: Batches(self.spill.keep(b[name]) for b in batches)
+                                           for name in batches[0]}
         self.done: set[str] = set()  # nodes already run, by name
         self.opset_import = list(model.opset_import)
         self.ir_version = model.ir_version
@@ -110,7 +140,7 @@ class Stream:
         self._prune(nodes, keep=set(needed) | set(produced_collect))
         return produced_collect
 
-    def _run(self, segment: list[onnx.NodeProto], inits: dict[str, onnx.TensorProto], outputs: list[str]) -> dict[str, list[np.ndarray]]:
+    def _run(self, segment: list[onnx.NodeProto], inits: dict[str, onnx.TensorProto], outputs: list[str]) -> dict[str, Batches]:
         import onnxruntime as ort
 
         produced = {o for n in segment for o in n.output}
@@ -121,9 +151,9 @@ class Stream:
         used_inits = [inits[r] for r in reads if r not in self.values and r in inits]
         inputs = []
         for name in feeds:
-            sample = self.values[name][0]
+            sample = self.values[name].entries()[0]
             inputs.append(helper.make_tensor_value_info(
-                name, helper.np_dtype_to_tensor_dtype(sample.dtype), [None] * sample.ndim))
+                name, helper.np_dtype_to_tensor_dtype(np.dtype(sample.dtype)), [None] * len(sample.shape)))
         graph = helper.make_graph(segment, "segment", inputs, [onnx.ValueInfoProto(name=o) for o in outputs],
                                   initializer=used_inits)
         model = helper.make_model(graph, opset_imports=self.opset_import, ir_version=self.ir_version)
@@ -134,7 +164,7 @@ class Stream:
         if self.threads:
             so.intra_op_num_threads = self.threads
         session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        results: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
+        results: dict[str, Batches] = {o: Batches() for o in outputs}
         for b in range(self.n_batches):
             arrays = session.run(outputs, {name: self.values[name][b] for name in feeds})
             for name, array in zip(outputs, arrays):
@@ -146,5 +176,5 @@ class Stream:
         still_read = {i for n in nodes if n.name not in self.done for i in node_inputs(n)}
         for name in list(self.values):
             if name not in still_read and name not in keep:
-                for array in self.values.pop(name):
-                    self.spill.release(array)
+                for entry in self.values.pop(name).entries():
+                    self.spill.release(entry)

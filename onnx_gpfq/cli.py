@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scale-rule", choices=["search", "fixed"], default="search",
                    help="step = C * max|w| / K; search: C minimising each channel's exact output error; "
                    "fixed: C given by --c (default: search)")
+    q.add_argument("--full-search", action="store_true",
+                   help="--scale-rule search: one pass per C of the grid (12) on every layer, also on large layers "
+                   "where the default goes coarse to fine (6)")
     q.add_argument("--c", type=float, default=1.0, help="C for --scale-rule fixed (default: 1.0)")
     q.add_argument("--sparsity", default=None, metavar="{soft,hard}:LAMBDA",
                    help="sparsity-promoting thresholding with absolute threshold LAMBDA (default: off)")
@@ -100,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=32, help="calibration samples per onnxruntime run (default: 32)")
     q.add_argument("--max-patches", type=int, default=256,
                    help="rows of X sampled per calibration sample and layer (conv patches, tokens) (default: 256)")
+    q.add_argument("--max-rows", type=int, default=4096,
+                   help="rows of X per layer over all calibration samples; beyond it fewer patches per sample, "
+                   "then a seeded subset (default: 4096)")
     q.add_argument("--memory-budget", default="1G", metavar="SIZE",
                    help="captured activations kept in memory (e.g. 512M, 2G, none); beyond it they spill to "
                    "memory-mapped files in a temporary folder that is always removed (default: 1G)")
@@ -153,10 +159,10 @@ def _cmd_quantize(args) -> int:
                           std=_floats(args.image_std, "--image-std"), channels=args.image_channels, layout=args.image_layout)
     options = Options(
         weight_bits=args.weight_bits, act_bits=args.act_bits, method=args.method, seed=args.seed,
-        granularity=args.granularity, block_size=args.block_size, scale_rule=args.scale_rule, c=args.c,
+        granularity=args.granularity, block_size=args.block_size, scale_rule=args.scale_rule, c=args.c, full_search=args.full_search,
         sparsity=parse_sparsity(args.sparsity), bias_correction=args.bias_correction, full_range=args.full_range,
         weight_format=args.weight_format, act_symmetric=args.act_symmetric, act_calibration=args.act_calibration,
-        percentile=args.percentile, batch_size=args.batch_size, max_patches=args.max_patches,
+        percentile=args.percentile, batch_size=args.batch_size, max_patches=args.max_patches, max_rows=args.max_rows,
         memory_budget=parse_size(args.memory_budget),
         exclude=tuple(args.exclude) + config_exclude, rules=rules, quiet=args.quiet, images=images,
         batch_axes=tuple(parse_batch_axis(v) for v in args.batch_axis),

@@ -134,6 +134,10 @@ class Options:
       point 0 instead of asymmetric uint8/uint16. act_calibration: "minmax", "percentile" (clip at
       the given percentile of each tail) or "mse" (clip range minimising the fake-quant error).
     max_patches: conv patches / tokens (rows of X) sampled per calibration sample and layer.
+    max_rows: rows of X per layer over the whole calibration set (after max_patches): beyond it each
+      sample gets fewer patches (at least one), then a seeded subset of rows is kept. Bounds the
+      cost of the Gram accumulation and of the residual form, and their memory, independently of
+      the number of calibration samples.
     memory_budget: bytes of captured activations (both streams) kept in memory; beyond it they go
       to memory-mapped files in a temporary folder. None: no limit.
     batch_size: calibration samples per onnxruntime run.
@@ -152,6 +156,7 @@ class Options:
     scale_rule: str = "search"
     c: float = 1.0
     c_grid: tuple[float, ...] | None = None  # None: the core's default grid
+    full_search: bool = False  # one pass per C of the grid on every layer (default: coarse to fine on large layers)
     sparsity: Sparsity | None = None
     bias_correction: bool = False
     full_range: bool = False
@@ -161,6 +166,7 @@ class Options:
     percentile: float = 99.99
     batch_size: int = 32
     max_patches: int = 256
+    max_rows: int = 4096
     memory_budget: int | None = 1 << 30
     exclude: tuple[str, ...] = field(default_factory=tuple)
     rules: tuple[LayerRule, ...] = field(default_factory=tuple)
@@ -189,7 +195,7 @@ class Options:
             raise UserError(f"the step-size constant C must be > 0 (got {self.c!r})")
         if not 50.0 < self.percentile <= 100.0:
             raise UserError(f"--percentile must be in (50, 100] (got {self.percentile!r})")
-        for name in ("batch_size", "max_patches", "block_size"):
+        for name in ("batch_size", "max_patches", "max_rows", "block_size"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer (got {value!r})")
@@ -254,6 +260,7 @@ class Options:
             scale_rule=layer.scale_rule,
             c=float(layer.c),
             **({"c_grid": tuple(self.c_grid)} if self.c_grid else {}),
+            search="full" if self.full_search else "auto",
             sparsity=self.sparsity,
             bias_correction=self.bias_correction,
         )

@@ -268,14 +268,39 @@ def _jsonable(options: Options) -> dict:
 
 def _accumulate(t: Target, xs: list[np.ndarray], xts: list[np.ndarray], w_shape, options: Options, k: int) -> gpfq.Moments:
     """G, H, F and column means of layer ``t`` over all calibration batches (same rows in both streams)."""
-    positions = [t.positions(x.shape, options.max_patches, np.random.default_rng([options.seed, k, b]))
-                 for b, x in enumerate(xs)]
-    m = sum(p.size if p is not None else t.rows(x[:1], None).shape[1] * x.shape[0] for p, x in zip(positions, xs))
+    positions, keep = _row_plan(t, [x.shape for x in xs], options, k)
+    m = sum(len(idx) for idx in keep)
     groups, n0, n1 = w_shape
     moments = gpfq.Moments(groups, n0, gpfq.choose_form(m, n0, n1, groups))
-    for x, xt, pos in zip(xs, xts, positions):
-        moments.update(t.rows(x, pos), t.rows(xt, pos))
+    for x, xt, pos, idx in zip(xs, xts, positions, keep):
+        rows, rows_t = t.rows(x, pos), t.rows(xt, pos)
+        if len(idx) < rows.shape[1]:
+            rows, rows_t = rows[:, idx], rows_t[:, idx]
+        moments.update(rows, rows_t)
     return moments
+
+
+def _row_plan(t: Target, shapes: list[tuple[int, ...]], options: Options, k: int) -> tuple[list, list[np.ndarray]]:
+    """Which rows of X layer ``t`` (the k-th) accumulates, per batch: (positions, keep).
+
+    positions[b]: per-sample patch positions for ``Target.rows`` (None: all). Each sample gets
+    min(max_patches, max_rows // samples) of them (at least one). keep[b]: indices into the rows
+    that batch yields; when the samples alone exceed max_rows, a seeded uniform subset of max_rows
+    rows over all batches. Seeded by (seed, k, batch), so both streams use the same rows and the
+    output does not depend on anything else.
+    """
+    samples = sum(t.samples(shape) for shape in shapes)
+    per_sample = max(1, min(options.max_patches, options.max_rows // max(samples, 1)))
+    positions = [t.positions(shape, per_sample, np.random.default_rng([options.seed, k, b]))
+                 for b, shape in enumerate(shapes)]
+    counts = [p.size if p is not None else t.samples(shape) * t.rows_per_sample(shape)
+              for p, shape in zip(positions, shapes)]
+    total = sum(counts)
+    if total <= options.max_rows:
+        return positions, [np.arange(c) for c in counts]
+    chosen = np.sort(np.random.default_rng([options.seed, k]).choice(total, options.max_rows, replace=False))
+    edges = np.cumsum([0] + counts)
+    return positions, [chosen[(chosen >= lo) & (chosen < hi)] - lo for lo, hi in zip(edges[:-1], edges[1:])]
 
 
 def _corrected_bias(t: Target, index: GraphIndex, result, graph: onnx.GraphProto) -> np.ndarray | None:

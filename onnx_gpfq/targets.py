@@ -94,15 +94,19 @@ class Target:
         return m[0]
 
     # --- activations -------------------------------------------------------------------------
+    def samples(self, x_shape: tuple[int, ...]) -> int:
+        """Calibration samples in a batch of the layer input (the rows of X come per sample)."""
+        return x_shape[1] if self.op_type == "Gemm" and self.trans_a else x_shape[0]
+
     def positions(self, x_shape: tuple[int, ...], max_patches: int, rng: np.random.Generator) -> np.ndarray | None:
         """Row positions to keep per sample: (N, P) indices into the L rows of each sample, or None for all."""
-        n = x_shape[0] if self.op_type != "Gemm" or not self.trans_a else x_shape[1]
-        per_sample = self._rows_per_sample(x_shape)
+        per_sample = self.rows_per_sample(x_shape)
         if per_sample <= max_patches:
             return None
-        return np.stack([np.sort(rng.choice(per_sample, max_patches, replace=False)) for _ in range(n)])
+        return np.stack([np.sort(rng.choice(per_sample, max_patches, replace=False)) for _ in range(self.samples(x_shape))])
 
-    def _rows_per_sample(self, x_shape: tuple[int, ...]) -> int:
+    def rows_per_sample(self, x_shape: tuple[int, ...]) -> int:
+        """Rows of X one sample yields: conv output positions, tokens, or 1."""
         if self.op_type == "Conv":
             return math.prod(self._out_spatial(x_shape))
         if self.op_type == "ConvTranspose":

@@ -1,14 +1,17 @@
 """Two-stream capture: segments reproduce a full run, each node runs once, and the X / X~ the
 pipeline fed GPFQ are exactly the float model's and the quantized model's layer inputs."""
 
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_gpfq import gpfq, quantize
-from onnx_gpfq.capture import Stream
+from onnx_gpfq.capture import OnDisk, Spill, Stream
 from onnx_gpfq.graph import GraphIndex, normalise
+from onnx_gpfq.quantize import _row_plan
 from onnx_gpfq.rewrite import dq_name
 from onnx_gpfq.targets import find_targets
 
@@ -88,3 +91,69 @@ def test_pipeline_fed_gpfq_exact_float_and_quantized_layer_inputs():
         np.testing.assert_array_equal(t.from_matrix(result.codes), out_inits[f"{t.w}_quantized"])
         assert moments.m == row.rows
         np.testing.assert_allclose(result.rel_error, row.rel_error, rtol=1e-9)
+
+
+def test_spilled_frontier_lives_on_disk_and_reads_back_exactly(tmp_path):
+    """Budget 0: every frontier batch goes to a .npy file (no mapping kept open, so nothing of it
+    counts in resident memory); indexing reads it back exactly; pruned tensors' files are removed."""
+    model = normalise(small_cnn())
+    graph = model.graph
+    rng = np.random.default_rng(3)
+    batches = [{"x": rng.standard_normal((4, 3, 6, 6)).astype(np.float32)} for _ in range(3)]
+    spill = Spill(budget=0, folder=str(tmp_path))
+    stream = Stream(batches, model, spill=spill)
+    index = GraphIndex(graph)
+    stream.advance(list(graph.node), index.initializers, ["a2"])
+    assert set(stream.values) == {"a2"}  # x, c1, r1, c2: nothing still to run reads them
+    for name in ("a2",):
+        entries = stream.values[name].entries()
+        assert len(entries) == 3 and all(isinstance(e, OnDisk) for e in entries)
+        for b, batch in enumerate(batches):
+            got = stream.values[name][b]
+            assert type(got) is np.ndarray  # a fresh array, not a memory map
+            np.testing.assert_array_equal(got, _intermediates(model, [name], batch["x"])[name])
+    assert spill.in_memory == 0 and spill.spilled_bytes > 0
+    stream.advance(list(graph.node), index.initializers, ["y"])
+    assert "a2" not in stream.values
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        os.path.basename(e.path) for name in stream.values for e in stream.values[name].entries())
+
+
+def test_rows_per_layer_are_capped_whatever_the_number_of_samples():
+    """max_rows bounds each layer's rows: fewer patches per sample, then a seeded subset; the
+    same rows for both streams, so the codes match a direct computation on exactly those rows."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((64, 3, 6, 6)).astype(np.float32)  # 36 conv positions per sample
+    for max_rows, conv_rows, fc_rows in ((10_000, 64 * 36, 64), (500, 64 * 7, 64), (40, 40, 40)):
+        out, report = quantize(small_cnn(), {"x": x}, weight_bits=3, batch_size=16, max_rows=max_rows, quiet=True)
+        assert [r.rows for r in report.layers] == [conv_rows, conv_rows, fc_rows]
+    # plan: sorted, unique, in range, deterministic
+    base = normalise(small_cnn())
+    t = find_targets(base.graph)[0][0]
+    shapes = [(16, 3, 6, 6)] * 4
+    from onnx_gpfq.options import Options
+    positions, keep = _row_plan(t, shapes, Options(max_rows=40), 0)
+    assert all(p.shape == (16, 1) for p in positions) and sum(len(k) for k in keep) == 40
+    assert all((np.diff(k) > 0).all() and k.min(initial=0) >= 0 and k.max(initial=0) < 16 for k in keep)
+    again = _row_plan(t, shapes, Options(max_rows=40), 0)
+    assert all((a == b).all() for a, b in zip(keep, again[1]))
+    assert all((a == b).all() for a, b in zip(positions, again[0]))
+
+
+def test_rows_subset_gives_the_codes_of_a_direct_computation():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((48, 3, 6, 6)).astype(np.float32)
+    out, report = quantize(small_cnn(), {"x": x}, weight_bits=3, batch_size=16, max_rows=30, act_bits=None, quiet=True)
+    base = normalise(small_cnn())
+    t = find_targets(base.graph)[0][0]  # conv1 reads the model input: X = X~
+    from onnx_gpfq.options import Options
+    batches = [x[b:b + 16] for b in range(0, 48, 16)]
+    positions, keep = _row_plan(t, [b.shape for b in batches], Options(max_rows=30), 0)
+    rows = np.concatenate([t.rows(b, p)[:, k] for b, p, k in zip(batches, positions, keep)], axis=1)
+    assert rows.shape[1] == 30
+    W = t.to_matrix(GraphIndex(base.graph).array(t.w).astype(np.float64))
+    moments = gpfq.Moments(1, W.shape[1], "gram")
+    moments.update(rows, rows)
+    result = gpfq.quantize_layer(W, moments, gpfq.QuantSpec(alphabet=gpfq.Alphabet.from_bits(3)))
+    out_inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    np.testing.assert_array_equal(t.from_matrix(result.codes), out_inits[f"{t.w}_quantized"])
