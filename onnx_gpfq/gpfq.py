@@ -129,6 +129,8 @@ class Sparsity:
 METHODS = ("gpfq", "rtn")
 GRANULARITIES = ("channel", "tensor", "block")
 SCALE_RULES = ("search", "fixed")
+SEARCHES = ("auto", "full", "coarse")
+COARSE_SEARCH_FLOPS = 1e8  # a pass above this (about 5 ms) makes "auto" search coarse to fine
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,12 @@ class QuantSpec:
     scale_rule: "search" picks C in delta = C r / K from c_grid by the exact output error;
       "fixed" uses C = c. search_per_channel: choose C per output column (columns are
       independent problems) instead of per layer; ignored (per layer) for "tensor".
+    search: "full" runs one pass per C of the grid; "coarse" (grids of 6 or more values) goes
+      coarse to fine: every third C from the second on, then the two grid neighbours of each
+      column's best (columns take different C in one pass): 6 passes instead of 12 on the default
+      grid, the same choice whenever the best C lies within one grid step of the coarse best.
+      "auto" (default): "full" where a pass costs at most COARSE_SEARCH_FLOPS (g N0 N1 min(N0, m)
+      multiply-adds), "coarse" on larger layers.
     """
 
     alphabet: Alphabet
@@ -151,6 +159,7 @@ class QuantSpec:
     c: float = 1.0
     c_grid: tuple[float, ...] = DEFAULT_C_GRID
     search_per_channel: bool = True
+    search: str = "auto"
     sparsity: Sparsity | None = None
     bias_correction: bool = False
 
@@ -181,6 +190,8 @@ class QuantSpec:
             raise ValueError("QuantSpec.c_grid must be a non-empty sequence of finite numbers > 0 "
                              f"(got {self.c_grid!r})")
         object.__setattr__(self, "c_grid", grid)
+        if self.search not in SEARCHES:
+            raise ValueError(f"QuantSpec.search must be one of {SEARCHES} (got {self.search!r})")
         for name in ("search_per_channel", "bias_correction"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"QuantSpec.{name} must be a bool (got {getattr(self, name)!r})")
@@ -772,22 +783,28 @@ class _ResidualProblem:
             U -= np.matmul(self.r.Xt[:, :, b0:b1], codes[:, b0:b1] * (rows if rows.shape[1] == 1 else rows[:, b0:b1]))
         return np.einsum("gmn,gmn->gn", U, U)
 
-    def search(self, r, bsize, grid, per_column, method, alphabet, sparsity) -> tuple["_Choice", "_Choice"]:
-        """Fused form only: the step search for `method` and for the RTN baseline, in one sweep
-        over W for every C of the grid at once (errors only), then one more sweep for the codes
-        of the chosen steps (GPFQ; RTN codes are a direct rounding). Same choices as _search."""
-        deltas = np.stack([steps_from_ranges(r, C, alphabet.K) for C in grid])
+    def search(self, r, bsize, make_stages, method, alphabet, sparsity) -> tuple["_Choice", "_Choice"]:
+        """Fused form only: the step search for `method` and for the RTN baseline, each stage's
+        lanes of both in one sweep over W (errors only), then one more sweep for the codes of the
+        chosen steps (GPFQ; RTN codes are a direct rounding). Same choices as _search."""
         gpfq = method == "gpfq"
-        store = gpfq and len(grid) == 1
-        codes, err_g, err_r, xw2 = self.f.sweep(self.W, deltas if gpfq else None, deltas, bsize, alphabet,
-                                                sparsity, store=store)
-        self.wfw = xw2
-        rtn = _select(err_r, deltas, grid, per_column)
+        sg, sr = make_stages(), make_stages()
+        stages_g = iter(sg)
+        for lanes_r in sr:
+            lanes_g = next(stages_g) if gpfq else ()
+            dr = np.stack([steps_from_ranges(r, sr.C(i), alphabet.K) for i in lanes_r])
+            dg = np.stack([steps_from_ranges(r, sg.C(i), alphabet.K) for i in lanes_g]) if gpfq else None
+            _, err_g, err_r, xw2 = self.f.sweep(self.W, dg, dr, bsize, alphabet, sparsity, store=False)
+            self.wfw = xw2
+            for j, lane in enumerate(lanes_r):
+                sr.best.offer(lane, err_r[j])
+            for j, lane in enumerate(lanes_g):
+                sg.best.offer(lane, err_g[j])
+        rtn = sr.best.choice(r, alphabet.K)
+        rtn = rtn._replace(codes=_rtn(self.W, rtn.delta, bsize, alphabet, sparsity))
         if not gpfq:
-            return rtn._replace(codes=_rtn(self.W, rtn.delta, bsize, alphabet, sparsity)), rtn
-        best = _select(err_g, deltas, grid, per_column)
-        if store:
-            return best._replace(codes=codes), rtn
+            return rtn, rtn
+        best = sg.best.choice(r, alphabet.K)
         codes, err, _, _ = self.f.sweep(self.W, best.delta[None], None, bsize, alphabet, sparsity, store=True)
         return best._replace(codes=codes, err=err[0]), rtn
 
@@ -834,45 +851,73 @@ class _Choice(NamedTuple):
     err: np.ndarray  # (g, N1) squared output error
 
 
-def _search(problem, r, bsize, grid, per_column, method, alphabet, sparsity) -> _Choice:
-    """Run one pass per C in grid (delta = C r / K) and keep, per column or for the whole layer,
-    the C with the smallest exact output error (first one on ties)."""
-    best = None
-    for C in grid:
-        delta = steps_from_ranges(r, C, alphabet.K)
-        if method == "gpfq":
-            codes, err = problem.greedy(delta, bsize, alphabet, sparsity)
-        else:
-            codes = _rtn(problem.W, delta, bsize, alphabet, sparsity)
-            err = problem.error(codes, delta, bsize)
-        if best is None:
-            best = _Choice(codes, delta, np.full(err.shape, float(C)), err)
-        elif per_column:
-            better = err < best.err
+class _Stages:
+    """The C values a step search tries, stage by stage, as grid indices per column.
+
+    Iterating yields, per stage, a list of lanes; a lane is a (g, N1) array of indices into the
+    grid (one C per column; all equal when the choice is per layer). Full search: one stage, one
+    lane per C. Coarse to fine (grids of 6 or more, unless full): every third C from the second
+    on, then the two neighbours of the best so far (per column, or of the layer's best).
+    """
+
+    def __init__(self, grid, shape, per_column: bool, full: bool):
+        self.grid, self.shape, self.per_column = np.asarray(grid, dtype=np.float64), shape, per_column
+        n = len(grid)
+        coarse = range(n) if full or n < 6 else range(1, n, 3)
+        self.first = [np.full(shape, i, np.intp) for i in coarse]
+        self.refine = not (full or n < 6)
+        self.best = _Best(per_column, self.grid)  # fed by the caller; steers the refinement
+
+    def C(self, lane: np.ndarray) -> np.ndarray:
+        return self.grid[lane]
+
+    def __iter__(self):
+        yield self.first
+        if self.refine:
+            i = self.best.i
+            yield [np.maximum(i - 1, 0), np.minimum(i + 1, len(self.grid) - 1)]
+
+
+class _Best:
+    """The best lane so far, per column (or per layer): grid index, error, codes if kept.
+    Ties keep the earlier lane."""
+
+    def __init__(self, per_column: bool, grid: np.ndarray):
+        self.per_column, self.grid = per_column, grid
+        self.i = self.err = self.codes = None
+
+    def offer(self, lane: np.ndarray, err: np.ndarray, codes: np.ndarray | None = None) -> None:
+        if self.err is None:
+            self.i, self.err, self.codes = lane.copy(), err.copy(), None if codes is None else codes.copy()
+        elif self.per_column:
+            better = err < self.err
             if better.any():
-                np.copyto(best.codes, codes, where=better[:, None, :])
-                np.copyto(best.delta, delta, where=better[:, None, :])
-                best.C[better] = C
-                np.copyto(best.err, err, where=better)
-        elif err.sum() < best.err.sum():
-            best = _Choice(codes, delta, np.full(err.shape, float(C)), err)
-    return best
+                self.i[better] = lane[better]
+                np.copyto(self.err, err, where=better)
+                if codes is not None:
+                    np.copyto(self.codes, codes, where=better[:, None, :])
+        elif err.sum() < self.err.sum():
+            self.i, self.err, self.codes = lane.copy(), err.copy(), None if codes is None else codes.copy()
+
+    def choice(self, r: np.ndarray, K: int) -> "_Choice":
+        C = self.grid[self.i]
+        return _Choice(self.codes, steps_from_ranges(r, C, K), C, self.err)
 
 
-def _select(errs, deltas, grid, per_column) -> _Choice:
-    """The choice _search makes, from all errors at once: errs (nC, g, N1), deltas (nC, g, nb, N1).
-    Codes left None."""
-    best_err, best_C, best_i = errs[0].copy(), np.full(errs[0].shape, float(grid[0])), np.zeros(errs[0].shape, np.intp)
-    for i in range(1, len(grid)):
-        if per_column:
-            better = errs[i] < best_err
-            best_C[better] = grid[i]
-            best_i[better] = i
-            np.copyto(best_err, errs[i], where=better)
-        elif errs[i].sum() < best_err.sum():
-            best_err, best_C, best_i = errs[i].copy(), np.full(errs[i].shape, float(grid[i])), np.full(errs[i].shape, i)
-    delta = np.take_along_axis(deltas, best_i[None, :, None, :], axis=0)[0]
-    return _Choice(None, np.ascontiguousarray(delta), best_C, best_err)
+def _search(problem, r, bsize, stages: _Stages, method, alphabet, sparsity) -> _Choice:
+    """Run one pass per lane of each stage (delta = C r / K, C per column) and keep, per column or
+    for the whole layer, the C with the smallest exact output error (earliest lane on ties)."""
+    best = stages.best
+    for lanes in stages:
+        for lane in lanes:
+            delta = steps_from_ranges(r, stages.C(lane), alphabet.K)
+            if method == "gpfq":
+                codes, err = problem.greedy(delta, bsize, alphabet, sparsity)
+            else:
+                codes = _rtn(problem.W, delta, bsize, alphabet, sparsity)
+                err = problem.error(codes, delta, bsize)
+            best.offer(lane, err, codes)
+    return best.choice(r, alphabet.K)
 
 
 @dataclass(frozen=True)
@@ -928,12 +973,17 @@ def quantize_layer(W: np.ndarray, moments: Moments, spec: QuantSpec) -> LayerRes
     problem = _GramProblem(W, moments) if moments.form == "gram" else _ResidualProblem(W, moments)
     grid = spec.c_grid if spec.scale_rule == "search" else (spec.c,)
     per_column = spec.search_per_channel and spec.granularity != "tensor"
-    args = (problem, r, bsize, grid, per_column)
+
+    full = spec.search == "full" or (spec.search == "auto" and g * n0 * n1 * min(n0, moments.m) <= COARSE_SEARCH_FLOPS)
+
+    def stages():
+        return _Stages(grid, (g, n1), per_column, full)
+
     if isinstance(problem, _ResidualProblem) and problem.fused:
-        best, rtn = problem.search(*args[1:], spec.method, spec.alphabet, spec.sparsity)
+        best, rtn = problem.search(r, bsize, stages, spec.method, spec.alphabet, spec.sparsity)
     else:
-        best = _search(*args, spec.method, spec.alphabet, spec.sparsity)
-        rtn = best if spec.method == "rtn" else _search(*args, "rtn", spec.alphabet, spec.sparsity)
+        best = _search(problem, r, bsize, stages(), spec.method, spec.alphabet, spec.sparsity)
+        rtn = best if spec.method == "rtn" else _search(problem, r, bsize, stages(), "rtn", spec.alphabet, spec.sparsity)
 
     denom = float(problem.wfw.sum())
 

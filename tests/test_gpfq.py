@@ -133,6 +133,51 @@ def test_search_matches_reference_per_column():
     assert (res.C == grid[k]).all()
 
 
+def _coarse_to_fine(errs: np.ndarray) -> np.ndarray:
+    """The grid index the default search picks per column from all reference errors (nC, g, N1):
+    the best of every third index from 1, then of that one's two neighbours (earliest on ties)."""
+    n = errs.shape[0]
+    coarse = list(range(1, n, 3))
+    cols = np.indices(errs.shape[1:])
+    pick = np.array(coarse)[np.argmin(errs[coarse], axis=0)]
+    for lane in (np.maximum(pick - 1, 0), np.minimum(pick + 1, n - 1)):
+        better = errs[lane, cols[0], cols[1]] < errs[pick, cols[0], cols[1]]
+        pick = np.where(better, lane, pick)
+    return pick
+
+
+@pytest.mark.parametrize("m", [40, 150])  # fused residual (m <= 64) and blocked residual / gram
+@pytest.mark.parametrize("method", ["gpfq", "rtn"])
+def test_coarse_to_fine_search_matches_reference(m, method):
+    """Default grid: 6 passes (coarse to fine) pick what the rule picks from all 12 reference
+    errors; "full" (and "auto" on a layer this small) picks the argmin over all 12."""
+    rng = np.random.default_rng(11)
+    g, n0, n1 = 2, 30, 40
+    X, Xt = correlated(rng, g, m, n0)
+    W = rng.standard_t(4, (g, n0, n1)) * 0.1
+    alphabet = Alphabet.from_bits(3)
+    grid = P.DEFAULT_C_GRID
+    r, _ = P.step_ranges(W, "channel")
+    codes, errs = [], []
+    for C in grid:
+        d = np.broadcast_to(P.steps_from_ranges(r, C, alphabet.K), W.shape)
+        if method == "gpfq":
+            c, e = ref.gpfq_layer(X, Xt, W, d, alphabet.lo, alphabet.hi)
+        else:
+            c = np.clip(np.round(W / d), alphabet.lo, alphabet.hi).astype(np.int32)
+            e = np.einsum("gmn,gmn->gn", *(2 * [np.einsum("gmi,gin->gmn", X, W) - np.einsum("gmi,gin->gmn", Xt, c * d)]))
+        codes.append(c)
+        errs.append(e)
+    errs, codes = np.array(errs), np.array(codes)
+    full = np.argmin(errs, axis=0)
+    for search, pick in (("coarse", _coarse_to_fine(errs)), ("full", full), ("auto", full)):  # auto: a small layer
+        want = np.take_along_axis(codes, pick[None, :, None, :], axis=0)[0]
+        for form in ("gram", "residual"):
+            res = P.quantize_layer(W, moments_of(X, Xt, form), QuantSpec(alphabet, method=method, search=search))
+            np.testing.assert_array_equal(res.codes, want, err_msg=f"{form} {search}")
+            np.testing.assert_array_equal(res.C, np.array(grid)[pick])
+
+
 # Few calibration rows (m <= RESIDUAL_FUSED_MAX_M): the residual form runs fused, row by row in
 # numba, with every C of the grid in one sweep. (g, m, N0, N1g, granularity, group_size, sparsity, bits)
 FEW_ROWS = [
