@@ -167,18 +167,24 @@ def tril_matmul_small(G, W, A):
                 A[k, t, c] = acc
 
 
-@njit(cache=True)
 def dead_threshold(H, tol):
     """(g,) tol * max_t H[k, t, t]: H[t,t] at or below it counts as a zero column of Xt."""
+    out = np.empty(H.shape[0])
+    _dead_threshold_into(H, tol, out)
+    return out
+
+
+@njit(cache=True)
+def _dead_threshold_into(H, tol, out):
+    """dead_threshold into out (g,) float64. Allocates nothing: a kernel that allocates makes
+    loading it from the cache import numba.np.arrayobj (~0.04 s of a cold start)."""
     g, n0, _ = H.shape
-    out = np.empty(g)
     for k in range(g):
         m = 0.0
         for t in range(n0):
             if H[k, t, t] > m:
                 m = H[k, t, t]
         out[k] = tol * m
-    return out
 
 
 
@@ -416,3 +422,60 @@ def quantize_array(z, d, bsize, lo, hi, mode, lam, out):
                         o[c] = -2147483648
                     else:
                         o[c] = quant_code(zc, dc, lo, hi, mode, lam)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cold start: load the cached kernels without numba's full context refresh
+# ----------------------------------------------------------------------------------------------
+
+
+def _load_from_cache_without_refresh(namespace) -> None:
+    """Make every cached kernel of this module load from numba's disk cache without the
+    ``target_context.refresh()`` that numba's ``Cache.load_overload`` runs first.
+
+    That refresh imports and installs all of numba's typing and lowering registries (NumPy,
+    random, typed containers, jitclass, ..., and ``import scipy.linalg`` through
+    ``numba.np.arraymath``'s BLAS probe): ~0.25 s, most of a fresh process's first quantize
+    call, and all of it only needed to *compile*. Loading cached machine code needs the NRT
+    (initialised here, exactly as the refresh would) and the C helper / math symbols installed
+    when the CPU context is created; the kernels reference nothing else (checked: NRT_*,
+    numba_* helpers, the Python C API and LLVM intrinsics). Whenever numba compiles anything
+    (a cache miss, a new signature, anyone else's jitted code), its compiler runs the full
+    refresh itself, as before. The loaded code is the cached code: same bits, same results.
+
+    Only this module's dispatchers are changed (their own cache objects); if numba's internals
+    are not what this expects (checked on numba 0.6x; other versions keep numba's own path), or
+    ONNX_GPFQ_NUMBA_FULL_LOAD=1 is set, nothing is changed, and if the fast load fails for any
+    reason the normal load (refresh included) runs instead.
+    """
+    import os
+
+    import numba
+
+    if os.environ.get("ONNX_GPFQ_NUMBA_FULL_LOAD") == "1" or not numba.__version__.startswith("0.6"):
+        return
+    try:
+        from numba.core.caching import Cache
+        from numba.core.dispatcher import Dispatcher
+        from numba.core.runtime import rtsys
+    except ImportError:  # pragma: no cover - another numba layout: keep numba's own path
+        return
+    if not all(hasattr(Cache, a) for a in ("load_overload", "_load_overload", "_guard_against_spurious_io_errors")):
+        return  # pragma: no cover
+    for obj in list(namespace.values()):
+        cache = getattr(obj, "_cache", None) if isinstance(obj, Dispatcher) else None
+        if not isinstance(cache, Cache):  # NullCache: caching off, nothing to load
+            continue
+
+        def load_overload(sig, target_context, _cache=cache, _full=cache.load_overload):
+            try:
+                rtsys.initialize(target_context)  # what the refresh would do first; idempotent
+                with _cache._guard_against_spurious_io_errors():
+                    return _cache._load_overload(sig, target_context)
+            except Exception:
+                return _full(sig, target_context)
+
+        cache.load_overload = load_overload
+
+
+_load_from_cache_without_refresh(globals())

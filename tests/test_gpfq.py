@@ -572,3 +572,23 @@ def test_choose_form():
     assert P.choose_form(64, 9, 1, groups=512) == "gram"
     assert P.choose_form(1, 9, 1, groups=512) == "residual"
     assert P.choose_form(32, 25088, 4096, memory_limit_bytes=1 << 40) == "residual"
+
+
+def test_fast_kernel_cache_load_gives_the_same_model():
+    """_kernels loads numba's cached kernels without numba's full context refresh (cold-start
+    cost); with ONNX_GPFQ_NUMBA_FULL_LOAD=1 numba's own path runs. Fresh processes, same bytes."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    models = Path(__file__).resolve().parent.parent / "models"
+    code = ("import hashlib, onnx_gpfq; m, _ = onnx_gpfq.quantize(r'%s', r'%s', weight_bits=3, quiet=True); "
+            "print(hashlib.sha256(m.SerializeToString()).hexdigest())" % (models / "digits_cnn.onnx", models / "digits_calib.npz"))
+    digests = []
+    for full in ("0", "1", "0"):  # the first run may compile (cache miss); the last one loads
+        env = dict(os.environ, ONNX_GPFQ_NUMBA_FULL_LOAD=full)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        digests.append(out.stdout.strip())
+    assert len(set(digests)) == 1 and len(digests[0]) == len(hashlib.sha256().hexdigest())
