@@ -43,6 +43,9 @@ RESIDUAL_FUSED_MAX_M = 64
 RESIDUAL_TILE = 512
 # H[t,t] <= DEAD_TOL * max_s H[s,s] counts as a zero column of Xt: q_t = 0.
 DEAD_TOL = 1e-12
+GRAM_CHUNK_BYTES = 32 << 20  # Gram form: rows gathered before one product per matrix
+ERROR_LANES_BYTES = 256 << 20  # RTN search: lanes whose errors are computed in one product
+PROJECTED_BLOCK = 256  # fan-in rows per block of the projected Gram accumulation
 
 # Default grid of C in delta = C r / K: geometric, ratio ~1.25, 0.1 .. 1.25, with 1.0 in it (so the
 # search is never worse than the plain rule C = 1). Measured with per-channel search on correlated
@@ -216,14 +219,19 @@ class Moments:
     axis g. N0 = fan-in per group.
 
     form "gram": float64 G = Xt^T X, H = Xt^T Xt, F = X^T X, each (g, N0, N0).
+    form "gram" with the layer's weights W (g, N0, N1g) given ("projected"): H, and instead of G
+    and F only what GPFQ reads of them: A = tril(G) W, G W (g, N0, N1g) and ||X W||^2 per column
+    (g, N1g). A is accumulated block by block of the fan-in, as in the residual form:
+    A[b] += tril(Xt_b^T X_b) W_b + Xt_b^T (X[:, :b] W[:b]). Per row that is N0^2 / 2 + 3 N0 N1
+    multiply-adds instead of 2 N0^2: cheaper when N1 is well under N0 (3x3 convs, bottlenecks).
     form "residual": the rows themselves, X and Xt (g, m, N0) (float32 storage, float64 kept
     when given float64).
     Both: column sums of X and Xt -> mu_x, mu_xt (g, N0), and the row count m.
     Layers reading the same input tensor can share one Moments object (quantize_layer does not
-    modify it).
+    modify it) unless it is projected on one layer's W.
     """
 
-    def __init__(self, groups: int, n0: int, form: str):
+    def __init__(self, groups: int, n0: int, form: str, W: np.ndarray | None = None):
         if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
             raise ValueError(f"Moments: groups must be an int >= 1 (got {groups!r})")
         if isinstance(n0, bool) or not isinstance(n0, (int, np.integer)) or n0 < 1:
@@ -234,10 +242,25 @@ class Moments:
         self.m = 0
         self._sx = np.zeros((self.groups, self.n0))
         self._sxt = np.zeros((self.groups, self.n0))
+        self.W = None
+        if W is not None:
+            W = np.asarray(W)
+            if form != "gram" or W.ndim != 3 or W.shape[:2] != (self.groups, self.n0) or W.shape[2] < 1:
+                raise ValueError(f"Moments: W is for form='gram' and must be (groups={self.groups}, n0={self.n0}, N1g) "
+                                 f"(got form={form!r}, W {W.shape})")
+            self.W = np.array(W, dtype=np.float64)
+            self._W32 = self.W.astype(np.float32)
+            n1 = W.shape[2]
+            self._A = np.zeros((self.groups, self.n0, n1))
+            self._GW = np.zeros((self.groups, self.n0, n1))
+            self._xw2 = np.zeros((self.groups, n1))
         if form == "gram":
-            self.G = np.zeros((self.groups, self.n0, self.n0))
-            self.H = np.zeros((self.groups, self.n0, self.n0))
-            self.F = np.zeros((self.groups, self.n0, self.n0))
+            if self.W is None:
+                self._G = np.zeros((self.groups, self.n0, self.n0))
+                self._F = np.zeros((self.groups, self.n0, self.n0))
+            self._H = np.zeros((self.groups, self.n0, self.n0))
+            self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []  # rows not yet in G, H, F
+            self._pending_bytes = 0
         else:
             self._xs: list[np.ndarray] = []
             self._xts: list[np.ndarray] = []
@@ -266,9 +289,9 @@ class Moments:
         rows = X.shape[1]
         if rows == 0:
             return
-        # float32 rows in the Gram form: the batch's products in float32 (twice the GEMM speed),
-        # summed over batches in float64 (within a batch float32 keeps ~1e-6 relative accuracy).
-        # Anything else is computed in float64.
+        # float32 rows in the Gram form: products in float32 (twice the GEMM speed) over chunks of
+        # rows, summed over chunks in float64 (within a chunk float32 keeps ~1e-6 relative
+        # accuracy). Anything else is computed in float64.
         work = np.float32 if self.form == "gram" and X.dtype == Xt.dtype == np.float32 else np.float64
         X64 = X.astype(work, copy=False)
         Xt64 = X64 if same else Xt.astype(work, copy=False)
@@ -280,22 +303,97 @@ class Moments:
         self._sx += sx
         self._sxt += sxt
         self.m += rows
-        if self.form == "gram" and self.groups == 1:  # 2-D products: numpy uses syrk for A^T A
-            F = X64[0].T @ X64[0]
-            self.F[0] += F
-            self.G[0] += F if same else Xt64[0].T @ X64[0]
-            self.H[0] += F if same else Xt64[0].T @ Xt64[0]
-        elif self.form == "gram":  # one batched product per matrix over all groups
-            XT, XtT = X64.transpose(0, 2, 1), Xt64.transpose(0, 2, 1)
-            F = np.matmul(XT, X64)
-            self.F += F
-            self.G += F if same else np.matmul(XtT, X64)
-            self.H += F if same else np.matmul(XtT, Xt64)
+        if self.form == "gram":
+            # Small batches (e.g. models with a fixed batch of 1) are gathered into chunks of
+            # GRAM_CHUNK_BYTES first: the products' cost is in the rows, but every product also
+            # adds N0^2 entries into G, H, F.
+            self._pending.append((np.array(X64, copy=True), None if same else np.array(Xt64, copy=True)))
+            self._pending_bytes += X64.nbytes * (1 if same else 2)
+            if self._pending_bytes >= GRAM_CHUNK_BYTES:
+                self._flush()
         else:
             keep = np.float64 if X.dtype == np.float64 and Xt.dtype == np.float64 else np.float32
             self._xs.append(np.array(X, dtype=keep))
             self._xts.append(self._xs[-1] if same else np.array(Xt, dtype=keep))
             self._cat = None
+
+    def _flush(self) -> None:
+        """Add the pending rows to G, H, F (one product per matrix for the whole chunk)."""
+        if not self._pending:
+            return
+        same = all(xt is None for _, xt in self._pending)
+        dtype = np.result_type(*(x.dtype for x, _ in self._pending))
+        X64 = np.concatenate([x for x, _ in self._pending], axis=1).astype(dtype, copy=False)
+        Xt64 = X64 if same else np.concatenate([x if xt is None else xt for x, xt in self._pending],
+                                               axis=1).astype(dtype, copy=False)
+        self._pending, self._pending_bytes = [], 0
+        if self.W is not None:
+            self._flush_projected(X64, Xt64)
+            return
+        if self.groups == 1:  # 2-D products: numpy uses syrk for A^T A
+            F = X64[0].T @ X64[0]
+            self._F[0] += F
+            self._G[0] += F if same else Xt64[0].T @ X64[0]
+            self._H[0] += F if same else Xt64[0].T @ Xt64[0]
+        else:  # one batched product per matrix over all groups
+            XT, XtT = X64.transpose(0, 2, 1), Xt64.transpose(0, 2, 1)
+            F = np.matmul(XT, X64)
+            self._F += F
+            self._G += F if same else np.matmul(XtT, X64)
+            self._H += F if same else np.matmul(XtT, Xt64)
+
+    def _flush_projected(self, X: np.ndarray, Xt: np.ndarray) -> None:
+        """H += Xt^T Xt; A, G W, ||X W||^2 from the rows (see the class docstring)."""
+        W = self.W if X.dtype == np.float64 else self._W32
+        XtT = Xt.transpose(0, 2, 1)
+        self._H += (Xt[0].T @ Xt[0])[None] if self.groups == 1 else np.matmul(XtT, Xt)
+        V = np.zeros((self.groups, X.shape[1], W.shape[2]), X.dtype)  # running X[:, :b0] W[:b0]
+        for b0 in range(0, self.n0, PROJECTED_BLOCK):
+            b1 = min(b0 + PROJECTED_BLOCK, self.n0)
+            Xb, XtbT = X[:, :, b0:b1], XtT[:, b0:b1]
+            self._A[:, b0:b1] += np.matmul(np.tril(np.matmul(XtbT, Xb)), W[:, b0:b1]) + np.matmul(XtbT, V)
+            V += np.matmul(Xb, W[:, b0:b1])
+        self._GW += np.matmul(XtT, V)
+        self._xw2 += np.einsum("gmn,gmn->gn", V, V, dtype=np.float64)
+
+    def _gram(self, name: str) -> np.ndarray:
+        if self.form != "gram":
+            raise AttributeError("G / H / F are only kept by form='gram' Moments")
+        if not hasattr(self, name):
+            raise AttributeError(f"{name[1:]} is not kept by Moments projected on W (it keeps A = tril(G) W, "
+                                 "G W and ||X W||^2 instead)")
+        self._flush()
+        return getattr(self, name)
+
+    @property
+    def A(self) -> np.ndarray:
+        """(g, N0, N1g) tril(G) W (projected Moments only)."""
+        return self._gram("_A")
+
+    @property
+    def GW(self) -> np.ndarray:
+        """(g, N0, N1g) G W (projected Moments only)."""
+        return self._gram("_GW")
+
+    @property
+    def xw2(self) -> np.ndarray:
+        """(g, N1g) ||X W||^2 per column (projected Moments only)."""
+        return self._gram("_xw2")
+
+    @property
+    def G(self) -> np.ndarray:
+        """(g, N0, N0) float64 Xt^T X."""
+        return self._gram("_G")
+
+    @property
+    def H(self) -> np.ndarray:
+        """(g, N0, N0) float64 Xt^T Xt."""
+        return self._gram("_H")
+
+    @property
+    def F(self) -> np.ndarray:
+        """(g, N0, N0) float64 X^T X."""
+        return self._gram("_F")
 
     @property
     def mu_x(self) -> np.ndarray:
@@ -332,18 +430,44 @@ class Moments:
         return self._rows()[1]
 
 
+def _accumulate_flops(m: int, n0: int, n1: int, g: int, projected: bool) -> int:
+    """Gram form, accumulation and per-layer products (choose_form's units): plain G, H, F then
+    tril(G) W, G W, F W; or projected (H, and A, G W, ||XW||^2 from the rows)."""
+    if projected:
+        return 2 * g * m * n0 * n0 + 6 * g * m * n0 * n1 + 2 * g * m * min(n0, PROJECTED_BLOCK) * n0
+    return 6 * g * m * n0 * n0 + 5 * g * n0 * n0 * n1
+
+
+def projection_pays(m: int, n0: int, n1: int, groups: int = 1) -> bool:
+    """Whether Moments projected on W (see Moments) costs less than plain G, H, F: roughly when
+    6 N1 + 2 min(N0, 256) < 4 N0 (3x3 convs, bottleneck 1x1 convs; not expanding layers)."""
+    return _accumulate_flops(m, n0, n1, groups, True) < _accumulate_flops(m, n0, n1, groups, False)
+
+
+def search_passes(spec: "QuantSpec", m: int, n0: int, n1: int, groups: int = 1) -> int:
+    """Greedy passes quantize_layer runs for the step search, GPFQ and RTN baseline together."""
+    if spec.scale_rule == "fixed":
+        return 2
+    n = len(spec.c_grid)
+    full = spec.search == "full" or n < 6 or (spec.search == "auto" and groups * n0 * n1 * min(n0, m) <= COARSE_SEARCH_FLOPS)
+    return 2 * (n if full else len(range(1, n, 3)) + 2)
+
+
 def choose_form(m: int, n0: int, n1: int, groups: int = 1, memory_limit_bytes: int = 2 << 30,
-                passes: int = 2 * len(DEFAULT_C_GRID)) -> str:
+                passes: int = 2 * len(DEFAULT_C_GRID), projected: bool = False) -> str:
     """Pick the Gram or the residual form for a layer with m calibration rows, fan-in n0 per
-    group and n1 output columns *per group* (N1g), before accumulating.
+    group and n1 output columns *per group* (N1g), before accumulating; projected: the Gram form
+    would accumulate Moments projected on W.
 
     Memory (bytes):  gram     3 g N0^2 * 8            (G, H, F in float64)
+                              projected: g N0^2 * 8 + 3 g N0 N1 * 8
                      residual 2 g m N0 * 8            (X, Xt as float64 while quantizing)
                               + g m N1 * 8            (the state U)
     Cost, in units of one BLAS flop (single core ~0.022 ns), g groups, ``passes`` passes (one per
     C of the grid, for GPFQ and for the RTN baseline):
       gram      6 g m N0^2                  accumulate G, H, F
                 + 5 g N0^2 N1               once per layer (tril(G) W, G W, F W)
+                (projected: 2 g m N0^2 + 6 g m N0 N1 + 2 g m min(N0, 256) N0 instead)
                 + per pass g (N0^2 N1 + 4 min(N0, 128) N0 N1 + 1800 N0)
       residual, m <= RESIDUAL_FUSED_MAX_M (fused kernel, passes + 1 lanes of one sweep):
                 (passes + 1) g N0 (770 + 115 m + N1 (27 + 7 m))
@@ -364,7 +488,7 @@ def choose_form(m: int, n0: int, n1: int, groups: int = 1, memory_limit_bytes: i
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (0 if name == "m" else 1):
             raise ValueError(f"choose_form: {name} must be an int >= {0 if name == 'm' else 1} (got {v!r})")
     g, m, n0, n1 = int(groups), int(m), int(n0), int(n1)
-    gram_bytes = 3 * g * n0 * n0 * 8
+    gram_bytes = (g * n0 * n0 + 3 * g * n0 * n1) * 8 if projected else 3 * g * n0 * n0 * 8
     res_bytes = 2 * g * m * n0 * 8 + g * m * n1 * 8
     gram_ok, res_ok = gram_bytes <= memory_limit_bytes, res_bytes <= memory_limit_bytes
     if gram_ok != res_ok:
@@ -372,7 +496,7 @@ def choose_form(m: int, n0: int, n1: int, groups: int = 1, memory_limit_bytes: i
     if not gram_ok:
         return "gram" if gram_bytes <= res_bytes else "residual"
     tri, row = 4, 1800  # weight of a triangle flop; per-row overhead of the triangle kernel
-    gram_flops = (6 * g * m * n0 * n0 + 5 * g * n0 * n0 * n1
+    gram_flops = (_accumulate_flops(m, n0, n1, g, projected)
                   + passes * g * (n0 * n0 * n1 + tri * min(n0, GRAM_BLOCK) * n0 * n1 + row * n0))
     if m <= RESIDUAL_FUSED_MAX_M:
         res_flops = (passes + 1) * g * n0 * (770 + 115 * m + n1 * (27 + 7 * m))
@@ -645,12 +769,17 @@ class _Residual:
     block without forming G; the pass then keeps the state R = Xt[:, :b0] Q[:b0] (m, N1) and per
     block of B rows: L = Xt_b^T R (one GEMM), the B x B triangle with H_bb = Xt_b^T Xt_b in numba,
     R += Xt_b Q_b (one GEMM). At the end U = X W - R, and the exact error is ||U||^2 per column.
+
+    The GEMMs run in the rows' dtype: float32 rows (the pipeline's) give float32 products (twice
+    the speed) summed into float64 states, as the Gram form does; float64 rows stay float64.
     """
 
     def __init__(self, W, X, Xt, block=None):
         g, n0, n1 = W.shape
         block = residual_block(X.shape[1]) if block is None else int(block)
         self.block, self.X, self.Xt = block, X, Xt
+        self.work = np.float32 if X.dtype == Xt.dtype == np.float32 else np.float64
+        Ww = W.astype(self.work)
         self.A = np.empty((g, n0, n1))
         self.Hb = []
         V = np.zeros((g, X.shape[1], n1))  # running X[:, :b0] W[:b0]
@@ -659,12 +788,12 @@ class _Residual:
             b1 = min(b0 + block, n0)
             Xb, Xtb = X[:, :, b0:b1], Xt[:, :, b0:b1]
             XtbT = Xtb.transpose(0, 2, 1)
-            Hbb = np.ascontiguousarray(np.matmul(XtbT, Xtb))
+            Hbb = np.ascontiguousarray(np.matmul(XtbT, Xtb), dtype=np.float64)
             self.Hb.append(Hbb)
             diag[:, b0:b1] = np.diagonal(Hbb, axis1=1, axis2=2)
             Gbb = np.matmul(XtbT, Xb)
-            self.A[:, b0:b1] = np.matmul(np.tril(Gbb), W[:, b0:b1]) + np.matmul(XtbT, V)
-            V += np.matmul(Xb, W[:, b0:b1])
+            self.A[:, b0:b1] = np.matmul(np.tril(Gbb), Ww[:, b0:b1]) + np.matmul(XtbT, V.astype(self.work, copy=False))
+            V += np.matmul(Xb, Ww[:, b0:b1])
         self.XW = V
         self.dead = np.ascontiguousarray(DEAD_TOL * diag.max(axis=1))
 
@@ -678,13 +807,13 @@ class _Residual:
         for i, b0 in enumerate(range(0, n0, self.block)):
             b1 = min(b0 + self.block, n0)
             Xtb = self.Xt[:, :, b0:b1]
-            L = np.ascontiguousarray(np.matmul(Xtb.transpose(0, 2, 1), R))
+            L = np.ascontiguousarray(np.matmul(Xtb.transpose(0, 2, 1), R.astype(self.work, copy=False)), dtype=np.float64)
             Qb = np.empty((g, b1 - b0, n1))
             cb = np.empty((g, b1 - b0, n1), np.int32)
             _kernels.greedy_block(self.A, b0, L, 0, self.Hb[i], 0, Qb, cb, 0, delta, b0, bsize, b1 - b0,
                                   alphabet.lo, alphabet.hi, mode, lam, self.dead, qhq)
             codes[:, b0:b1] = cb
-            R += np.matmul(Xtb, Qb)
+            R += np.matmul(Xtb, Qb.astype(self.work, copy=False))
         return codes, self.XW - R
 
 
@@ -730,11 +859,17 @@ class _GramProblem:
     """Per-layer quantities shared by every pass: A = tril(G) W, G W, w^T F w."""
 
     def __init__(self, W, mom: Moments):
-        G, self.H = np.ascontiguousarray(mom.G), np.ascontiguousarray(mom.H)
+        self.H = np.ascontiguousarray(mom.H)
         self.W = W
-        self.A = tril_matmul(G, W)
-        self.GW = np.matmul(G, W)
-        self.wfw = np.einsum("gin,gin->gn", W, np.matmul(mom.F, W))
+        if mom.W is not None:  # projected: A, G W and ||XW||^2 were accumulated from the rows
+            if mom.W.shape != W.shape or not np.array_equal(mom.W, W):
+                raise ValueError("quantize_layer: these Moments were projected on other weights than W")
+            self.A, self.GW, self.wfw = mom.A, mom.GW, mom.xw2
+        else:
+            G = np.ascontiguousarray(mom.G)
+            self.A = tril_matmul(G, W)
+            self.GW = np.matmul(G, W)
+            self.wfw = np.einsum("gin,gin->gn", W, np.matmul(mom.F, W))
         self.dead = _dead(self.H)
         self.dH = np.ascontiguousarray(np.diagonal(self.H, axis1=1, axis2=2))
 
@@ -742,12 +877,22 @@ class _GramProblem:
         codes, Q, qhq = _gram_pass(self.A, self.H, delta, bsize, alphabet, sparsity, self.dead)
         return codes, self.wfw - 2.0 * np.einsum("gin,gin->gn", Q, self.GW) + qhq
 
-    def error(self, codes, delta, bsize):
-        """Exact per-column error of given codes; q^T H q from the lower triangle only:
+    def errors(self, codes: list, deltas: list, bsize: int) -> list:
+        """Exact per-column errors of given codes, several lanes (codes, delta) side by side as
+        one wide product; q^T H q from the lower triangle only:
         q^T H q = sum_t q_t (2 (tril(H) q)_t - H[t,t] q_t)."""
-        Q = codes * _rows_of(delta, bsize, codes.shape[1])
-        qhq = np.einsum("gin,gin->gn", Q, 2.0 * tril_matmul(self.H, Q) - self.dH[:, :, None] * Q)
-        return self.wfw - 2.0 * np.einsum("gin,gin->gn", Q, self.GW) + qhq
+        g, n0, n1 = codes[0].shape
+        Q = np.empty((g, n0, len(codes), n1))
+        for i, (c, d) in enumerate(zip(codes, deltas)):
+            np.multiply(c, _rows_of(d, bsize, n0), out=Q[:, :, i])
+        Q = Q.reshape(g, n0, len(codes) * n1)
+        HQ = tril_matmul(self.H, Q)
+        qhq = 2.0 * np.einsum("gin,gin->gn", Q, HQ)
+        np.multiply(Q, Q, out=HQ)
+        qhq -= np.matmul(self.dH[:, None, :], HQ)[:, 0]  # - sum_t H[t,t] q_t^2
+        qgw = np.einsum("gilN,giN->glN", Q.reshape(g, n0, len(codes), n1), self.GW)
+        err = self.wfw[:, None, :] - 2.0 * qgw + qhq.reshape(g, len(codes), n1)
+        return [err[:, i] for i in range(len(codes))]
 
 
 class _ResidualProblem:
@@ -759,29 +904,36 @@ class _ResidualProblem:
     """
 
     def __init__(self, W, mom: Moments):
-        X = np.asarray(mom.X, dtype=np.float64)
-        Xt = X if mom.Xt is mom.X else np.asarray(mom.Xt, dtype=np.float64)
         self.W = W
-        self.fused = X.shape[1] <= RESIDUAL_FUSED_MAX_M
+        self.fused = mom.m <= RESIDUAL_FUSED_MAX_M
         if self.fused:
+            X = np.asarray(mom.X, dtype=np.float64)
+            Xt = X if mom.Xt is mom.X else np.asarray(mom.Xt, dtype=np.float64)
             self.f = _Fused(X, Xt)
             self.wfw = None  # ||X W||^2 per column, set by search()
-        else:
-            self.r = _Residual(W, X, Xt)
+        else:  # float32 rows stay float32 (see _Residual)
+            self.r = _Residual(W, mom.X, mom.Xt)
+            self.m = mom.m
             self.wfw = np.einsum("gmn,gmn->gn", self.r.XW, self.r.XW)
 
     def greedy(self, delta, bsize, alphabet, sparsity):  # blocked only (fused: search)
         codes, U = self.r.greedy(delta, bsize, alphabet, sparsity)
         return codes, np.einsum("gmn,gmn->gn", U, U)
 
-    def error(self, codes, delta, bsize):
-        n0 = codes.shape[1]
-        rows = _rows_of(delta, bsize, n0)
-        U = self.r.XW.copy()
+    def errors(self, codes: list, deltas: list, bsize: int) -> list:
+        """||XW - Xt Q||^2 per column for several lanes (codes, delta) side by side."""
+        g, n0, n1 = codes[0].shape
+        lanes, m = len(codes), self.r.XW.shape[1]
+        rows = [_rows_of(d, bsize, n0) for d in deltas]
+        U = np.empty((g, m, lanes, n1))
+        U[:] = self.r.XW[:, :, None, :]
+        U = U.reshape(g, m, lanes * n1)
         for b0 in range(0, n0, RESIDUAL_CHUNK):  # U = XW - Xt Q without forming all of Q
             b1 = min(b0 + RESIDUAL_CHUNK, n0)
-            U -= np.matmul(self.r.Xt[:, :, b0:b1], codes[:, b0:b1] * (rows if rows.shape[1] == 1 else rows[:, b0:b1]))
-        return np.einsum("gmn,gmn->gn", U, U)
+            Q = np.concatenate([c[:, b0:b1] * (r if r.shape[1] == 1 else r[:, b0:b1]) for c, r in zip(codes, rows)], axis=2)
+            U -= np.matmul(self.r.Xt[:, :, b0:b1], Q.astype(self.r.work, copy=False))
+        err = np.einsum("gmn,gmn->gn", U, U).reshape(g, lanes, n1)
+        return [err[:, i] for i in range(lanes)]
 
     def search(self, r, bsize, make_stages, method, alphabet, sparsity) -> tuple["_Choice", "_Choice"]:
         """Fused form only: the step search for `method` and for the RTN baseline, each stage's
@@ -908,15 +1060,20 @@ def _search(problem, r, bsize, stages: _Stages, method, alphabet, sparsity) -> _
     """Run one pass per lane of each stage (delta = C r / K, C per column) and keep, per column or
     for the whole layer, the C with the smallest exact output error (earliest lane on ties)."""
     best = stages.best
+    g, n0, n1 = problem.W.shape
+    per_call = max(1, ERROR_LANES_BYTES // (8 * g * n1 * max(n0, getattr(problem, "m", 0))))
     for lanes in stages:
-        for lane in lanes:
-            delta = steps_from_ranges(r, stages.C(lane), alphabet.K)
-            if method == "gpfq":
-                codes, err = problem.greedy(delta, bsize, alphabet, sparsity)
-            else:
-                codes = _rtn(problem.W, delta, bsize, alphabet, sparsity)
-                err = problem.error(codes, delta, bsize)
-            best.offer(lane, err, codes)
+        if method == "gpfq":
+            for lane in lanes:
+                codes, err = problem.greedy(steps_from_ranges(r, stages.C(lane), alphabet.K), bsize, alphabet, sparsity)
+                best.offer(lane, err, codes)
+            continue
+        for i in range(0, len(lanes), per_call):  # RTN: codes by rounding, errors of several lanes at once
+            part = lanes[i:i + per_call]
+            deltas = [steps_from_ranges(r, stages.C(lane), alphabet.K) for lane in part]
+            codes = [_rtn(problem.W, d, bsize, alphabet, sparsity) for d in deltas]
+            for lane, c, err in zip(part, codes, problem.errors(codes, deltas, bsize)):
+                best.offer(lane, err, c)
     return best.choice(r, alphabet.K)
 
 
@@ -999,5 +1156,6 @@ def quantize_layer(W: np.ndarray, moments: Moments, spec: QuantSpec) -> LayerRes
     zeros = best.codes.size - np.count_nonzero(best.codes)  # = mean(codes == 0) * size, no bool temporary
     return LayerResult(
         codes=best.codes, scale=scale, C=best.C, rel_error=rel(best.err), rel_error_rtn=rel(rtn.err),
-        sparsity=zeros / best.codes.size, bias_delta=bias_delta, form=moments.form, group_size=bsize,
+        sparsity=zeros / best.codes.size, bias_delta=bias_delta,
+        form="projected" if moments.W is not None else moments.form, group_size=bsize,
     )

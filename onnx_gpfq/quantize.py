@@ -182,7 +182,9 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Target], plans: dict, 
         W = t.to_matrix(index.array(t.w).astype(np.float64))
         moments = moments_cache.get(t.patch_key)
         if moments is None:
-            moments = _accumulate(t, float_stream.values[t.x], quant_stream.values[x_tilde], W.shape, options, k)
+            shared = k + 1 < len(targets) and targets[k + 1].patch_key == t.patch_key
+            moments = _accumulate(t, float_stream.values[t.x], quant_stream.values[x_tilde], W, spec, options, k,
+                                  may_project=not shared)
             moments_cache = {t.patch_key: moments}  # consecutive layers reading the same rows share them
         result = gpfq.quantize_layer(W, moments, spec)
 
@@ -266,17 +268,28 @@ def _jsonable(options: Options) -> dict:
     return {k: conv(v) for k, v in vars(options).items()}
 
 
-def _accumulate(t: Target, xs: list[np.ndarray], xts: list[np.ndarray], w_shape, options: Options, k: int) -> gpfq.Moments:
-    """G, H, F and column means of layer ``t`` over all calibration batches (same rows in both streams)."""
+def _accumulate(t: Target, xs, xts, W: np.ndarray, spec: gpfq.QuantSpec, options: Options, k: int,
+                may_project: bool) -> gpfq.Moments:
+    """The Moments of layer ``t`` (weights W (g, N0, N1g)) over all calibration batches, same
+    rows in both streams. Where X~ still equals X (nothing quantized upstream) the rows are
+    passed once; Moments are projected on W where that is cheaper and no other layer reads them."""
     positions, keep = _row_plan(t, [x.shape for x in xs], options, k)
     m = sum(len(idx) for idx in keep)
-    groups, n0, n1 = w_shape
-    moments = gpfq.Moments(groups, n0, gpfq.choose_form(m, n0, n1, groups))
-    for x, xt, pos, idx in zip(xs, xts, positions, keep):
-        rows, rows_t = t.rows(x, pos), t.rows(xt, pos)
-        if len(idx) < rows.shape[1]:
-            rows, rows_t = rows[:, idx], rows_t[:, idx]
-        moments.update(rows, rows_t)
+    groups, n0, n1 = W.shape
+    same_first = np.array_equal(xs[0], xts[0])
+    project = may_project and not same_first and gpfq.projection_pays(m, n0, n1, groups)
+    passes = gpfq.search_passes(spec, m, n0, n1, groups)
+    form = gpfq.choose_form(m, n0, n1, groups, passes=passes, projected=project)
+    moments = gpfq.Moments(groups, n0, form, W=W if project and form == "gram" else None)
+    for b, (pos, idx) in enumerate(zip(positions, keep)):
+        x, xt = xs[b], xts[b]
+
+        def rows_of(a):
+            r = t.rows(a, pos)
+            return r[:, idx] if len(idx) < r.shape[1] else r
+
+        rows = rows_of(x)
+        moments.update(rows, rows if np.array_equal(x, xt) else rows_of(xt))
     return moments
 
 

@@ -592,3 +592,58 @@ def test_fast_kernel_cache_load_gives_the_same_model():
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         digests.append(out.stdout.strip())
     assert len(set(digests)) == 1 and len(digests[0]) == len(hashlib.sha256().hexdigest())
+
+
+@pytest.mark.parametrize("g,n0,n1", [(1, 300, 20), (3, 40, 5)])  # two blocks of the fan-in; grouped
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_projected_moments_match_the_gram_form(g, n0, n1, dtype):
+    """Moments projected on W keep H, A = tril(G) W, G W and ||XW||^2 instead of G and F: the same
+    numbers as from G, H, F (to rounding), the same codes and errors from quantize_layer."""
+    rng = np.random.default_rng(21)
+    m = 900
+    X, Xt = correlated(rng, g, m, n0, noise=0.05)
+    W = rng.standard_normal((g, n0, n1)) / math.sqrt(n0)
+    X, Xt = X.astype(dtype), Xt.astype(dtype)
+    plain, proj = Moments(g, n0, "gram"), Moments(g, n0, "gram", W=W)
+    for idx in np.array_split(np.arange(m), 7):
+        plain.update(X[:, idx], Xt[:, idx])
+        proj.update(X[:, idx], Xt[:, idx])
+    tol = 1e-12 if dtype == np.float64 else 2e-5
+    G, H, F = (np.asarray(a, np.float64) for a in gram(X.astype(np.float64), Xt.astype(np.float64)))
+    scale = np.abs(G).max() * np.abs(W).sum(axis=1).max()
+    np.testing.assert_allclose(proj.H, H, rtol=tol, atol=tol * np.abs(H).max())
+    np.testing.assert_allclose(proj.A, P.tril_matmul(G, W), atol=tol * scale)
+    np.testing.assert_allclose(proj.GW, G @ W, atol=tol * scale)
+    np.testing.assert_allclose(proj.xw2, np.einsum("gin,gin->gn", W, F @ W), rtol=tol)
+    with pytest.raises(AttributeError, match="projected"):
+        proj.G
+    spec = QuantSpec(Alphabet.from_bits(3))
+    a, b = P.quantize_layer(W, plain, spec), P.quantize_layer(W, proj, spec)
+    assert b.form == "projected" and a.form == "gram"
+    if dtype == np.float64:  # float32 products may round a tie differently
+        np.testing.assert_array_equal(a.codes, b.codes)
+    else:
+        assert np.mean(a.codes != b.codes) < 0.01
+    assert b.rel_error == pytest.approx(a.rel_error, rel=1e-9 if dtype == np.float64 else 1e-3)
+    assert b.rel_error_rtn == pytest.approx(a.rel_error_rtn, rel=1e-9 if dtype == np.float64 else 1e-3)
+    with pytest.raises(ValueError, match="other weights"):
+        P.quantize_layer(W + 1.0, proj, spec)
+
+
+def test_gram_rows_gathered_into_chunks_give_the_same_moments(monkeypatch):
+    """Tiny batches (a fixed batch of 1) are gathered before the products: same G, H, F, means."""
+    rng = np.random.default_rng(22)
+    X, Xt = correlated(rng, 2, 300, 12)
+    monkeypatch.setattr(P, "GRAM_CHUNK_BYTES", 5_000)  # several chunks
+    chunked = moments_of(X, Xt, "gram", batches=300)
+    whole = moments_of(X, Xt, "gram", batches=1)
+    for name in ("G", "H", "F", "mu_x", "mu_xt"):
+        np.testing.assert_allclose(getattr(chunked, name), getattr(whole, name), rtol=1e-12, atol=1e-12)
+    assert chunked.m == whole.m == 300
+
+
+def test_projection_pays_where_outputs_are_few():
+    assert P.projection_pays(4096, 2304, 256)  # 3x3 conv, 256 -> 256
+    assert P.projection_pays(4096, 1024, 256)  # bottleneck 1x1
+    assert not P.projection_pays(4096, 64, 256)  # expanding 1x1
+    assert not P.projection_pays(4096, 256, 256)
