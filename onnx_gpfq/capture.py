@@ -69,7 +69,10 @@ class OnDisk(NamedTuple):
 
 class Batches(list):
     """One tensor over all calibration batches: a list whose items are arrays; batches spilled to
-    disk are read back (a fresh array, freed after use) when indexed or iterated."""
+    disk are read back (a fresh array, freed after use) when indexed or iterated. ``owners``:
+    the streams holding it (the model inputs are held once for both streams)."""
+
+    owners = 1
 
     def __getitem__(self, i):
         entry = list.__getitem__(self, i)
@@ -83,14 +86,32 @@ class Batches(list):
         return list(list.__iter__(self))
 
 
+def inputs(batches: Sequence[Batch], spill: Spill) -> dict[str, Batches]:
+    """The model inputs over all calibration batches, kept in memory or spilled by ``spill``;
+    give the result to two Streams to hold the data once."""
+    kept = {name: Batches(spill.keep(b[name]) for b in batches) for name in batches[0]}
+    for b in kept.values():
+        b.owners = 0  # counted by the streams that take them
+    return kept
+
+
 class Stream:
     """Segment-by-segment execution of one network over a fixed list of calibration batches."""
 
-    def __init__(self, batches: Sequence[Batch], model: onnx.ModelProto, threads: int = 0, spill: Spill | None = None):
-        self.n_batches = len(batches)
+    def __init__(self, batches: "Sequence[Batch] | dict[str, Batches]", model: onnx.ModelProto, threads: int = 0,
+                 spill: Spill | None = None):
+        """batches: the calibration batches, or the model inputs already kept by ``inputs`` (shared
+        with another stream over the same data and Spill)."""
         self.spill = spill or Spill()
-        self.values: dict[str, Batches] = {name: Batches(self.spill.keep(b[name]) for b in batches)
-                                           for name in batches[0]}
+        if isinstance(batches, dict):
+            self.values: dict[str, Batches] = dict(batches)
+            for b in batches.values():
+                b.owners += 1
+        else:
+            self.values = inputs(batches, self.spill)
+            for b in self.values.values():
+                b.owners = 1
+        self.n_batches = len(next(iter(self.values.values())))
         self.done: set[str] = set()  # nodes already run, by name
         self.opset_import = list(model.opset_import)
         self.ir_version = model.ir_version
@@ -176,5 +197,8 @@ class Stream:
         still_read = {i for n in nodes if n.name not in self.done for i in node_inputs(n)}
         for name in list(self.values):
             if name not in still_read and name not in keep:
-                for entry in self.values.pop(name).entries():
-                    self.spill.release(entry)
+                batches = self.values.pop(name)
+                batches.owners -= 1
+                if batches.owners == 0:
+                    for entry in batches.entries():
+                        self.spill.release(entry)

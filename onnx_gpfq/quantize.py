@@ -20,7 +20,7 @@ import onnx
 
 from . import gpfq, rewrite
 from .calib import load_batches, model_inputs
-from .capture import Spill, Stream
+from .capture import Spill, Stream, inputs
 from .errors import UserError
 from .graph import GraphIndex, load_model, needs_external_data, normalise, save_model
 from .options import Options
@@ -115,8 +115,7 @@ def quantize(model, calibration, options: Options | None = None, **kwargs) -> tu
     elif kwargs:
         raise TypeError("pass either options or keyword options, not both")
     start = time.perf_counter()
-    original = load_model(model)
-    base = normalise(original, min_opset=required_opset(options))
+    base = normalise(load_model(model), min_opset=required_opset(options))
     graph = base.graph
     batches = load_batches(calibration, model_inputs(base), options.batch_size, batch_axes=dict(options.batch_axes),
                            input_shapes=dict(options.input_shapes), images=options.images, seed=options.seed)
@@ -137,9 +136,11 @@ def quantize(model, calibration, options: Options | None = None, **kwargs) -> tu
                     options=_jsonable(options))
     with tempfile.TemporaryDirectory(prefix="onnx_gpfq_spill_") as spill_dir:
         spill = Spill(options.memory_budget, spill_dir)
-        float_stream, quant_stream = Stream(batches, base, spill=spill), Stream(batches, base, spill=spill)
-        first_batch = batches[0]
-        del batches  # the streams hold (or spill) them now
+        first_batch = {name: np.array(a) for name, a in batches[0].items()}  # its own copy, not a view
+        held = inputs(batches, spill)
+        del batches  # held (or spilled) once for both streams now
+        float_stream, quant_stream = Stream(held, base, spill=spill), Stream(held, base, spill=spill)
+        del held
         out = _quantize_layers(base, targets, plans, options, report, float_stream, quant_stream)
         report.spilled_bytes = spill.spilled_bytes
     validate(out, first_batch)

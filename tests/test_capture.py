@@ -9,7 +9,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_gpfq import gpfq, quantize
-from onnx_gpfq.capture import OnDisk, Spill, Stream
+from onnx_gpfq.capture import OnDisk, Spill, Stream, inputs
 from onnx_gpfq.graph import GraphIndex, normalise
 from onnx_gpfq.quantize import _row_plan
 from onnx_gpfq.rewrite import dq_name
@@ -160,3 +160,23 @@ def test_rows_subset_gives_the_codes_of_a_direct_computation():
     result = gpfq.quantize_layer(W, moments, gpfq.QuantSpec(alphabet=gpfq.Alphabet.from_bits(3)))
     out_inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
     np.testing.assert_array_equal(t.from_matrix(result.codes), out_inits[f"{t.w}_quantized"])
+
+
+def test_two_streams_share_the_model_inputs_and_free_them_once_both_are_done(tmp_path):
+    model = normalise(small_cnn())
+    graph = model.graph
+    index = GraphIndex(graph)
+    rng = np.random.default_rng(6)
+    batches = [{"x": rng.standard_normal((4, 3, 6, 6)).astype(np.float32)} for _ in range(2)]
+    spill = Spill(budget=0, folder=str(tmp_path))
+    held = inputs(batches, spill)
+    a, b = Stream(held, model, spill=spill), Stream(held, model, spill=spill)
+    assert a.values["x"] is b.values["x"] and len(list(tmp_path.iterdir())) == 2  # written once
+    a.advance(list(graph.node), index.initializers, ["y"])  # a no longer needs x
+    files = {e.path for e in held["x"].entries()}
+    assert all(os.path.exists(f) for f in files)  # b still reads them
+    b.advance(list(graph.node), index.initializers, ["y"])
+    assert not any(os.path.exists(f) for f in files)
+    for i, batch in enumerate(batches):
+        np.testing.assert_array_equal(a.values["y"][i], b.values["y"][i])
+        np.testing.assert_array_equal(a.values["y"][i], _intermediates(model, ["y"], batch["x"])["y"])
