@@ -669,17 +669,20 @@ def tril_matmul(G: np.ndarray, W: np.ndarray, block: int = GRAM_BLOCK) -> np.nda
         _kernels.tril_matmul_small(G, W, A)
         return A
 
-    def rec(lo, hi):
-        if hi - lo <= block:
-            np.matmul(np.tril(G[:, lo:hi, lo:hi]), W[:, lo:hi], out=A[:, lo:hi])
-            return
-        mid = _split(lo, hi, block)
-        rec(lo, mid)
-        rec(mid, hi)
-        A[:, mid:hi] += np.matmul(G[:, mid:hi, lo:mid], W[:, lo:mid])
-
-    rec(0, n0)
+    _tril_matmul_rec(G, W, A, 0, n0, block)
     return A
+
+
+def _tril_matmul_rec(G, W, A, lo, hi, block):
+    # a module-level function, not a closure: a self-referencing closure is a reference cycle that
+    # keeps its (large) arrays alive until the garbage collector happens to run
+    if hi - lo <= block:
+        np.matmul(np.tril(G[:, lo:hi, lo:hi]), W[:, lo:hi], out=A[:, lo:hi])
+        return
+    mid = _split(lo, hi, block)
+    _tril_matmul_rec(G, W, A, lo, mid, block)
+    _tril_matmul_rec(G, W, A, mid, hi, block)
+    A[:, mid:hi] += np.matmul(G[:, mid:hi, lo:mid], W[:, lo:mid])
 
 
 def _dead(H: np.ndarray) -> np.ndarray:
@@ -706,18 +709,21 @@ def _gram_pass(A, H, delta, bsize, alphabet, sparsity, dead, block=GRAM_BLOCK):
     qhq = np.zeros((g, n1))
     L = np.zeros((g, n0, n1))
 
-    def rec(lo, hi):
-        if hi - lo <= block:
-            _kernels.greedy_block(A, lo, L, lo, H, lo, Q, codes, lo, delta, lo, bsize, hi - lo,
-                                  alphabet.lo, alphabet.hi, mode, lam, dead, qhq)
-            return
-        mid = _split(lo, hi, block)
-        rec(lo, mid)
-        L[:, mid:hi] += np.matmul(H[:, mid:hi, lo:mid], Q[:, lo:mid])
-        rec(mid, hi)
-
-    rec(0, n0)
+    args = (A, L, H, Q, codes, delta, bsize, alphabet.lo, alphabet.hi, mode, lam, dead, qhq, block)
+    _gram_pass_rec(0, n0, *args)
     return codes, Q, qhq
+
+
+def _gram_pass_rec(lo, hi, A, L, H, Q, codes, delta, bsize, a_lo, a_hi, mode, lam, dead, qhq, block):
+    args = (A, L, H, Q, codes, delta, bsize, a_lo, a_hi, mode, lam, dead, qhq, block)
+    if hi - lo <= block:
+        _kernels.greedy_block(A, lo, L, lo, H, lo, Q, codes, lo, delta, lo, bsize, hi - lo,
+                              a_lo, a_hi, mode, lam, dead, qhq)
+        return
+    mid = _split(lo, hi, block)
+    _gram_pass_rec(lo, mid, *args)
+    L[:, mid:hi] += np.matmul(H[:, mid:hi, lo:mid], Q[:, lo:mid])
+    _gram_pass_rec(mid, hi, *args)
 
 
 def _as3(a: np.ndarray, name: str) -> tuple[np.ndarray, bool]:
