@@ -240,6 +240,7 @@ class Moments:
             raise ValueError(f"Moments: form must be 'gram' or 'residual' (got {form!r})")
         self.groups, self.n0, self.form = int(groups), int(n0), form
         self.m = 0
+        self.rows_dtype = None  # float32 when every batch came as float32, else float64
         self._sx = np.zeros((self.groups, self.n0))
         self._sxt = np.zeros((self.groups, self.n0))
         self.W = None
@@ -289,6 +290,8 @@ class Moments:
         rows = X.shape[1]
         if rows == 0:
             return
+        f32 = X.dtype == Xt.dtype == np.float32
+        self.rows_dtype = np.float32 if f32 and self.rows_dtype in (None, np.float32) else np.float64
         # float32 rows in the Gram form: products in float32 (twice the GEMM speed) over chunks of
         # rows, summed over chunks in float64 (within a chunk float32 keeps ~1e-6 relative
         # accuracy). Anything else is computed in float64.
@@ -657,32 +660,33 @@ def _split(lo: int, hi: int, block: int) -> int:
     return lo + block * ((nblocks + 1) // 2)
 
 
-def tril_matmul(G: np.ndarray, W: np.ndarray, block: int = GRAM_BLOCK) -> np.ndarray:
+def tril_matmul(G: np.ndarray, W: np.ndarray, block: int = GRAM_BLOCK, G_off: np.ndarray | None = None) -> np.ndarray:
     """A = tril(G) @ W for G (g, N0, N0), W (g, N0, N1): A[t] = sum_{s<=t} G[t,s] W[s].
 
     Only the lower triangle is multiplied (half the flops of np.tril(G) @ W, no N0^2 copy), by
     recursive halving: A[mid:] += G[mid:, :mid] W[:mid] is one large GEMM, and the two diagonal
-    halves recurse down to block x block triangles. Tiny problems (N0 <= 16) run in one numba loop."""
+    halves recurse down to block x block triangles. Tiny problems (N0 <= 16) run in one numba loop.
+    G_off: G in the dtype the large off-diagonal GEMMs run in (e.g. float32; default G)."""
     g, n0, n1 = W.shape
     A = np.empty((g, n0, n1))
     if n0 <= 16:
         _kernels.tril_matmul_small(G, W, A)
         return A
 
-    _tril_matmul_rec(G, W, A, 0, n0, block)
+    _tril_matmul_rec(G, G if G_off is None else G_off, W, A, 0, n0, block)
     return A
 
 
-def _tril_matmul_rec(G, W, A, lo, hi, block):
+def _tril_matmul_rec(G, G_off, W, A, lo, hi, block):
     # a module-level function, not a closure: a self-referencing closure is a reference cycle that
     # keeps its (large) arrays alive until the garbage collector happens to run
     if hi - lo <= block:
         np.matmul(np.tril(G[:, lo:hi, lo:hi]), W[:, lo:hi], out=A[:, lo:hi])
         return
     mid = _split(lo, hi, block)
-    _tril_matmul_rec(G, W, A, lo, mid, block)
-    _tril_matmul_rec(G, W, A, mid, hi, block)
-    A[:, mid:hi] += np.matmul(G[:, mid:hi, lo:mid], W[:, lo:mid])
+    _tril_matmul_rec(G, G_off, W, A, lo, mid, block)
+    _tril_matmul_rec(G, G_off, W, A, mid, hi, block)
+    A[:, mid:hi] += np.matmul(G_off[:, mid:hi, lo:mid], W[:, lo:mid].astype(G_off.dtype, copy=False))
 
 
 def _dead(H: np.ndarray) -> np.ndarray:
@@ -691,9 +695,9 @@ def _dead(H: np.ndarray) -> np.ndarray:
     return _kernels.dead_threshold(H, DEAD_TOL)
 
 
-def _gram_pass(A, H, delta, bsize, alphabet, sparsity, dead, block=GRAM_BLOCK):
+def _gram_pass(A, H, delta, bsize, alphabet, sparsity, dead, block=GRAM_BLOCK, H_off=None):
     """Greedy pass in the Gram form. A = tril(G) W (g, N0, N1), H (g, N0, N0) C-contiguous,
-    delta (g, nb, N1). Returns codes (g, N0, N1) int32, Q (g, N0, N1) dequantized float64 and
+    delta (g, nb, N1); H_off: H in the dtype of the off-diagonal GEMMs (default H). Returns codes (g, N0, N1) int32, Q (g, N0, N1) dequantized float64 and
     q^T H q per column (g, N1) (for the exact error without another product).
 
     The H-term sum_{s<t} H[t,s] Q[s] is a forward substitution with rounding, accumulated in L.
@@ -709,20 +713,21 @@ def _gram_pass(A, H, delta, bsize, alphabet, sparsity, dead, block=GRAM_BLOCK):
     qhq = np.zeros((g, n1))
     L = np.zeros((g, n0, n1))
 
-    args = (A, L, H, Q, codes, delta, bsize, alphabet.lo, alphabet.hi, mode, lam, dead, qhq, block)
+    args = (A, L, H, H if H_off is None else H_off, Q, codes, delta, bsize, alphabet.lo, alphabet.hi, mode, lam,
+            dead, qhq, block)
     _gram_pass_rec(0, n0, *args)
     return codes, Q, qhq
 
 
-def _gram_pass_rec(lo, hi, A, L, H, Q, codes, delta, bsize, a_lo, a_hi, mode, lam, dead, qhq, block):
-    args = (A, L, H, Q, codes, delta, bsize, a_lo, a_hi, mode, lam, dead, qhq, block)
+def _gram_pass_rec(lo, hi, A, L, H, H_off, Q, codes, delta, bsize, a_lo, a_hi, mode, lam, dead, qhq, block):
+    args = (A, L, H, H_off, Q, codes, delta, bsize, a_lo, a_hi, mode, lam, dead, qhq, block)
     if hi - lo <= block:
         _kernels.greedy_block(A, lo, L, lo, H, lo, Q, codes, lo, delta, lo, bsize, hi - lo,
                               a_lo, a_hi, mode, lam, dead, qhq)
         return
     mid = _split(lo, hi, block)
     _gram_pass_rec(lo, mid, *args)
-    L[:, mid:hi] += np.matmul(H[:, mid:hi, lo:mid], Q[:, lo:mid])
+    L[:, mid:hi] += np.matmul(H_off[:, mid:hi, lo:mid], Q[:, lo:mid].astype(H_off.dtype, copy=False))
     _gram_pass_rec(mid, hi, *args)
 
 
@@ -866,6 +871,10 @@ class _GramProblem:
 
     def __init__(self, W, mom: Moments):
         self.H = np.ascontiguousarray(mom.H)
+        # Rows that came as float32 (the pipeline's) carry float32 accuracy: the large off-diagonal
+        # GEMMs of the passes and error products then run in float32 (twice the speed), the
+        # triangles and all sums in float64. Float64 rows keep float64 throughout.
+        self.H_off = self.H.astype(np.float32) if mom.rows_dtype == np.float32 else self.H
         self.W = W
         if mom.W is not None:  # projected: A, G W and ||XW||^2 were accumulated from the rows
             if mom.W.shape != W.shape or not np.array_equal(mom.W, W):
@@ -880,7 +889,7 @@ class _GramProblem:
         self.dH = np.ascontiguousarray(np.diagonal(self.H, axis1=1, axis2=2))
 
     def greedy(self, delta, bsize, alphabet, sparsity):
-        codes, Q, qhq = _gram_pass(self.A, self.H, delta, bsize, alphabet, sparsity, self.dead)
+        codes, Q, qhq = _gram_pass(self.A, self.H, delta, bsize, alphabet, sparsity, self.dead, H_off=self.H_off)
         return codes, self.wfw - 2.0 * np.einsum("gin,gin->gn", Q, self.GW) + qhq
 
     def errors(self, codes: list, deltas: list, bsize: int) -> list:
@@ -892,7 +901,7 @@ class _GramProblem:
         for i, (c, d) in enumerate(zip(codes, deltas)):
             np.multiply(c, _rows_of(d, bsize, n0), out=Q[:, :, i])
         Q = Q.reshape(g, n0, len(codes) * n1)
-        HQ = tril_matmul(self.H, Q)
+        HQ = tril_matmul(self.H, Q, G_off=self.H_off)
         qhq = 2.0 * np.einsum("gin,gin->gn", Q, HQ)
         np.multiply(Q, Q, out=HQ)
         qhq -= np.matmul(self.dH[:, None, :], HQ)[:, 0]  # - sum_t H[t,t] q_t^2
