@@ -62,12 +62,12 @@ class Report:
 
     def table(self) -> str:
         """The report as a text table (one row per layer, then totals)."""
-        head = f"{'layer':32s} {'op':6s} {'weight':>16s} {'bits':>7s} {'gran':>7s} {'C':>5s} {'err gpfq':>9s} {'err rtn':>9s} {'zeros':>6s} {'form':>8s} {'rows':>7s} {'s':>6s}"
+        head = f"{'layer':32s} {'op':6s} {'weight':>16s} {'bits':>7s} {'gran':>7s} {'C':>5s} {'err gpfq':>9s} {'err rtn':>9s} {'zeros':>6s} {'form':>9s} {'rows':>7s} {'s':>6s}"
         lines = [head, "-" * len(head)]
         for r in self.layers:
             shape = "x".join(str(d) for d in r.weight_shape)
             lines.append(f"{r.node[-32:]:32s} {r.op_type:6s} {shape:>16s} {r.bits:>7s} {r.granularity:>7s} {r.c:5.2f} "
-                         f"{r.rel_error:9.2e} {r.rel_error_rtn:9.2e} {r.sparsity:6.1%} {r.form[:8]:>8s} {r.rows:7d} {r.seconds:6.2f}")
+                         f"{r.rel_error:9.2e} {r.rel_error_rtn:9.2e} {r.sparsity:6.1%} {r.form[:9]:>9s} {r.rows:7d} {r.seconds:6.2f}")
         for s in self.skipped:
             lines.append(f"{s.node[-32:]:32s} {s.op_type:6s} left in float: {s.reason}")
         ratio = self.float_weight_bytes / max(self.quant_weight_bytes, 1)

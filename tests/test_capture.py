@@ -180,3 +180,41 @@ def test_two_streams_share_the_model_inputs_and_free_them_once_both_are_done(tmp
     for i, batch in enumerate(batches):
         np.testing.assert_array_equal(a.values["y"][i], b.values["y"][i])
         np.testing.assert_array_equal(a.values["y"][i], _intermediates(model, ["y"], batch["x"])["y"])
+
+
+def test_pipeline_moments_equal_a_direct_computation(monkeypatch):
+    """The G, H (or, projected on W, H, tril(G)W and GW) that the two-stream capture accumulated
+    equal those computed directly from the float model's and the final quantized model's layer
+    inputs on the same batches."""
+    seen = []
+    original = gpfq.quantize_layer
+
+    def spy(W, moments, spec):
+        seen.append((W, moments))
+        return original(W, moments, spec)
+
+    monkeypatch.setattr(gpfq, "quantize_layer", spy)
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((24, 3, 6, 6)).astype(np.float32)
+    out, report = quantize(small_cnn(), {"x": x}, weight_bits=3, batch_size=8, quiet=True)
+    base = normalise(small_cnn())
+    targets, _ = find_targets(base.graph)
+    assert len(seen) == len(targets) == 3
+    forms = []
+    for t, (W, mom) in zip(targets, seen):
+        X = np.concatenate([t.rows(_intermediates(base, [t.x], x[b:b + 8])[t.x], None) for b in range(0, 24, 8)], axis=1)
+        Xt = np.concatenate([t.rows(_intermediates(out, [dq_name(t.x)], x[b:b + 8])[dq_name(t.x)], None)
+                             for b in range(0, 24, 8)], axis=1)
+        X, Xt = X.astype(np.float64), Xt.astype(np.float64)
+        G, H = Xt.transpose(0, 2, 1) @ X, Xt.transpose(0, 2, 1) @ Xt
+        tol = dict(rtol=1e-5, atol=1e-5 * np.abs(H).max())
+        np.testing.assert_allclose(mom.H, H, **tol)
+        if mom.W is None:
+            np.testing.assert_allclose(mom.G, G, **tol)
+        else:
+            np.testing.assert_allclose(mom.A, gpfq.tril_matmul(G, W), rtol=1e-5, atol=1e-5 * np.abs(G @ W).max())
+            np.testing.assert_allclose(mom.GW, G @ W, rtol=1e-5, atol=1e-5 * np.abs(G @ W).max())
+        np.testing.assert_allclose(mom.mu_x, X.mean(axis=1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(mom.mu_xt, Xt.mean(axis=1), rtol=1e-5, atol=1e-6)
+        forms.append("projected" if mom.W is not None else mom.form)
+    assert "projected" in forms and "gram" in forms  # both accumulation paths checked
