@@ -39,8 +39,8 @@ class Spill:
 
     def keep(self, array: np.ndarray) -> "np.ndarray | OnDisk":
         if self.budget is None or self.folder is None or self.in_memory + array.nbytes <= self.budget:
-            if array.base is not None:  # a view (e.g. one batch of the whole calibration array): own it
-                array = array.copy()
+            if isinstance(array.base, np.ndarray):  # a view (one batch of the whole calibration array): own it
+                array = array.copy()  # (onnxruntime's outputs own their buffer through a capsule: kept as they are)
             self.in_memory += array.nbytes
             return array
         self._count += 1

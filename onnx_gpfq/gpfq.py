@@ -447,13 +447,18 @@ def projection_pays(m: int, n0: int, n1: int, groups: int = 1) -> bool:
     return _accumulate_flops(m, n0, n1, groups, True) < _accumulate_flops(m, n0, n1, groups, False)
 
 
+def _full_search(spec: "QuantSpec", m: int, n0: int, n1: int, groups: int) -> bool:
+    """Whether the step search tries every C of the grid (see QuantSpec.search)."""
+    return (spec.search == "full" or len(spec.c_grid) < 6
+            or (spec.search == "auto" and groups * n0 * n1 * min(n0, m) <= COARSE_SEARCH_FLOPS))
+
+
 def search_passes(spec: "QuantSpec", m: int, n0: int, n1: int, groups: int = 1) -> int:
     """Greedy passes quantize_layer runs for the step search, GPFQ and RTN baseline together."""
     if spec.scale_rule == "fixed":
         return 2
     n = len(spec.c_grid)
-    full = spec.search == "full" or n < 6 or (spec.search == "auto" and groups * n0 * n1 * min(n0, m) <= COARSE_SEARCH_FLOPS)
-    return 2 * (n if full else len(range(1, n, 3)) + 2)
+    return 2 * (n if _full_search(spec, m, n0, n1, groups) else len(range(1, n, 3)) + 2)
 
 
 def choose_form(m: int, n0: int, n1: int, groups: int = 1, memory_limit_bytes: int = 2 << 30,
@@ -1146,7 +1151,7 @@ def quantize_layer(W: np.ndarray, moments: Moments, spec: QuantSpec) -> LayerRes
     grid = spec.c_grid if spec.scale_rule == "search" else (spec.c,)
     per_column = spec.search_per_channel and spec.granularity != "tensor"
 
-    full = spec.search == "full" or (spec.search == "auto" and g * n0 * n1 * min(n0, moments.m) <= COARSE_SEARCH_FLOPS)
+    full = _full_search(spec, moments.m, n0, n1, g)
 
     def stages():
         return _Stages(grid, (g, n1), per_column, full)
