@@ -39,8 +39,10 @@ class Spill:
 
     def keep(self, array: np.ndarray) -> "np.ndarray | OnDisk":
         if self.budget is None or self.folder is None or self.in_memory + array.nbytes <= self.budget:
-            if isinstance(array.base, np.ndarray):  # a view (one batch of the whole calibration array): own it
-                array = array.copy()  # (onnxruntime's outputs own their buffer through a capsule: kept as they are)
+            if array.base is not None:  # not its own buffer: own it. A view of the whole calibration
+                # array would keep all of it alive; an onnxruntime output keeps its block of the session's
+                # arena, which then grows run after run (ResNet-50: peak 1037 MiB without this copy, 819 with)
+                array = array.copy()
             self.in_memory += array.nbytes
             return array
         self._count += 1

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "then a seeded subset (default: 4096)")
     q.add_argument("--memory-budget", default="1G", metavar="SIZE",
                    help="captured activations kept in memory (e.g. 512M, 2G, none); beyond it they spill to "
-                   "memory-mapped files in a temporary folder that is always removed (default: 1G)")
+                   ".npy files in a temporary folder (read back one batch at a time, always removed) (default: 1G)")
     q.add_argument("--exclude", action="append", default=[], metavar="GLOB|OP",
                    help="leave nodes in float: a node-name glob or an op type (repeatable)")
     q.add_argument("--config", metavar="FILE", help="JSON or TOML per-layer overrides: "

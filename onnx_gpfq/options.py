@@ -139,7 +139,7 @@ class Options:
       cost of the Gram accumulation and of the residual form, and their memory, independently of
       the number of calibration samples.
     memory_budget: bytes of captured activations (both streams) kept in memory; beyond it they go
-      to memory-mapped files in a temporary folder. None: no limit.
+      to .npy files in a temporary folder, read back one batch at a time. None: no limit.
     batch_size: calibration samples per onnxruntime run.
     exclude: node-name globs or op types left in float. rules: per-layer overrides (--config).
     batch_axes: (input, axis) pairs for inputs whose samples are not stacked on axis 0 (axis None:

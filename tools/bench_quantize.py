@@ -24,8 +24,8 @@ cache is stale, lands on gpfq; onnxruntime's first-call costs on ORT); --warmup 
 quantizer once, untimed, on the first calibration batch (its peak RSS then includes that run).
 Peak RSS is each child's VmHWM at the end (imports and the calibration data included);
 ``*_rss_before_mb`` is its resident size just before the quantize call. VmHWM also counts pages
-of memory-mapped files (onnx-gpfq spills captured activations beyond its --memory-budget to such
-files), so ``*_peak_anon_mb`` adds the peak of RssAnon alone, sampled every 50 ms during the call.
+of mapped files (shared libraries; onnx-gpfq maps a spill file only while writing it), so
+``*_peak_anon_mb`` adds the peak of RssAnon alone, sampled every 50 ms during the call.
 
 MODEL: a path, or ``light:NAME`` (tests/light_models.prepared(NAME), seeded random weights).
 --calib: a .npz (one array per model input) or ``random:N`` (N seeded samples, random_inputs).
