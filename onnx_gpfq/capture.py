@@ -87,6 +87,10 @@ class Batches(list):
         """The stored items themselves (arrays or OnDisk), nothing read."""
         return list(list.__iter__(self))
 
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Each batch's shape, nothing read from disk."""
+        return [tuple(e.shape) for e in self.entries()]
+
 
 def inputs(batches: Sequence[Batch], spill: Spill) -> dict[str, Batches]:
     """The model inputs over all calibration batches, kept in memory or spilled by ``spill``;

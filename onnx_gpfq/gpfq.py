@@ -325,10 +325,8 @@ class Moments:
         if not self._pending:
             return
         same = all(xt is None for _, xt in self._pending)
-        dtype = np.result_type(*(x.dtype for x, _ in self._pending))
-        X64 = np.concatenate([x for x, _ in self._pending], axis=1).astype(dtype, copy=False)
-        Xt64 = X64 if same else np.concatenate([x if xt is None else xt for x, xt in self._pending],
-                                               axis=1).astype(dtype, copy=False)
+        X64 = np.concatenate([x for x, _ in self._pending], axis=1)  # mixed dtypes promote to float64
+        Xt64 = X64 if same else np.concatenate([x if xt is None else xt for x, xt in self._pending], axis=1)
         self._pending, self._pending_bytes = [], 0
         if self.W is not None:
             self._flush_projected(X64, Xt64)
@@ -449,16 +447,14 @@ def projection_pays(m: int, n0: int, n1: int, groups: int = 1) -> bool:
 
 def _full_search(spec: "QuantSpec", m: int, n0: int, n1: int, groups: int) -> bool:
     """Whether the step search tries every C of the grid (see QuantSpec.search)."""
-    return (spec.search == "full" or len(spec.c_grid) < 6
-            or (spec.search == "auto" and groups * n0 * n1 * min(n0, m) <= COARSE_SEARCH_FLOPS))
+    return spec.search == "full" or (spec.search == "auto" and groups * n0 * n1 * min(n0, m) <= COARSE_SEARCH_FLOPS)
 
 
 def search_passes(spec: "QuantSpec", m: int, n0: int, n1: int, groups: int = 1) -> int:
     """Greedy passes quantize_layer runs for the step search, GPFQ and RTN baseline together."""
     if spec.scale_rule == "fixed":
         return 2
-    n = len(spec.c_grid)
-    return 2 * (n if _full_search(spec, m, n0, n1, groups) else len(range(1, n, 3)) + 2)
+    return 2 * _Stages.lanes(len(spec.c_grid), _full_search(spec, m, n0, n1, groups))
 
 
 def choose_form(m: int, n0: int, n1: int, groups: int = 1, memory_limit_bytes: int = 2 << 30,
@@ -1034,11 +1030,19 @@ class _Stages:
 
     def __init__(self, grid, shape, per_column: bool, full: bool):
         self.grid, self.shape, self.per_column = np.asarray(grid, dtype=np.float64), shape, per_column
-        n = len(grid)
-        coarse = range(n) if full or n < 6 else range(1, n, 3)
-        self.first = [np.full(shape, i, np.intp) for i in coarse]
-        self.refine = not (full or n < 6)
+        self.refine = self.coarse_to_fine(len(grid), full)
+        first = range(1, len(grid), 3) if self.refine else range(len(grid))
+        self.first = [np.full(shape, i, np.intp) for i in first]
         self.best = _Best(per_column, self.grid)  # fed by the caller; steers the refinement
+
+    @staticmethod
+    def coarse_to_fine(n: int, full: bool) -> bool:
+        return not full and n >= 6
+
+    @staticmethod
+    def lanes(n: int, full: bool) -> int:
+        """Passes one search runs over a grid of n values."""
+        return len(range(1, n, 3)) + 2 if _Stages.coarse_to_fine(n, full) else n
 
     def C(self, lane: np.ndarray) -> np.ndarray:
         return self.grid[lane]

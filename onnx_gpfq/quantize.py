@@ -274,23 +274,27 @@ def _accumulate(t: Target, xs, xts, W: np.ndarray, spec: gpfq.QuantSpec, options
     """The Moments of layer ``t`` (weights W (g, N0, N1g)) over all calibration batches, same
     rows in both streams. Where X~ still equals X (nothing quantized upstream) the rows are
     passed once; Moments are projected on W where that is cheaper and no other layer reads them."""
-    positions, keep = _row_plan(t, [x.shape for x in xs], options, k)
+    shapes = xs.shapes() if hasattr(xs, "shapes") else [x.shape for x in xs]  # spilled batches stay on disk
+    positions, keep = _row_plan(t, shapes, options, k)
     m = sum(len(idx) for idx in keep)
     groups, n0, n1 = W.shape
-    same_first = np.array_equal(xs[0], xts[0])
-    project = may_project and not same_first and gpfq.projection_pays(m, n0, n1, groups)
+    x, xt = xs[0], xts[0]
+    same = np.array_equal(x, xt)
+    project = may_project and not same and gpfq.projection_pays(m, n0, n1, groups)
     passes = gpfq.search_passes(spec, m, n0, n1, groups)
     form = gpfq.choose_form(m, n0, n1, groups, passes=passes, projected=project)
     moments = gpfq.Moments(groups, n0, form, W=W if project and form == "gram" else None)
     for b, (pos, idx) in enumerate(zip(positions, keep)):
-        x, xt = xs[b], xts[b]
+        if b > 0:
+            x, xt = xs[b], xts[b]
+            same = np.array_equal(x, xt)
 
         def rows_of(a):
             r = t.rows(a, pos)
             return r[:, idx] if len(idx) < r.shape[1] else r
 
         rows = rows_of(x)
-        moments.update(rows, rows if np.array_equal(x, xt) else rows_of(xt))
+        moments.update(rows, rows if same else rows_of(xt))
     return moments
 
 
