@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from ._threads import session_options
 from .graph import node_inputs
 
 Batch = dict[str, np.ndarray]
@@ -185,11 +186,8 @@ class Stream:
                                   initializer=used_inits)
         model = helper.make_model(graph, opset_imports=self.opset_import, ir_version=self.ir_version)
         model.functions.extend(self.functions)
-        so = ort.SessionOptions()
+        so = session_options(self.threads)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.log_severity_level = 3
-        if self.threads:
-            so.intra_op_num_threads = self.threads
         session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         results: dict[str, Batches] = {o: Batches() for o in outputs}
         for b in range(self.n_batches):

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from . import gpfq, rewrite
+from ._threads import blas_workers_sleep
 from .calib import load_batches, model_inputs
 from .capture import Spill, Stream, inputs
 from .errors import UserError
@@ -114,6 +115,11 @@ def quantize(model, calibration, options: Options | None = None, **kwargs) -> tu
         options = Options(**kwargs)
     elif kwargs:
         raise TypeError("pass either options or keyword options, not both")
+    with blas_workers_sleep():  # capture and NumPy products take turns on the cores
+        return _quantize(model, calibration, options)
+
+
+def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Report]:
     start = time.perf_counter()
     base = normalise(load_model(model), min_opset=required_opset(options))
     graph = base.graph

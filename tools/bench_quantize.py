@@ -16,7 +16,8 @@ other's figures):
   says what it got.
 
 Seconds are wall clock (time.perf_counter) around the quantize call alone: interpreter start,
-imports and ORT's preprocessing are not counted (``ort_preprocess_seconds`` reports the latter;
+imports (each child imports what its quantizer loads, onnxruntime included) and ORT's preprocessing
+are not counted (``ort_preprocess_seconds`` reports the latter;
 ``ratio_incl_ort_preprocessing`` divides by ORT's quantize + preprocessing, the like-for-like figure
 since onnx-gpfq's own time includes its model normalisation). ``ratio`` is the target's figure.
 By default each call is the first in its process (numba's kernel cache load, or compilation when the
@@ -109,6 +110,9 @@ def _trace_layers() -> list[dict]:
 
 def _child_gpfq(model_path: str, calib_path: str, warmup: bool, extra: dict | None = None,
                 trace_memory: bool = False) -> dict:
+    import onnxruntime  # noqa: F401  (onnx-gpfq imports it on first use; imports are not timed, as for ORT)
+    import threadpoolctl  # noqa: F401  (the same)
+
     import onnx_gpfq
 
     extra = extra or {}
