@@ -208,8 +208,14 @@ def _ort_basic_optimise(model: onnx.ModelProto) -> onnx.ModelProto:
 
     with tempfile.TemporaryDirectory(prefix="onnx_gpfq_") as tmp:
         src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
-        big = needs_external_data(model)
-        onnx.save(model, src, save_as_external_data=big, location="in.onnx.data")
+        data = serialize(model)
+        big = data is None
+        if big:
+            onnx.save(model, src, save_as_external_data=True, location="in.onnx.data")
+        else:
+            with open(src, "wb") as f:
+                f.write(data)
+            del data
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         so.optimized_model_filepath = dst
@@ -317,8 +323,16 @@ def check_output_path(output: str | os.PathLike, inputs: Iterable[str | os.PathL
 PROTOBUF_LIMIT = 2**31 - 2**24  # a serialised ModelProto must stay under 2 GiB; keep a margin
 
 
-def needs_external_data(model: onnx.ModelProto) -> bool:
-    return model.ByteSize() > PROTOBUF_LIMIT
+def serialize(model: onnx.ModelProto) -> bytes | None:
+    """The model's bytes, or None when it cannot be one protobuf (over 2 GiB: save it with
+    external data). One serialisation: protobuf's ByteSize costs as much as serialising."""
+    if sum(len(t.raw_data) for t in model.graph.initializer) > PROTOBUF_LIMIT:
+        return None  # no 2 GiB string just to find that out
+    try:
+        data = model.SerializeToString()
+    except ValueError:  # protobuf refuses messages over 2 GiB
+        return None
+    return data if len(data) <= PROTOBUF_LIMIT else None
 
 
 def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool = False) -> None:
@@ -328,8 +342,9 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data:
     over 2 GiB (or with ``external_data``) store their tensors in ``OUTPUT.data`` beside the model.
     """
     out = Path(output)
-    if not (external_data or needs_external_data(model)):
-        _write_atomic(out, model.SerializeToString())
+    data = None if external_data else serialize(model)
+    if data is not None:
+        _write_atomic(out, data)
         return
     folder = out.parent if str(out.parent) else Path(".")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder))

@@ -23,7 +23,7 @@ from ._threads import blas_workers_sleep
 from .calib import load_batches, model_inputs
 from .capture import Spill, Stream, inputs
 from .errors import UserError
-from .graph import GraphIndex, load_model, needs_external_data, normalise, save_model
+from .graph import GraphIndex, load_model, normalise, save_model, serialize
 from .options import Options
 from .activations import activation_tensors, calibrate
 from .rewrite import ActQuant, QuantizedLayer, read_name
@@ -167,44 +167,46 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Target], plans: dict, 
     moments_cache: dict[tuple, gpfq.Moments] = {}
 
     progress = _progress(len(targets), options.quiet)
-    for k, t in enumerate(targets):
-        progress.set_postfix_str(t.node[-40:], refresh=False)
-        layer_start = time.perf_counter()
-        spec, fmt = plans[t.node]
-        bits = str(options.layer(t.node, t.op_type).weight_bits)
-        if t.w in by_weight:  # a weight shared by several nodes: quantized once, at its first use
-            first = by_weight[t.w]
-            layers[t.node] = QuantizedLayer(t, first.codes, first.scale, None, first.block_size, first.fmt)
-            report.layers.append(LayerReport(t.node, t.op_type, t.w_shape, bits, spec.granularity, spec.scale_rule,
-                                             float("nan"), float("nan"), float("nan"), float(np.mean(first.codes == 0)),
-                                             f"shared with {first.target.node}", 0, 0.0))
+    try:  # the bar is closed (and its line cleared) on errors too
+        for k, t in enumerate(targets):
+            progress.set_postfix_str(t.node[-40:], refresh=False)
+            layer_start = time.perf_counter()
+            spec, fmt = plans[t.node]
+            bits = str(options.layer(t.node, t.op_type).weight_bits)
+            if t.w in by_weight:  # a weight shared by several nodes: quantized once, at its first use
+                first = by_weight[t.w]
+                layers[t.node] = QuantizedLayer(t, first.codes, first.scale, None, first.block_size, first.fmt)
+                report.layers.append(LayerReport(t.node, t.op_type, t.w_shape, bits, spec.granularity, spec.scale_rule,
+                                                 float("nan"), float("nan"), float("nan"), float(np.mean(first.codes == 0)),
+                                                 f"shared with {first.target.node}", 0, 0.0))
+                progress.update()
+                continue
+            float_stream.advance(list(graph.node), index.initializers, [t.x], quant_acts)
+            _observe_new(quant_acts, acts, float_stream, options)
+            nodes_q, inits_q = rewrite.apply(graph, layers, acts)
+            x_tilde = t.x if t.node in weight_only else read_name(t.x, acts, index.graph_outputs)
+            quant_stream.advance(nodes_q, inits_q, [x_tilde])
+
+            W = t.to_matrix(index.array(t.w).astype(np.float64))
+            moments = moments_cache.get(t.patch_key)
+            if moments is None:
+                shared = k + 1 < len(targets) and targets[k + 1].patch_key == t.patch_key
+                moments = _accumulate(t, float_stream.values[t.x], quant_stream.values[x_tilde], W, spec, options, k,
+                                      may_project=not shared)
+                moments_cache = {t.patch_key: moments}  # consecutive layers reading the same rows share them
+            result = gpfq.quantize_layer(W, moments, spec)
+
+            bias = _corrected_bias(t, index, result, graph) if options.bias_correction else None
+            block = spec.group_size if spec.granularity == "block" else 0
+            layers[t.node] = by_weight[t.w] = QuantizedLayer(
+                t, t.from_matrix(result.codes).astype(np.int8), _onnx_scale(t, result.scale, spec.granularity), bias, block, fmt)
+            report.layers.append(LayerReport(
+                t.node, t.op_type, t.w_shape, bits, spec.granularity + (f":{block}" if block else ""), spec.scale_rule,
+                float(np.median(result.C)), float(result.rel_error), float(result.rel_error_rtn), float(result.sparsity),
+                result.form, int(moments.m), time.perf_counter() - layer_start))
             progress.update()
-            continue
-        float_stream.advance(list(graph.node), index.initializers, [t.x], quant_acts)
-        _observe_new(quant_acts, acts, float_stream, options)
-        nodes_q, inits_q = rewrite.apply(graph, layers, acts)
-        x_tilde = t.x if t.node in weight_only else read_name(t.x, acts, index.graph_outputs)
-        quant_stream.advance(nodes_q, inits_q, [x_tilde])
-
-        W = t.to_matrix(index.array(t.w).astype(np.float64))
-        moments = moments_cache.get(t.patch_key)
-        if moments is None:
-            shared = k + 1 < len(targets) and targets[k + 1].patch_key == t.patch_key
-            moments = _accumulate(t, float_stream.values[t.x], quant_stream.values[x_tilde], W, spec, options, k,
-                                  may_project=not shared)
-            moments_cache = {t.patch_key: moments}  # consecutive layers reading the same rows share them
-        result = gpfq.quantize_layer(W, moments, spec)
-
-        bias = _corrected_bias(t, index, result, graph) if options.bias_correction else None
-        block = spec.group_size if spec.granularity == "block" else 0
-        layers[t.node] = by_weight[t.w] = QuantizedLayer(
-            t, t.from_matrix(result.codes).astype(np.int8), _onnx_scale(t, result.scale, spec.granularity), bias, block, fmt)
-        report.layers.append(LayerReport(
-            t.node, t.op_type, t.w_shape, bits, spec.granularity + (f":{block}" if block else ""), spec.scale_rule,
-            float(np.median(result.C)), float(result.rel_error), float(result.rel_error_rtn), float(result.sparsity),
-            result.form, int(moments.m), time.perf_counter() - layer_start))
-        progress.update()
-    progress.close()
+    finally:
+        progress.close()
 
     # Activation tensors after the last quantized layer (e.g. its output) are calibrated on the
     # float network too: run what is left of it once.
@@ -346,15 +348,16 @@ def validate(model: onnx.ModelProto, batch: dict[str, np.ndarray]) -> None:
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    if needs_external_data(model):  # over 2 GiB: check and load it from disk, as it will be saved
+    data = serialize(model)
+    if data is None:  # over 2 GiB: check and load it from disk, as it will be saved
         with tempfile.TemporaryDirectory(prefix="onnx_gpfq_validate_") as tmp:
             path = os.path.join(tmp, "model.onnx")
             save_model(model, path, external_data=True)
             onnx.checker.check_model(path, full_check=True)
             outputs = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]).run(None, batch)
     else:
-        onnx.checker.check_model(model, full_check=True)
-        session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        onnx.checker.check_model(data, full_check=True)
+        session = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
         outputs = session.run(None, batch)
     for out in outputs:
         if isinstance(out, np.ndarray) and out.dtype.kind == "f" and not np.isfinite(out).all():
@@ -372,4 +375,9 @@ def _progress(total: int, quiet: bool):
         return _NoProgress()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="quantizing", unit="layer", file=sys.stderr, leave=False, dynamic_ncols=True)
+    class Bar(tqdm):
+        # no monitor thread: tqdm keeps it for the life of the process, and a live thread makes
+        # _threads.blas_workers_sleep leave OpenBLAS alone (it could be inside a product)
+        monitor_interval = 0
+
+    return Bar(total=total, desc="quantizing", unit="layer", file=sys.stderr, leave=False, dynamic_ncols=True)

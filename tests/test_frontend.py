@@ -171,6 +171,29 @@ def test_external_data_in_and_out(tmp_path):
     assert np.sum((y - y_q) ** 2) < 1e-3 * np.sum(y ** 2)
 
 
+def test_models_over_the_protobuf_limit_take_the_external_data_path(tmp_path, monkeypatch):
+    """Models too large for one protobuf go through onnxruntime's optimiser, the validation and
+    save_model as files with external data; the result is the same model (onnxruntime writes
+    default attributes out on that path: same weights, same outputs)."""
+    from onnx_gpfq import graph as graph_mod
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Flatten", ["r"], ["f"]), helper.make_node("Gemm", ["f", "g"], ["y"], transB=1)]
+    model = make(nodes, [vi("x", ["N", 3, 6, 6])], [vi("y", ["N", 10])], [("w", arr(16, 3, 3, 3)), ("g", arr(10, 16 * 36))])
+    feeds = {"x": arr(16, 3, 6, 6, scale=1)}
+    small, _ = quantize(model, feeds, weight_bits=4, quiet=True)
+    assert graph_mod.serialize(small) == small.SerializeToString()
+    monkeypatch.setattr(graph_mod, "PROTOBUF_LIMIT", 2000)  # every model here is now "too large"
+    assert graph_mod.serialize(model) is None
+    large, _ = quantize(model, feeds, weight_bits=4, quiet=True)
+    assert [t.SerializeToString() for t in large.graph.initializer] == [t.SerializeToString() for t in small.graph.initializer]
+    assert [n.op_type for n in large.graph.node] == [n.op_type for n in small.graph.node]
+    out = tmp_path / "q.onnx"
+    save_model(large, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx", "q.onnx.data"]
+    assert np.array_equal(run(str(out), feeds), run(small, feeds))
+
+
 @pytest.mark.parametrize("which", ["handmade", "squeezenet"])
 def test_opset_upgrade_and_shape_inference_around_the_weights_change_nothing(which, monkeypatch):
     """normalise sends large initializers around onnx's version converter and shape inference

@@ -22,6 +22,8 @@ def test_blas_workers_sleep_inside_and_restored_after(monkeypatch):
     libs = _threads._openblas_libraries()
     a = np.random.default_rng(0).standard_normal((300, 300))
     expected = a @ a
+    # nothing in the package (or in these tests) leaves a thread running: else the context is off
+    assert threading.active_count() == 1, threading.enumerate()
     with _threads.blas_workers_sleep() as changed:
         # NumPy wheels on Linux bundle a pthreads OpenBLAS: then the setting must change
         assert changed == bool(libs)
@@ -83,3 +85,23 @@ def test_quantize_leaves_the_environment_as_it_was(monkeypatch, value):
     model, calib = os.path.join(MODELS, "digits_mlp.onnx"), os.path.join(MODELS, "digits_calib.npz")
     onnx_gpfq.quantize(model, calib, weight_bits=4, act_bits=None, quiet=True)
     assert os.environ.get(_threads.ENV) == value
+
+
+def test_progress_bar_leaves_no_thread_behind(monkeypatch):
+    """The progress bar runs no monitor thread (tqdm keeps one for the life of the process, which
+    would switch the context off for every later call), and is closed on errors too."""
+    monkeypatch.delenv(_threads.ENV, raising=False)
+    before = set(threading.enumerate())
+    model, calib = os.path.join(MODELS, "digits_mlp.onnx"), os.path.join(MODELS, "digits_calib.npz")
+    onnx_gpfq.quantize(model, calib, weight_bits=4, quiet=False)
+    assert set(threading.enumerate()) == before
+    from onnx_gpfq import gpfq
+
+    def fail(*args):
+        raise RuntimeError("a layer failed")
+
+    monkeypatch.setattr(gpfq, "quantize_layer", fail)  # an error inside the layer loop
+    with pytest.raises(RuntimeError, match="a layer failed"):
+        onnx_gpfq.quantize(model, calib, weight_bits=4, quiet=False)
+    assert set(threading.enumerate()) == before
+    assert _threads.ENV not in os.environ
