@@ -62,12 +62,9 @@ def _openblas_libraries() -> list[ctypes.CDLL]:
     return found
 
 
-def _restart(libs: list[ctypes.CDLL], value: int | None) -> None:
-    """Set OPENBLAS_THREAD_TIMEOUT to value (None: unset), have OpenBLAS read it and restart its workers."""
-    if value is None:
-        os.environ.pop(ENV, None)
-    else:
-        os.environ[ENV] = str(value)
+def _restart(libs: list[ctypes.CDLL], value: int) -> None:
+    """Set OPENBLAS_THREAD_TIMEOUT, have OpenBLAS read it and restart its workers with it."""
+    os.environ[ENV] = str(value)
     for lib in libs:
         lib.openblas_read_env()
         lib.blas_thread_shutdown_()
@@ -85,13 +82,11 @@ def blas_workers_sleep() -> Iterator[bool]:
     try:
         yield True
     finally:
+        # OpenBLAS applies positive values only: restart the workers with its default (unless
+        # another thread could now be inside a product: then they keep sleeping at once), then
+        # unset the variable again
         if threading.active_count() == 1:
-            # OpenBLAS only applies a positive value: put its default back, then unset the variable
             _restart(libs, OPENBLAS_DEFAULT)
-            os.environ.pop(ENV, None)
-            for lib in libs:
-                lib.openblas_read_env()
-        else:  # another thread may be in a product: the workers keep sleeping at once (no restart)
-            os.environ.pop(ENV, None)
-            for lib in libs:
-                lib.openblas_read_env()
+        os.environ.pop(ENV, None)
+        for lib in libs:
+            lib.openblas_read_env()
