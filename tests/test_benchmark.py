@@ -76,3 +76,23 @@ def test_bench_quantize_keys():
     assert res["ratio"] == pytest.approx(res["gpfq_seconds"] / res["ort_seconds"])
     assert res["gpfq_peak_rss_mb"] > 0 and res["ort_peak_rss_mb"] > 0
     assert res["ort_preprocessing"]["quant_pre_process"] is True
+
+
+def test_bench_quantize_repeat_reports_the_median_pair():
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import bench_quantize
+    finally:
+        sys.path.pop(0)
+    runs = [({"seconds": 10.0}, {"seconds": 2.0}), ({"seconds": 9.0}, {"seconds": 3.0}), ({"seconds": 12.0}, {"seconds": 3.0}),
+            ({"seconds": 8.0}, {"seconds": 1.0})]
+    g, o, ratios = bench_quantize._median_pair(runs)
+    assert ratios == [5.0, 3.0, 4.0, 8.0]
+    assert (g["seconds"], o["seconds"]) == (12.0, 3.0)  # ratios sorted 3, 4, 5, 8: the lower middle one
+    g, o, _ = bench_quantize._median_pair(runs[:3])
+    assert (g["seconds"], o["seconds"]) == (12.0, 3.0)
+    g, o, ratios = bench_quantize._median_pair([({"error": "x"}, {"seconds": 1.0})])  # a failed child
+    assert ratios == [float("inf")] and "error" in g
+    proc = subprocess.run([sys.executable, "tools/bench_quantize.py", "models/digits_mlp.onnx", "--calib",
+                           "models/digits_calib.npz", "--repeat", "0"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--repeat must be >= 1" in proc.stderr

@@ -33,6 +33,9 @@ MODEL: a path, or ``light:NAME`` (tests/light_models.prepared(NAME), seeded rand
 --samples-multiplier K: use K times the samples (random: K*N samples; .npz: the file tiled K
 times); gpfq is then also run at 1x, and the JSON adds ``gpfq_peak_rss_mb_1x`` and
 ``gpfq_rss_growth`` (peak at Kx / peak at 1x; the target is <= 1.3).
+--repeat N: the gpfq and ORT children run N times, each pair back to back (a shared machine's slow
+spells then slow both of a pair); the JSON reports the pair with the median gpfq/ORT ratio, plus
+``ratios`` and every run's seconds.
 Targets: ratio <= 3 at 1x; gpfq_rss_growth <= 1.3 at 8x.
 """
 
@@ -199,23 +202,37 @@ def _run_child(kind: str, model_path: str, calib_path: str, workdir: str, warmup
 
 # ---------------------------------------------------------------- parent
 
+def _median_pair(runs: list[tuple[dict, dict]]) -> tuple[dict, dict, list[float]]:
+    """The (gpfq, ort) pair of the median gpfq/ort ratio (pairs run back to back, so a slow spell
+    of a shared machine slows both of a pair), and every pair's ratio."""
+    ratios = [g["seconds"] / o["seconds"] if g.get("seconds") is not None and o.get("seconds") else float("inf")
+              for g, o in runs]
+    order = sorted(range(len(runs)), key=lambda i: ratios[i])
+    return (*runs[order[(len(runs) - 1) // 2]], ratios)
+
+
 def bench(model_spec: str, calib_spec: str, multiplier: int = 1, warmup: bool = False,
-          gpfq_options: list[str] | None = None, trace_memory: bool = False) -> dict:
+          gpfq_options: list[str] | None = None, trace_memory: bool = False, repeat: int = 1) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as work:
         model_path = common.resolve_model(model_spec, work)
         arrays, calib_text = common.resolve_calibration(calib_spec, model_path, multiplier)
         calib_path = os.path.join(work, "calib.npz")
         np.savez(calib_path, **arrays)
-        g = _run_child("gpfq", model_path, calib_path, work, warmup, gpfq_options, trace_memory)
-        o = _run_child("ort", model_path, calib_path, work, warmup)
+        runs = [(_run_child("gpfq", model_path, calib_path, work, warmup, gpfq_options, trace_memory),
+                 _run_child("ort", model_path, calib_path, work, warmup)) for _ in range(repeat)]
+        g, o, ratios = _median_pair(runs)
         result: dict = {"model": model_spec, "commit": common.package_commit(),
                         "calibration": calib_text, "samples": common.sample_count(arrays),
-                        "samples_multiplier": multiplier, "warmup": warmup,
+                        "samples_multiplier": multiplier, "warmup": warmup, "repeat": repeat,
                         "gpfq_options": {"weight_bits": 4, "act_bits": 8} | _parse_options(gpfq_options)}
         result["gpfq_seconds"] = g.get("seconds")
         result["ort_seconds"] = o.get("seconds")
         ok = result["gpfq_seconds"] is not None and result["ort_seconds"]
         result["ratio"] = result["gpfq_seconds"] / result["ort_seconds"] if ok else None
+        if repeat > 1:  # every pair, in run order; the figures above are the median pair's
+            result["ratios"] = [round(r, 3) for r in ratios]
+            result["gpfq_seconds_runs"] = [r[0].get("seconds") for r in runs]
+            result["ort_seconds_runs"] = [r[1].get("seconds") for r in runs]
         result["gpfq_peak_rss_mb"] = g.get("peak_rss_mb")
         result["ort_peak_rss_mb"] = o.get("peak_rss_mb")
         result["gpfq_peak_anon_mb"] = g.get("peak_anon_mb")  # sampled every 50 ms: anonymous memory only
@@ -281,6 +298,8 @@ def main(argv=None) -> int:
                     help="before the timed call, one untimed run of each quantizer on the first batch (same child)")
     ap.add_argument("--gpfq-option", action="append", default=[], metavar="KEY=VALUE",
                     help="extra onnx_gpfq.quantize option for diagnosis, e.g. scale_rule=fixed (repeatable)")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="run the pair of children N times (back to back) and report the pair of the median ratio")
     ap.add_argument("--trace-memory", action="store_true",
                     help="record resident memory around every layer of the gpfq run (where the peak comes from)")
     ap.add_argument("--child", choices=["gpfq", "ort"], help=argparse.SUPPRESS)
@@ -305,8 +324,11 @@ def main(argv=None) -> int:
         ap.error("MODEL and --calib are required")
     if args.samples_multiplier < 1:
         ap.error("--samples-multiplier must be >= 1")
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
     _parse_options(args.gpfq_option)  # fail early on a malformed KEY=VALUE
-    res = bench(args.model, args.calib, args.samples_multiplier, args.warmup, args.gpfq_option, args.trace_memory)
+    res = bench(args.model, args.calib, args.samples_multiplier, args.warmup, args.gpfq_option, args.trace_memory,
+                args.repeat)
     res["command"] = "python tools/bench_quantize.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.json:
         print(json.dumps(res))

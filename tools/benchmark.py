@@ -234,7 +234,8 @@ def _cost_lines(costs: list[dict]) -> list[str]:
              "while writing it). ORT: QDQ, per-channel, MinMax, QUInt8/QInt8, "
              "on the preprocessed model (its preprocessing time not counted in `ratio`; the next column counts it, "
              "as onnx-gpfq's own time counts its model normalisation). `--warmup`: a second call in the same "
-             "process. `--gpfq-option memory_budget=.. max_rows=..`: onnx-gpfq's two memory bounds (activations kept "
+             "process. `--repeat N`: N gpfq/ORT pairs back to back, the pair with the median ratio shown (this shared "
+             "machine's timings swing by 20% and more from run to run). `--gpfq-option memory_budget=.. max_rows=..`: onnx-gpfq's two memory bounds (activations kept "
              "in memory, rows per layer) set low enough to be reached at 1x too. Targets: time ratio <= 3; peak RSS "
              "at 8x samples <= 1.3x the 1x peak.", "",
              "| model | samples | onnx-gpfq (s) | ORT (s) | ratio | ratio incl. ORT preprocessing | gpfq peak RSS / anon (MiB) | "
@@ -255,9 +256,11 @@ def _cost_lines(costs: list[dict]) -> list[str]:
         growth_text = (f"{growth:.2f}x / {_f(anon_growth, '.2f')}{'x' if anon_growth else ''} "
                        f"(1x: {c['gpfq_peak_rss_mb_1x']:.0f} / {_f(c.get('gpfq_peak_anon_mb_1x'), '.0f')})" if growth else "-")
         ratio = c.get("ratio")
+        runs = c.get("ratios")
+        runs_text = f" (median of {len(runs)}: {', '.join(f'{r:.1f}' for r in runs)})" if runs else ""
         lines.append(
             f"| {c['model']} | {c['samples']} | {_secs(c.get('gpfq_seconds'))} | {_secs(c.get('ort_seconds'))} | "
-            f"{_f(ratio, '.1f')}{'' if ratio is None or c.get('samples_multiplier', 1) > 1 else (' (met)' if ratio <= 3 else ' (**not met**)')} | "
+            f"{_f(ratio, '.1f')}{runs_text}{'' if ratio is None or c.get('samples_multiplier', 1) > 1 else (' (met)' if ratio <= 3 else ' (**not met**)')} | "
             f"{_f(c.get('ratio_incl_ort_preprocessing'), '.1f')} | "
             f"{_f(c.get('gpfq_peak_rss_mb'), '.0f')} / {_f(c.get('gpfq_peak_anon_mb'), '.0f')} | "
             f"{_f(c.get('ort_peak_rss_mb'), '.0f')} / {_f(c.get('ort_peak_anon_mb'), '.0f')} | "
