@@ -11,8 +11,9 @@ deterministic: same input -> same bits.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 # Sparsity modes understood by the kernels (kept as small ints so one compiled signature serves all).
 MODE_PLAIN = 0  # q = Quant(z)
@@ -46,6 +47,19 @@ def quant_code(z, delta, lo, hi, mode, lam):
     if mode == MODE_HARD and k == 0:
         k = 1 if z > 0.0 else -1
     return k
+
+
+MIN_TILE = 32  # columns: the smallest share of a layer's columns given to one of numba's threads
+
+
+def column_tile(n1: int, largest: int, groups: int = 1) -> int:
+    """Columns per task for residual_lanes, which splits (group, column tile) pairs over numba's
+    threads: ``largest`` when the groups alone give every thread a task, else the columns split
+    evenly over the threads, within MIN_TILE..largest. A column's arithmetic never depends on it."""
+    threads = numba.get_num_threads()
+    if groups >= threads:
+        return largest
+    return max(1, min(largest, max(MIN_TILE, -(-n1 // threads))))
 
 
 @njit(cache=True)
@@ -202,7 +216,7 @@ def _level(z, d, flo, fhi):
     return x if d > 0.0 else 0.0
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", parallel=True)
 def residual_lanes(W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode, lam, tile, store, codes, err_g, err_r, xw2):
     """The residual form row by row, for several step choices ("lanes") at once.
 
@@ -219,150 +233,159 @@ def residual_lanes(W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode, lam, tile,
     are then rank-m updates dominated by overhead). Columns are independent and processed in
     tiles of `tile`; one sweep over a lane's R per row updates it and accumulates the next row's
     Xt_{t+1} . R, in the order k = 0..m-1. A column's arithmetic does not depend on the tile or on
-    the other lanes (same bits whatever the batch).
+    the other lanes (same bits whatever the batch); the (group, tile) pairs run on numba's threads.
 
     W (g, N0, N1) float64; XT, XtT (g, N0, m) = X, Xt transposed; hd (g, N0) = H[t,t];
     dead (g,); DG (nG, g, nb, N1), DR (nR, g, nb, N1) steps per block of bsize fan-in rows;
     store: write lane 0's GPFQ codes into codes (g, N0, N1) int32; err_g (nG, g, N1),
     err_r (nR, g, N1), xw2 (g, N1) outputs.
     """
-    g, n0, n1 = W.shape
+    g, n1 = W.shape[0], W.shape[2]
+    T = max(1, min(tile, n1))
+    tiles = -(-n1 // T)
+    for task in prange(g * tiles):
+        kg = task // tiles
+        c0 = (task % tiles) * T
+        _residual_tile(kg, c0, min(c0 + T, n1), W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode, lam, store, codes,
+                       err_g, err_r, xw2)
+
+
+@njit(cache=True, error_model="numpy")
+def _residual_tile(kg, c0, c1, W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode, lam, store, codes, err_g, err_r, xw2):
+    """residual_lanes for group kg and the columns c0..c1-1 (its own scratch arrays)."""
+    n0 = W.shape[1]
     m = XT.shape[2]
     nG = DG.shape[0]
     nR = DR.shape[0]
-    T = max(1, min(tile, n1))
-    V = np.empty((m, T))
-    RG = np.empty((nG, m, T))
-    RR = np.empty((nR, m, T))
-    QR = np.empty((nR, 4, T))  # the RTN lanes' q of up to four rows, not yet added to R
-    LG = np.empty((nG, T))  # Xt_t . R for the current row, per GPFQ lane
-    a = np.empty(T)
-    xs = np.empty(T)
-    qv = np.empty(T)
+    nt = c1 - c0
+    V = np.empty((m, nt))
+    RG = np.empty((nG, m, nt))
+    RR = np.empty((nR, m, nt))
+    QR = np.empty((nR, 4, nt))  # the RTN lanes' q of up to four rows, not yet added to R
+    LG = np.empty((nG, nt))  # Xt_t . R for the current row, per GPFQ lane
+    a = np.empty(nt)
+    xs = np.empty(nt)
+    qv = np.empty(nt)
     zero_row = np.zeros(m)
     flo = float(lo)
     fhi = float(hi)
-    for kg in range(g):
-        dk = dead[kg]
-        for c0 in range(0, n1, T):
-            c1 = min(c0 + T, n1)
-            nt = c1 - c0
-            V[:] = 0.0
-            RG[:] = 0.0
-            RR[:] = 0.0
-            LG[:] = 0.0
-            for t in range(n0):
-                htt = hd[kg, t]
-                live = htt > dk
-                td = t // bsize
-                w = W[kg, t, c0:c1]
-                xrow = XT[kg, t]
-                xtrow = XtT[kg, t]
-                ynext = XtT[kg, t + 1] if t + 1 < n0 else zero_row
-                # shared: V += X_t w_t and a = Xt_t . V  (= (tril(G) W)_t), k in order
-                for c in range(nt):
-                    a[c] = 0.0
-                for k in range(m):
-                    xk = xrow[k]
-                    yk = xtrow[k]
-                    Vk = V[k]
-                    for c in range(nt):
-                        v = Vk[c] + xk * w[c]
-                        Vk[c] = v
-                        a[c] += yk * v
-                for l in range(nG):
-                    d_ = DG[l, kg, td, c0:c1]
-                    R = RG[l]
-                    L = LG[l]
-                    if live:
-                        if mode == MODE_PLAIN:
-                            for c in range(nt):
-                                d = d_[c]
-                                x = _level((a[c] - L[c]) / htt, d, flo, fhi)
-                                xs[c] = x
-                                qv[c] = x * d if x != 0.0 else 0.0
-                        else:
-                            for c in range(nt):
-                                d = d_[c]
-                                code = quant_code((a[c] - L[c]) / htt, d, lo, hi, mode, lam)
-                                xs[c] = code
-                                qv[c] = code * d if code != 0 else 0.0
-                        if store and l == 0:
-                            for c in range(nt):
-                                codes[kg, t, c0 + c] = np.int32(xs[c])
-                    elif store and l == 0:  # a zero column of Xt: q_t = 0, R unchanged
-                        for c in range(nt):
-                            codes[kg, t, c0 + c] = 0
-                    # one sweep: R += Xt_t q_t and L = Xt_{t+1} . R (next row)
-                    for c in range(nt):
-                        L[c] = 0.0
-                    for k in range(m):
-                        xk = xtrow[k]
-                        yk = ynext[k]
-                        Rk = R[k]
-                        if live:
-                            for c in range(nt):
-                                r = Rk[c] + xk * qv[c]
-                                Rk[c] = r
-                                L[c] += yk * r
-                        else:
-                            for c in range(nt):
-                                L[c] += yk * Rk[c]
-                # RTN lanes: q does not depend on R, so R += Xt_t q_t is applied four rows at a
-                # time (same additions in the same order, one pass over R instead of four)
-                j = t % 4
-                flush = j == 3 or t == n0 - 1
-                for l in range(nR):
-                    d_ = DR[l, kg, td, c0:c1]
-                    qj = QR[l, j]
-                    if mode == MODE_PLAIN:
-                        for c in range(nt):
-                            d = d_[c]
-                            x = _level(w[c], d, flo, fhi)
-                            qj[c] = x * d if x != 0.0 else 0.0
-                    else:
-                        for c in range(nt):
-                            d = d_[c]
-                            code = quant_code(w[c], d, lo, hi, mode, lam)
-                            qj[c] = code * d if code != 0 else 0.0
-                    if not flush:
-                        continue
-                    R = RR[l]
-                    tb = t - j
-                    if j == 3:
-                        q0, q1, q2, q3 = QR[l, 0], QR[l, 1], QR[l, 2], QR[l, 3]
-                        for k in range(m):
-                            x0, x1, x2, x3 = XtT[kg, tb, k], XtT[kg, tb + 1, k], XtT[kg, tb + 2, k], XtT[kg, tb + 3, k]
-                            Rk = R[k]
-                            for c in range(nt):
-                                Rk[c] = (((Rk[c] + x0 * q0[c]) + x1 * q1[c]) + x2 * q2[c]) + x3 * q3[c]
-                    else:
-                        for k in range(m):
-                            Rk = R[k]
-                            for i in range(j + 1):
-                                xi = XtT[kg, tb + i, k]
-                                qi = QR[l, i]
-                                for c in range(nt):
-                                    Rk[c] += xi * qi[c]
+    dk = dead[kg]
+    V[:] = 0.0
+    RG[:] = 0.0
+    RR[:] = 0.0
+    LG[:] = 0.0
+    for t in range(n0):
+        htt = hd[kg, t]
+        live = htt > dk
+        td = t // bsize
+        w = W[kg, t, c0:c1]
+        xrow = XT[kg, t]
+        xtrow = XtT[kg, t]
+        ynext = XtT[kg, t + 1] if t + 1 < n0 else zero_row
+        # shared: V += X_t w_t and a = Xt_t . V  (= (tril(G) W)_t), k in order
+        for c in range(nt):
+            a[c] = 0.0
+        for k in range(m):
+            xk = xrow[k]
+            yk = xtrow[k]
+            Vk = V[k]
             for c in range(nt):
-                xw2[kg, c0 + c] = 0.0
+                v = Vk[c] + xk * w[c]
+                Vk[c] = v
+                a[c] += yk * v
+        for l in range(nG):
+            d_ = DG[l, kg, td, c0:c1]
+            R = RG[l]
+            L = LG[l]
+            if live:
+                if mode == MODE_PLAIN:
+                    for c in range(nt):
+                        d = d_[c]
+                        x = _level((a[c] - L[c]) / htt, d, flo, fhi)
+                        xs[c] = x
+                        qv[c] = x * d if x != 0.0 else 0.0
+                else:
+                    for c in range(nt):
+                        d = d_[c]
+                        code = quant_code((a[c] - L[c]) / htt, d, lo, hi, mode, lam)
+                        xs[c] = code
+                        qv[c] = code * d if code != 0 else 0.0
+                if store and l == 0:
+                    for c in range(nt):
+                        codes[kg, t, c0 + c] = np.int32(xs[c])
+            elif store and l == 0:  # a zero column of Xt: q_t = 0, R unchanged
+                for c in range(nt):
+                    codes[kg, t, c0 + c] = 0
+            # one sweep: R += Xt_t q_t and L = Xt_{t+1} . R (next row)
+            for c in range(nt):
+                L[c] = 0.0
             for k in range(m):
-                for c in range(nt):
-                    xw2[kg, c0 + c] += V[k, c] * V[k, c]
-            for l in range(nG):
-                for c in range(nt):
-                    err_g[l, kg, c0 + c] = 0.0
-                for k in range(m):
+                xk = xtrow[k]
+                yk = ynext[k]
+                Rk = R[k]
+                if live:
                     for c in range(nt):
-                        u = V[k, c] - RG[l, k, c]
-                        err_g[l, kg, c0 + c] += u * u
-            for l in range(nR):
-                for c in range(nt):
-                    err_r[l, kg, c0 + c] = 0.0
-                for k in range(m):
+                        r = Rk[c] + xk * qv[c]
+                        Rk[c] = r
+                        L[c] += yk * r
+                else:
                     for c in range(nt):
-                        u = V[k, c] - RR[l, k, c]
-                        err_r[l, kg, c0 + c] += u * u
+                        L[c] += yk * Rk[c]
+        # RTN lanes: q does not depend on R, so R += Xt_t q_t is applied four rows at a
+        # time (same additions in the same order, one pass over R instead of four)
+        j = t % 4
+        flush = j == 3 or t == n0 - 1
+        for l in range(nR):
+            d_ = DR[l, kg, td, c0:c1]
+            qj = QR[l, j]
+            if mode == MODE_PLAIN:
+                for c in range(nt):
+                    d = d_[c]
+                    x = _level(w[c], d, flo, fhi)
+                    qj[c] = x * d if x != 0.0 else 0.0
+            else:
+                for c in range(nt):
+                    d = d_[c]
+                    code = quant_code(w[c], d, lo, hi, mode, lam)
+                    qj[c] = code * d if code != 0 else 0.0
+            if not flush:
+                continue
+            R = RR[l]
+            tb = t - j
+            if j == 3:
+                q0, q1, q2, q3 = QR[l, 0], QR[l, 1], QR[l, 2], QR[l, 3]
+                for k in range(m):
+                    x0, x1, x2, x3 = XtT[kg, tb, k], XtT[kg, tb + 1, k], XtT[kg, tb + 2, k], XtT[kg, tb + 3, k]
+                    Rk = R[k]
+                    for c in range(nt):
+                        Rk[c] = (((Rk[c] + x0 * q0[c]) + x1 * q1[c]) + x2 * q2[c]) + x3 * q3[c]
+            else:
+                for k in range(m):
+                    Rk = R[k]
+                    for i in range(j + 1):
+                        xi = XtT[kg, tb + i, k]
+                        qi = QR[l, i]
+                        for c in range(nt):
+                            Rk[c] += xi * qi[c]
+    for c in range(nt):
+        xw2[kg, c0 + c] = 0.0
+    for k in range(m):
+        for c in range(nt):
+            xw2[kg, c0 + c] += V[k, c] * V[k, c]
+    for l in range(nG):
+        for c in range(nt):
+            err_g[l, kg, c0 + c] = 0.0
+        for k in range(m):
+            for c in range(nt):
+                u = V[k, c] - RG[l, k, c]
+                err_g[l, kg, c0 + c] += u * u
+    for l in range(nR):
+        for c in range(nt):
+            err_r[l, kg, c0 + c] = 0.0
+        for k in range(m):
+            for c in range(nt):
+                u = V[k, c] - RR[l, k, c]
+                err_r[l, kg, c0 + c] += u * u
 
 
 # ----------------------------------------------------------------------------------------------

@@ -999,7 +999,7 @@ class _Fused:
         err_g, err_r, xw2 = np.empty((nG, g, n1)), np.empty((nR, g, n1)), np.empty((g, n1))
         mode, lam = _mode(sparsity)
         _kernels.residual_lanes(W, self.XT, self.XtT, self.hd, self.dead, DG, DR, bsize, alphabet.lo, alphabet.hi,
-                                mode, lam, RESIDUAL_TILE, store, codes, err_g, err_r, xw2)
+                                mode, lam, _kernels.column_tile(n1, RESIDUAL_TILE, g), store, codes, err_g, err_r, xw2)
         return (codes if store else None), err_g, err_r, xw2
 
 

@@ -487,6 +487,29 @@ def test_deterministic():
         assert a.rel_error == b.rel_error and a.rel_error_rtn == b.rel_error_rtn
 
 
+@pytest.mark.parametrize("form,m,n1,g", [("gram", 300, 150, 1), ("gram", 200, 70, 3), ("residual", 300, 150, 1),
+                                          ("residual", 40, 150, 1), ("residual", 40, 70, 3), ("residual", 40, 1, 5)])
+def test_numba_threads_give_the_same_bits(form, m, n1, g):
+    """The kernels split columns (and groups) over numba's threads; every thread count gives the
+    bits of one thread (the forms' passes, the fused residual kernel, the step search)."""
+    import numba
+
+    W, X, Xt = layer_problem(seed=23, g=g, m=m, n0=130, n1=n1)
+    spec = QuantSpec(Alphabet.from_bits(3), bias_correction=True)
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in sorted({1, before, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(threads)
+            results.append(P.quantize_layer(W, moments_of(X, Xt, form), spec))
+    finally:
+        numba.set_num_threads(before)
+    for other in results[1:]:
+        for f in ("codes", "scale", "C", "bias_delta"):
+            assert getattr(other, f).tobytes() == getattr(results[0], f).tobytes()
+        assert other.rel_error == results[0].rel_error and other.rel_error_rtn == results[0].rel_error_rtn
+
+
 def test_block_scale_shape_and_dequantize():
     W, X, Xt = layer_problem(seed=14, g=2, m=60, n0=20, n1=3)
     res = P.quantize_layer(W, moments_of(X, Xt, "gram"),
