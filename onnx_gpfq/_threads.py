@@ -9,6 +9,8 @@ product): 3.7 s with OpenBLAS's default, 1.8-2.2 s when its workers sleep at onc
 themselves are as fast either way.
 
 - ``session_options``: onnxruntime sessions whose intra-op threads do not spin between runs.
+- ``limit``: at most N threads for numba's kernels and NumPy's BLAS (``--threads``; onnxruntime's
+  sessions get the same number through session_options). By default all three use every core.
 - ``blas_workers_sleep``: a context in which OpenBLAS's workers sleep right after each product.
   OpenBLAS reads its spin time (``OPENBLAS_THREAD_TIMEOUT``, as 2^N cycles) when it starts its
   workers, so this sets the variable, has OpenBLAS re-read its environment and restarts the
@@ -90,3 +92,22 @@ def blas_workers_sleep() -> Iterator[bool]:
         os.environ.pop(ENV, None)
         for lib in libs:
             lib.openblas_read_env()
+
+
+@contextlib.contextmanager
+def limit(threads: int) -> Iterator[None]:
+    """At most ``threads`` threads (0: no limit) for numba's kernels and NumPy's BLAS within the
+    context; both are restored after it."""
+    if not threads:
+        yield
+        return
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        with threadpool_limits(limits=threads, user_api="blas"):
+            yield
+    finally:
+        numba.set_num_threads(before)

@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--memory-budget", default="1G", metavar="SIZE",
                    help="captured activations kept in memory (e.g. 512M, 2G, none); beyond it they spill to "
                    ".npy files in a temporary folder (read back one batch at a time, always removed) (default: 1G)")
+    q.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="at most N threads for onnxruntime, numba and BLAS; the output does not depend on it "
+                   "(default: 0, every core)")
     q.add_argument("--exclude", action="append", default=[], metavar="GLOB|OP",
                    help="leave nodes in float: a node-name glob or an op type (repeatable)")
     q.add_argument("--config", metavar="FILE", help="JSON or TOML per-layer overrides: "
@@ -163,7 +166,7 @@ def _cmd_quantize(args) -> int:
         sparsity=parse_sparsity(args.sparsity), bias_correction=args.bias_correction, full_range=args.full_range,
         weight_format=args.weight_format, act_symmetric=args.act_symmetric, act_calibration=args.act_calibration,
         percentile=args.percentile, batch_size=args.batch_size, max_patches=args.max_patches, max_rows=args.max_rows,
-        memory_budget=parse_size(args.memory_budget),
+        memory_budget=parse_size(args.memory_budget), threads=args.threads,
         exclude=tuple(args.exclude) + config_exclude, rules=rules, quiet=args.quiet, images=images,
         batch_axes=tuple(parse_batch_axis(v) for v in args.batch_axis),
         input_shapes=tuple(parse_input_shape(v) for v in args.input_shape),

@@ -145,6 +145,8 @@ class Options:
     batch_axes: (input, axis) pairs for inputs whose samples are not stacked on axis 0 (axis None:
       no batch axis, fed whole to every run). input_shapes: (input, dims) for random data.
     images: preprocessing when the calibration source is a folder of images.
+    threads: at most this many threads for onnxruntime, numba and BLAS (0: every core); the output
+      does not depend on it.
     """
 
     weight_bits: int | str = 4
@@ -173,6 +175,7 @@ class Options:
     batch_axes: tuple[tuple[str, int | None], ...] = ()
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     images: ImageOptions | None = None
+    threads: int = 0
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -199,6 +202,8 @@ class Options:
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer (got {value!r})")
+        if not (isinstance(self.threads, int) and not isinstance(self.threads, bool) and self.threads >= 0):
+            raise UserError(f"--threads must be a non-negative integer (0: every core) (got {self.threads!r})")
         if self.memory_budget is not None and not (isinstance(self.memory_budget, int) and self.memory_budget >= 0):
             raise UserError(f"--memory-budget must be a size like 512M or 2G (got {self.memory_budget!r})")
         if self.full_range and self.weight_bits == "ternary":

@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 
 from . import gpfq, rewrite
-from ._threads import blas_workers_sleep
+from ._threads import blas_workers_sleep, session_options
+from ._threads import limit as limit_threads
 from .calib import load_batches, model_inputs
 from .capture import Spill, Stream, inputs
 from .errors import UserError
@@ -115,7 +116,7 @@ def quantize(model, calibration, options: Options | None = None, **kwargs) -> tu
         options = Options(**kwargs)
     elif kwargs:
         raise TypeError("pass either options or keyword options, not both")
-    with blas_workers_sleep():  # capture and NumPy products take turns on the cores
+    with blas_workers_sleep(), limit_threads(options.threads):  # capture and NumPy products take turns on the cores
         return _quantize(model, calibration, options)
 
 
@@ -145,11 +146,12 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
         first_batch = {name: np.array(a) for name, a in batches[0].items()}  # its own copy, not a view
         held = inputs(batches, spill)
         del batches  # held (or spilled) once for both streams now
-        float_stream, quant_stream = Stream(held, base, spill=spill), Stream(held, base, spill=spill)
+        float_stream = Stream(held, base, threads=options.threads, spill=spill)
+        quant_stream = Stream(held, base, threads=options.threads, spill=spill)
         del held
         out = _quantize_layers(base, targets, plans, options, report, float_stream, quant_stream)
         report.spilled_bytes = spill.spilled_bytes
-    validate(out, first_batch)
+    validate(out, first_batch, options.threads)
     report.seconds = time.perf_counter() - start
     return out, report
 
@@ -342,12 +344,11 @@ def _corrected_bias(t: Target, index: GraphIndex, result, graph: onnx.GraphProto
     return (base + delta.reshape(base.shape)).astype(np.float32)
 
 
-def validate(model: onnx.ModelProto, batch: dict[str, np.ndarray]) -> None:
+def validate(model: onnx.ModelProto, batch: dict[str, np.ndarray], threads: int = 0) -> None:
     """The output must pass the full ONNX checker and run in onnxruntime."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so = session_options(threads)
     data = serialize(model)
     if data is None:  # over 2 GiB: check and load it from disk, as it will be saved
         with tempfile.TemporaryDirectory(prefix="onnx_gpfq_validate_") as tmp:

@@ -123,6 +123,7 @@ def test_output_folder_missing_or_not_writable(capsys, tmp_path):
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--max-patches", "-3"], "--max-patches must be a positive integer"),
     (["--max-rows", "0"], "--max-rows must be a positive integer"),
+    (["--threads", "-1"], "--threads must be a non-negative integer"),
     (["--sparsity", "medium:1"], "--sparsity must look like"),
     (["--seed", "abc"], "invalid int value"),
     (["--c", "0"], "C must be > 0"),

@@ -105,3 +105,38 @@ def test_progress_bar_leaves_no_thread_behind(monkeypatch):
         onnx_gpfq.quantize(model, calib, weight_bits=4, quiet=False)
     assert set(threading.enumerate()) == before
     assert _threads.ENV not in os.environ
+
+
+def test_threads_option_caps_every_pool_and_changes_nothing(monkeypatch):
+    """--threads N: numba, BLAS and the capture's onnxruntime sessions use at most N threads
+    during quantize (all restored after); the model is the same bytes as with every core."""
+    import numba
+    from threadpoolctl import threadpool_info
+
+    from onnx_gpfq import capture, gpfq
+
+    seen = []
+    quantize_layer, run = gpfq.quantize_layer, capture.Stream._run
+
+    def spy_layer(*args):
+        blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+        seen.append(("numba", numba.get_num_threads()))
+        seen.extend(("blas", n) for n in blas)
+        return quantize_layer(*args)
+
+    def spy_run(self, *args):
+        seen.append(("ort", self.threads))
+        return run(self, *args)
+
+    model, calib = os.path.join(MODELS, "digits_cnn.onnx"), os.path.join(MODELS, "digits_calib.npz")
+    every_core, _ = onnx_gpfq.quantize(model, calib, weight_bits=4, quiet=True)
+    numba_before = numba.get_num_threads()
+    blas_before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    monkeypatch.setattr(gpfq, "quantize_layer", spy_layer)
+    monkeypatch.setattr(capture.Stream, "_run", spy_run)
+    one, report = onnx_gpfq.quantize(model, calib, weight_bits=4, quiet=True, threads=1)
+    assert one.SerializeToString() == every_core.SerializeToString()
+    assert {kind for kind, _ in seen} >= {"numba", "ort"} and all(n == 1 for _, n in seen)
+    assert report.options["threads"] == 1
+    assert numba.get_num_threads() == numba_before
+    assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == blas_before
