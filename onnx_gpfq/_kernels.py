@@ -373,19 +373,21 @@ def _residual_tile(kg, c0, c1, W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode
         for c in range(nt):
             xw2[kg, c0 + c] += V[k, c] * V[k, c]
     for l in range(nG):
-        for c in range(nt):
-            err_g[l, kg, c0 + c] = 0.0
-        for k in range(m):
-            for c in range(nt):
-                u = V[k, c] - RG[l, k, c]
-                err_g[l, kg, c0 + c] += u * u
+        _squared_distance(V, RG[l], err_g[l, kg], c0)
     for l in range(nR):
+        _squared_distance(V, RR[l], err_r[l, kg], c0)
+
+
+@njit(cache=True, error_model="numpy")
+def _squared_distance(V, R, out, c0):
+    """out[c0 + c] = sum_k (V[k, c] - R[k, c])^2 over the m rows, k in order."""
+    nt = V.shape[1]
+    for c in range(nt):
+        out[c0 + c] = 0.0
+    for k in range(V.shape[0]):
         for c in range(nt):
-            err_r[l, kg, c0 + c] = 0.0
-        for k in range(m):
-            for c in range(nt):
-                u = V[k, c] - RR[l, k, c]
-                err_r[l, kg, c0 + c] += u * u
+            u = V[k, c] - R[k, c]
+            out[c0 + c] += u * u
 
 
 # ----------------------------------------------------------------------------------------------
