@@ -19,8 +19,7 @@ import numpy as np
 import onnx
 
 from . import gpfq, rewrite
-from ._threads import blas_workers_sleep, session_options
-from ._threads import limit as limit_threads
+from ._threads import blas_workers_sleep, session_options, limit as limit_threads
 from .calib import load_batches, model_inputs
 from .capture import Spill, Stream, inputs
 from .errors import UserError
