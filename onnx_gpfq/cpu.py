@@ -1,0 +1,125 @@
+"""Which int8 kernels onnxruntime runs on a CPU, and what a deployment target allows the weight codes to be.
+
+onnxruntime's CPU integer GEMM and convolution kernels (MLAS) multiply uint8 activations by int8
+weights and accumulate in int32 — except on x86 without VNNI (AVX2, AVX-512BW). There the kernels use
+``vpmaddubsw``, which multiplies two *consecutive* elements of the reduction axis K and adds the two
+products in **int16 with saturation** before widening to int32:
+
+    acc += sat16(a[2j] * b[2j] + a[2j+1] * b[2j+1])        a in [0, 255], b in [-128, 127]
+
+With 8-bit weight codes near +-127 and large activations the pair overflows and the layer's output is
+silently wrong (digits_cnn W8A8: 38.3 dB at the QDQ reference, 16.4 dB deployed on such a CPU).
+A pair can never saturate when |b[2j]| + |b[2j+1]| <= 128, since 255 * 128 = 32640 <= 32767: that is
+the bound ``PAIR_BOUND`` the ``any`` target puts on the codes (GPFQ enforces it as it walks the fan-in,
+see ``onnx_gpfq.core``). Signed int8 activations are shifted to uint8 by the kernels first, so they
+saturate the same way; depthwise convolutions too. VNNI (``vpdpbusd``), AMX and ARM64 (widening
+multiply-accumulate, ``sdot``/``udot``) accumulate in int32 and never saturate.
+
+Which pairs: K is the fan-in of MatMul / Gemm as stored (rows of the (K, N) weight), pairs
+(0, 1), (2, 3), ... over the whole of K (also across the kernels' K blocks). Conv runs, after
+onnxruntime's NHWC rewrite at its default optimisation level, with K ordered (kh, kw, c) within each
+group: the channel varies fastest, unlike ONNX's (c, kh, kw) weight layout (``conv_kernel_order``).
+All of this was measured with onnxruntime 1.32 under ``qemu-x86_64 -cpu Haswell`` (which reports an
+AVX2 CPU without VNNI to MLAS's dispatch), probing every pair of K positions with codes of 127 and
+activations of 255; tests/test_cpu_kernels.py repeats those probes where qemu-user is installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+INT16_MAX = 32767
+UINT8_MAX = 255
+PAIR_BOUND = INT16_MAX // UINT8_MAX  # 128: |b0| + |b1| <= 128 keeps 255 * (|b0| + |b1|) within int16
+
+
+@dataclass(frozen=True)
+class CpuTarget:
+    """A deployment target: which int8 kernels the model must stay exact on."""
+
+    name: str
+    saturating_pairs: bool  # some kernel of this target adds pairs of u8 x s8 products in int16
+    description: str
+
+
+TARGETS: dict[str, CpuTarget] = {t.name: t for t in (
+    CpuTarget("any", True, "every onnxruntime CPU kernel: x86 with and without VNNI, ARM64 "
+                           "(8-bit codes kept within the saturation bound of the AVX2 u8s8 kernels)"),
+    CpuTarget("x86-vnni", False, "x86 CPUs with AVX-512 VNNI or AVX-VNNI (int32 accumulation)"),
+    CpuTarget("arm64", False, "ARM64 CPUs (int32 accumulation)"),
+    CpuTarget("reference", False, "the QDQ model's exact math; for hardware known not to saturate"),
+)}
+
+
+def pair_bound(target: str, max_code: int, act_bits: int | None) -> int | None:
+    """The bound on |q_2j| + |q_2j+1| that ``target`` needs for codes up to ``max_code``, or None.
+
+    Only 8-bit activations reach the saturating u8s8 kernels (16-bit ones and weight-only layers run
+    in float), and codes with 2 * max_code <= PAIR_BOUND (7 bits and fewer) can never saturate.
+    """
+    if not TARGETS[target].saturating_pairs or act_bits != 8 or 2 * max_code <= PAIR_BOUND:
+        return None
+    return PAIR_BOUND
+
+
+def conv_kernel_order(channels_per_group: int, kernel_shape: tuple[int, ...]) -> np.ndarray:
+    """Permutation of a Conv weight's fan-in rows, (c, k1, k2, ...) flattened as ONNX stores them, into the
+    order onnxruntime's NHWC int8 kernel reduces over: (k1, k2, ..., c). ``rows[perm]`` is in kernel order."""
+    return np.arange(channels_per_group * int(np.prod(kernel_shape, dtype=np.int64))).reshape(
+        (channels_per_group, *kernel_shape)).transpose(*range(1, len(kernel_shape) + 1), 0).ravel()
+
+
+def saturating_u8s8_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """int32 (m, n) product of uint8 a (m, K) and int8 b (K, n) as the AVX2 u8s8 kernel computes it: the
+    products of rows (2j, 2j+1) of K added in int16 with saturation, then summed in int32 (K padded with
+    a zero row when odd)."""
+    a = np.asarray(a).astype(np.int32)
+    b = np.asarray(b).astype(np.int32)
+    if a.shape[1] % 2:
+        a = np.pad(a, ((0, 0), (0, 1)))
+        b = np.pad(b, ((0, 1), (0, 0)))
+    pairs = a[:, 0::2, None] * b[None, 0::2, :] + a[:, 1::2, None] * b[None, 1::2, :]
+    return np.clip(pairs, -INT16_MAX - 1, INT16_MAX).sum(axis=1, dtype=np.int32)
+
+
+def pairs_within_bound(codes_k_order: np.ndarray, bound: int) -> bool:
+    """True when every pair of consecutive rows (2j, 2j+1) of codes (K, ...) has |q_2j| + |q_2j+1| <= bound."""
+    q = np.abs(np.asarray(codes_k_order).astype(np.int64))
+    k = q.shape[0] - q.shape[0] % 2
+    return bool((q[0:k:2] + q[1:k:2] <= bound).all())
+
+
+def int8_path() -> str:
+    """This CPU's onnxruntime int8 path: "x86-vnni", "x86-avx2" (pairs saturate), "arm64" or "other".
+
+    Read from LLVM's host CPU detection (CPUID on x86), the same instruction MLAS dispatches on.
+    """
+    import platform
+
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return "arm64"
+    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return "other"
+    try:
+        import llvmlite.binding as llvm
+
+        features = llvm.get_host_cpu_features()
+    except Exception:  # llvmlite cannot read the CPU: say nothing rather than guess
+        return "other"
+    if any(features.get(f, False) for f in ("avx512vnni", "avxvnni", "amx-int8")):
+        return "x86-vnni"
+    return "x86-avx2" if features.get("avx2", False) else "other"
+
+
+def int8_path_text(path: str | None = None) -> str:
+    """One line for reports: this CPU's int8 path and whether its kernels saturate."""
+    path = path or int8_path()
+    return {
+        "x86-vnni": "x86 with VNNI: int8 products accumulate in int32 (no saturation)",
+        "x86-avx2": "x86 without VNNI (AVX2 u8s8 kernels): pairs of int8 products are added in int16 "
+                    "and saturate unless the codes respect the pair bound (target 'any')",
+        "arm64": "ARM64: int8 products accumulate in int32 (no saturation)",
+    }.get(path, "unknown CPU: int8 kernels not identified")
