@@ -46,7 +46,21 @@ def quant_code(z, delta, lo, hi, mode, lam):
     k = int(x)
     if mode == MODE_HARD and k == 0:
         k = 1 if z > 0.0 else -1
+        if k < lo or k > hi:  # only under a pair bound, which can narrow the range to {0}
+            k = 0
     return k
+
+
+@njit(cache=True, inline="always")
+def pair_limits(t, prev, lo, hi, pair):
+    """Level range [lo', hi'] of fan-in row t under the pair bound |q_2j| + |q_2j+1| <= pair
+    (pair <= 0: no bound, [lo, hi]). prev: the code chosen for row t - 1. The first row of a pair
+    gets [-pair, pair] (so that its partner always has a level, 0), the second what is left,
+    [-(pair - |prev|), pair - |prev|]; both intersected with [lo, hi]."""
+    if pair <= 0:
+        return lo, hi
+    b = pair - abs(prev) if t % 2 == 1 else pair
+    return max(lo, -b), min(hi, b)
 
 
 MIN_TILE = 32  # columns: the smallest share of a layer's columns given to one of numba's threads
@@ -63,7 +77,8 @@ def column_tile(n1: int, largest: int, groups: int = 1) -> int:
 
 
 @njit(cache=True)
-def greedy_block(base, boff, L, loff, H, hoff, Q, codes, qoff, delta, doff, bsize, nb, lo, hi, mode, lam, dead, qhq):
+def greedy_block(base, boff, L, loff, H, hoff, Q, codes, qoff, delta, doff, bsize, nb, lo, hi, mode, lam, dead, qhq,
+                 pair, prev):
     """Greedy rounding of nb consecutive fan-in rows, all groups and all columns together.
 
     For row i = 0..nb-1 of the block (fan-in index t = doff + i), with the block's rows s < t:
@@ -82,12 +97,14 @@ def greedy_block(base, boff, L, loff, H, hoff, Q, codes, qoff, delta, doff, bsiz
       Q     (g, *, N1)   float64 dequantized output (rows qoff..), codes (g, *, N1) int32 likewise
       delta (g, nb_delta, N1) step per block of bsize fan-in rows; dead (g,) threshold on H[t,t]
       qhq   (g, N1)      accumulator
+      pair, prev (g, N1) int32: the pair bound (0: none, see pair_limits) and the code of the row
+                         before the block on entry, of the block's last row on exit
     The inner loops run over the N1 columns, contiguous in memory.
     """
     g, _, n1 = L.shape
     if n1 == 1:
         _greedy_block_one_column(base, boff, L, loff, H, hoff, Q, codes, qoff, delta, doff, bsize, nb, lo, hi, mode,
-                                 lam, dead, qhq)
+                                 lam, dead, qhq, pair, prev)
         return
     # Row i of every group before row i + 1 of any: the groups are independent, so a depthwise
     # layer (g large, N1 = 1) is throughput-bound instead of latency-bound on the row chain.
@@ -119,6 +136,7 @@ def greedy_block(base, boff, L, loff, H, hoff, Q, codes, qoff, delta, doff, bsiz
                 for c in range(n1):
                     Q[k, tq, c] = 0.0
                     codes[k, tq, c] = 0
+                    prev[k, c] = 0
                 continue
             td = (doff + i) // bsize
             tb = boff + i
@@ -126,7 +144,9 @@ def greedy_block(base, boff, L, loff, H, hoff, Q, codes, qoff, delta, doff, bsiz
                 d = delta[k, td, c]
                 Lc = L[k, loff + i, c]
                 z = (base[k, tb, c] - Lc) / htt
-                code = quant_code(z, d, lo, hi, mode, lam)
+                clo, chi = pair_limits(doff + i, prev[k, c], lo, hi, pair)
+                code = quant_code(z, d, clo, chi, mode, lam)
+                prev[k, c] = code
                 q = code * d if code != 0 else 0.0
                 codes[k, tq, c] = code
                 Q[k, tq, c] = q
@@ -135,7 +155,7 @@ def greedy_block(base, boff, L, loff, H, hoff, Q, codes, qoff, delta, doff, bsiz
 
 @njit(cache=True)
 def _greedy_block_one_column(base, boff, L, loff, H, hoff, Q, codes, qoff, delta, doff, bsize, nb, lo, hi, mode,
-                             lam, dead, qhq):
+                             lam, dead, qhq, pair, prev):
     """greedy_block for N1 == 1 (depthwise convs): the same arithmetic in the same order, without
     the per-row overhead of loops over one column."""
     g = L.shape[0]
@@ -158,10 +178,13 @@ def _greedy_block_one_column(base, boff, L, loff, H, hoff, Q, codes, qoff, delta
             if not htt > dead[k]:
                 Q[k, tq, 0] = 0.0
                 codes[k, tq, 0] = 0
+                prev[k, 0] = 0
                 continue
             d = delta[k, (doff + i) // bsize, 0]
             z = (base[k, boff + i, 0] - acc) / htt
-            code = quant_code(z, d, lo, hi, mode, lam)
+            clo, chi = pair_limits(doff + i, prev[k, 0], lo, hi, pair)
+            code = quant_code(z, d, clo, chi, mode, lam)
+            prev[k, 0] = code
             q = code * d if code != 0 else 0.0
             codes[k, tq, 0] = code
             Q[k, tq, 0] = q
@@ -217,7 +240,8 @@ def _level(z, d, flo, fhi):
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def residual_lanes(W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode, lam, tile, store, codes, err_g, err_r, xw2):
+def residual_lanes(W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode, lam, pair, tile, store, codes, err_g, err_r,
+                   xw2):
     """The residual form row by row, for several step choices ("lanes") at once.
 
     For every group k and column c, walking the fan-in t = 0..N0-1 with the running products
@@ -237,6 +261,7 @@ def residual_lanes(W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode, lam, tile,
 
     W (g, N0, N1) float64; XT, XtT (g, N0, m) = X, Xt transposed; hd (g, N0) = H[t,t];
     dead (g,); DG (nG, g, nb, N1), DR (nR, g, nb, N1) steps per block of bsize fan-in rows;
+    pair: the pair bound on consecutive rows' codes (0: none; see pair_limits), for every lane;
     store: write lane 0's GPFQ codes into codes (g, N0, N1) int32; err_g (nG, g, N1),
     err_r (nR, g, N1), xw2 (g, N1) outputs.
     """
@@ -246,12 +271,13 @@ def residual_lanes(W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode, lam, tile,
     for task in prange(g * tiles):
         kg = task // tiles
         c0 = (task % tiles) * T
-        _residual_tile(kg, c0, min(c0 + T, n1), W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode, lam, store, codes,
-                       err_g, err_r, xw2)
+        _residual_tile(kg, c0, min(c0 + T, n1), W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode, lam, pair, store,
+                       codes, err_g, err_r, xw2)
 
 
 @njit(cache=True, error_model="numpy")
-def _residual_tile(kg, c0, c1, W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode, lam, store, codes, err_g, err_r, xw2):
+def _residual_tile(kg, c0, c1, W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode, lam, pair, store, codes, err_g, err_r,
+                   xw2):
     """residual_lanes for group kg and the columns c0..c1-1 (its own scratch arrays)."""
     n0 = W.shape[1]
     m = XT.shape[2]
@@ -267,6 +293,9 @@ def _residual_tile(kg, c0, c1, W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode
     xs = np.empty(nt)
     qv = np.empty(nt)
     zero_row = np.zeros(m)
+    # the previous row's code per lane and column (read only under a pair bound)
+    PG = np.zeros((nG, nt), np.int64)
+    PR = np.zeros((nR, nt), np.int64)
     flo = float(lo)
     fhi = float(hi)
     dk = dead[kg]
@@ -297,8 +326,9 @@ def _residual_tile(kg, c0, c1, W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode
             d_ = DG[l, kg, td, c0:c1]
             R = RG[l]
             L = LG[l]
+            P = PG[l]
             if live:
-                if mode == MODE_PLAIN:
+                if mode == MODE_PLAIN and pair <= 0:
                     for c in range(nt):
                         d = d_[c]
                         x = _level((a[c] - L[c]) / htt, d, flo, fhi)
@@ -307,15 +337,20 @@ def _residual_tile(kg, c0, c1, W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode
                 else:
                     for c in range(nt):
                         d = d_[c]
-                        code = quant_code((a[c] - L[c]) / htt, d, lo, hi, mode, lam)
+                        clo, chi = pair_limits(t, P[c], lo, hi, pair)
+                        code = quant_code((a[c] - L[c]) / htt, d, clo, chi, mode, lam)
+                        P[c] = code
                         xs[c] = code
                         qv[c] = code * d if code != 0 else 0.0
                 if store and l == 0:
                     for c in range(nt):
                         codes[kg, t, c0 + c] = np.int32(xs[c])
-            elif store and l == 0:  # a zero column of Xt: q_t = 0, R unchanged
+            else:  # a zero column of Xt: q_t = 0, R unchanged
                 for c in range(nt):
-                    codes[kg, t, c0 + c] = 0
+                    P[c] = 0
+                if store and l == 0:
+                    for c in range(nt):
+                        codes[kg, t, c0 + c] = 0
             # one sweep: R += Xt_t q_t and L = Xt_{t+1} . R (next row)
             for c in range(nt):
                 L[c] = 0.0
@@ -338,15 +373,18 @@ def _residual_tile(kg, c0, c1, W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode
         for l in range(nR):
             d_ = DR[l, kg, td, c0:c1]
             qj = QR[l, j]
-            if mode == MODE_PLAIN:
+            if mode == MODE_PLAIN and pair <= 0:
                 for c in range(nt):
                     d = d_[c]
                     x = _level(w[c], d, flo, fhi)
                     qj[c] = x * d if x != 0.0 else 0.0
             else:
+                P = PR[l]
                 for c in range(nt):
                     d = d_[c]
-                    code = quant_code(w[c], d, lo, hi, mode, lam)
+                    clo, chi = pair_limits(t, P[c], lo, hi, pair)
+                    code = quant_code(w[c], d, clo, chi, mode, lam)
+                    P[c] = code
                     qj[c] = code * d if code != 0 else 0.0
             if not flush:
                 continue
@@ -417,10 +455,11 @@ def abs_max_blocks(W, bsize, out):
 
 
 @njit(cache=True, error_model="numpy")
-def quantize_array(z, d, bsize, lo, hi, mode, lam, out):
+def quantize_array(z, d, bsize, lo, hi, mode, lam, pair, out):
     """out = quant_code(z, d) elementwise for z (g, N0, N1) float64 and steps d (gd, nd, nd1),
     gd in (1, g), nd1 in (1, N1) (broadcast), nd = 1 (one row for all) or ceil(N0 / bsize) (row t
-    uses d[:, t // bsize]); NaN z -> INT32_MIN (as numpy's cast in quantize_codes)."""
+    uses d[:, t // bsize]); NaN z -> INT32_MIN (as numpy's cast in quantize_codes). pair > 0:
+    rows t along axis 1 obey the pair bound (see pair_limits), row t limited by row t - 1's code."""
     g, n0, n1 = z.shape
     gd, nd, nd1 = d.shape
     flo = float(lo)
@@ -431,7 +470,7 @@ def quantize_array(z, d, bsize, lo, hi, mode, lam, out):
             zr = z[k, t]
             dr = d[kd, t // bsize if nd > 1 else 0]
             o = out[k, t]
-            if mode == MODE_PLAIN and nd1 == n1:
+            if mode == MODE_PLAIN and nd1 == n1 and pair <= 0:
                 for c in range(n1):
                     dc = dr[c]
                     y = zr[c] / dc
@@ -446,7 +485,8 @@ def quantize_array(z, d, bsize, lo, hi, mode, lam, out):
                     if zc != zc and dc > 0.0:
                         o[c] = -2147483648
                     else:
-                        o[c] = quant_code(zc, dc, lo, hi, mode, lam)
+                        clo, chi = pair_limits(t, out[k, t - 1, c] if t > 0 else 0, lo, hi, pair)
+                        o[c] = quant_code(zc, dc, clo, chi, mode, lam)
 
 
 # ----------------------------------------------------------------------------------------------

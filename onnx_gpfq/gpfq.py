@@ -14,6 +14,17 @@ decisions up to floating-point ties. Q holds dequantized values (code * delta).
 Grouped / depthwise convolutions are ``g`` independent problems: all arrays carry a leading
 group axis g; W is (g, N0, N1g) with N0 the fan-in per group and N1g the outputs per group.
 
+Pair bound (QuantSpec.pair_bound = P): onnxruntime's default x86 int8 kernels without VNNI
+(AVX2 / AVX-512BW u8s8, built on vpmaddubsw) add the products of uint8 activations and int8
+weights two at a time into int16 with saturation: a_2j q_2j + a_2j+1 q_2j+1 must fit in int16
+for every a in 0..255, i.e. 255 (|q_2j| + |q_2j+1|) <= 32767, so |q_2j| + |q_2j+1| <= 128.
+GPFQ walks the fan-in in order and enforces the bound as it goes: the first row of a pair
+takes its level from [-P, P], the second from [-(P - |q_2j|), P - |q_2j|] (both intersected
+with the alphabet), and the greedy step compensates what the narrowed range costs in the rows
+that follow. RTN clips the second row of each pair the same way. Pairs are rows (0, 1), (2, 3),
+... of each group in the order W's rows are given (the caller permutes them into the kernel's
+reduction order); with N0 odd the last row is unpaired (range [-P, P]).
+
 Units: W, Q, delta, lam are in weight units; G, H, F in (input units)^2; errors in output units^2.
 Everything is float64 internally and deterministic (same input -> same bits).
 """
@@ -152,6 +163,9 @@ class QuantSpec:
       grid, the same choice whenever the best C lies within one grid step of the coarse best.
       "auto" (default): "full" where a pass costs at most COARSE_SEARCH_FLOPS (g N0 N1 min(N0, m)
       multiply-adds), "coarse" on larger layers.
+    pair_bound: None, or P >= 1: consecutive fan-in rows (2j, 2j+1), in the order W's rows are
+      given, get codes with |q_2j| + |q_2j+1| <= P (see the module docstring), in GPFQ, in RTN
+      and in the step search's errors.
     """
 
     alphabet: Alphabet
@@ -165,6 +179,7 @@ class QuantSpec:
     search: str = "auto"
     sparsity: Sparsity | None = None
     bias_correction: bool = False
+    pair_bound: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.alphabet, Alphabet):
@@ -200,6 +215,9 @@ class QuantSpec:
                 raise ValueError(f"QuantSpec.{name} must be a bool (got {getattr(self, name)!r})")
         if self.sparsity is not None and not isinstance(self.sparsity, Sparsity):
             raise ValueError(f"QuantSpec.sparsity must be a Sparsity or None (got {self.sparsity!r})")
+        pb = self.pair_bound
+        if pb is not None and (isinstance(pb, bool) or not isinstance(pb, (int, np.integer)) or pb < 1):
+            raise ValueError(f"QuantSpec.pair_bound must be None or an int >= 1 (got {pb!r})")
 
 
 def _positive_number(x) -> bool:
@@ -604,7 +622,7 @@ def quantize_codes(z: np.ndarray, delta_rows: np.ndarray, alphabet: Alphabet,
         d3 = d.reshape((1,) * (3 - d.ndim) + d.shape)
         if all(dn in (1, zn) for dn, zn in zip(d3.shape, z3.shape)):
             out = np.empty(z3.shape, np.int32)
-            _kernels.quantize_array(z3, d3, 1, alphabet.lo, alphabet.hi, mode, lam, out)
+            _kernels.quantize_array(z3, d3, 1, alphabet.lo, alphabet.hi, mode, lam, 0, out)
             return out.reshape(z.shape)
     d = np.broadcast_to(d, z.shape)
     if mode == _kernels.MODE_SOFT:
@@ -696,7 +714,7 @@ def _dead(H: np.ndarray) -> np.ndarray:
     return _kernels.dead_threshold(H, DEAD_TOL)
 
 
-def _gram_pass(A, H, delta, bsize, alphabet, sparsity, dead, block=GRAM_BLOCK, H_off=None):
+def _gram_pass(A, H, delta, bsize, alphabet, sparsity, dead, block=GRAM_BLOCK, H_off=None, pair=0):
     """Greedy pass in the Gram form. A = tril(G) W (g, N0, N1), H (g, N0, N0) C-contiguous,
     delta (g, nb, N1); H_off: H in the dtype of the off-diagonal GEMMs (default H). Returns codes (g, N0, N1) int32, Q (g, N0, N1) dequantized float64 and
     q^T H q per column (g, N1) (for the exact error without another product).
@@ -713,18 +731,20 @@ def _gram_pass(A, H, delta, bsize, alphabet, sparsity, dead, block=GRAM_BLOCK, H
     codes = np.empty((g, n0, n1), np.int32)
     qhq = np.zeros((g, n1))
     L = np.zeros((g, n0, n1))
+    prev = np.zeros((g, n1), np.int32)  # the previous row's codes, for the pair bound
 
     args = (A, L, H, H if H_off is None else H_off, Q, codes, delta, bsize, alphabet.lo, alphabet.hi, mode, lam,
-            dead, qhq, block)
+            dead, qhq, block, pair, prev)
     _gram_pass_rec(0, n0, *args)
     return codes, Q, qhq
 
 
-def _gram_pass_rec(lo, hi, A, L, H, H_off, Q, codes, delta, bsize, a_lo, a_hi, mode, lam, dead, qhq, block):
-    args = (A, L, H, H_off, Q, codes, delta, bsize, a_lo, a_hi, mode, lam, dead, qhq, block)
+def _gram_pass_rec(lo, hi, A, L, H, H_off, Q, codes, delta, bsize, a_lo, a_hi, mode, lam, dead, qhq, block, pair,
+                   prev):
+    args = (A, L, H, H_off, Q, codes, delta, bsize, a_lo, a_hi, mode, lam, dead, qhq, block, pair, prev)
     if hi - lo <= block:
         _kernels.greedy_block(A, lo, L, lo, H, lo, Q, codes, lo, delta, lo, bsize, hi - lo,
-                              a_lo, a_hi, mode, lam, dead, qhq)
+                              a_lo, a_hi, mode, lam, dead, qhq, pair, prev)
         return
     mid = _split(lo, hi, block)
     _gram_pass_rec(lo, mid, *args)
@@ -742,7 +762,8 @@ def _as3(a: np.ndarray, name: str) -> tuple[np.ndarray, bool]:
 
 
 def gpfq_gram(W: np.ndarray, G: np.ndarray, H: np.ndarray, delta, alphabet: Alphabet,
-              sparsity: Sparsity | None = None, group_size: int = 0, block: int = GRAM_BLOCK) -> np.ndarray:
+              sparsity: Sparsity | None = None, group_size: int = 0, block: int = GRAM_BLOCK,
+              pair_bound: int | None = None) -> np.ndarray:
     """One GPFQ pass in the Gram form with given steps; returns the integer codes.
 
     W (N0, N1) or (g, N0, N1); G = Xt^T X, H = Xt^T Xt (N0, N0) or (g, N0, N0) float64;
@@ -758,7 +779,7 @@ def gpfq_gram(W: np.ndarray, G: np.ndarray, H: np.ndarray, delta, alphabet: Alph
     d, bsize = _delta3(delta, g, n0, n1, group_size)
     A = tril_matmul(G3, W3, block)
     dead = _dead(H3)
-    codes, _, _ = _gram_pass(A, H3, d, bsize, alphabet, sparsity, dead, block)
+    codes, _, _ = _gram_pass(A, H3, d, bsize, alphabet, sparsity, dead, block, pair=pair_bound or 0)
     return codes[0] if squeeze else codes
 
 
@@ -809,13 +830,14 @@ class _Residual:
         self.XW = V
         self.dead = np.ascontiguousarray(DEAD_TOL * diag.max(axis=1))
 
-    def greedy(self, delta, bsize, alphabet, sparsity):
+    def greedy(self, delta, bsize, alphabet, sparsity, pair=0):
         """One pass; returns codes (g, N0, N1) int32 and the final residual U = XW - Xt Q (g, m, N1)."""
         g, n0, n1 = self.A.shape
         mode, lam = _mode(sparsity)
         codes = np.empty((g, n0, n1), np.int32)
         R = np.zeros((g, self.X.shape[1], n1))  # running Xt[:, :b0] Q[:b0]
         qhq = np.zeros((g, n1))  # unused here: the error is ||U||^2
+        prev = np.zeros((g, n1), np.int32)  # the previous row's codes, for the pair bound
         for i, b0 in enumerate(range(0, n0, self.block)):
             b1 = min(b0 + self.block, n0)
             Xtb = self.Xt[:, :, b0:b1]
@@ -823,7 +845,7 @@ class _Residual:
             Qb = np.empty((g, b1 - b0, n1))
             cb = np.empty((g, b1 - b0, n1), np.int32)
             _kernels.greedy_block(self.A, b0, L, 0, self.Hb[i], 0, Qb, cb, 0, delta, b0, bsize, b1 - b0,
-                                  alphabet.lo, alphabet.hi, mode, lam, self.dead, qhq)
+                                  alphabet.lo, alphabet.hi, mode, lam, self.dead, qhq, pair, prev)
             codes[:, b0:b1] = cb
             R += np.matmul(Xtb, Qb.astype(self.work, copy=False))
         return codes, self.XW - R
@@ -831,7 +853,7 @@ class _Residual:
 
 def gpfq_residual(W: np.ndarray, X: np.ndarray, Xt: np.ndarray, delta, alphabet: Alphabet,
                   sparsity: Sparsity | None = None, group_size: int = 0,
-                  block: int | None = None) -> np.ndarray:
+                  block: int | None = None, pair_bound: int | None = None) -> np.ndarray:
     """One GPFQ pass in the residual form (state of shape (m, N1), see _Residual); returns codes.
 
     W (N0, N1) or (g, N0, N1); X, Xt (m, N0) or (g, m, N0); delta as in gpfq_gram; block: rows
@@ -845,20 +867,23 @@ def gpfq_residual(W: np.ndarray, X: np.ndarray, Xt: np.ndarray, delta, alphabet:
         raise ValueError(f"X, Xt must be (g, m, N0) with g={g}, N0={n0} (got {X3.shape}, {Xt3.shape})")
     d, bsize = _delta3(delta, g, n0, n1, group_size)
     if block is None and X3.shape[1] <= RESIDUAL_FUSED_MAX_M:
-        codes = _Fused(X3, Xt3).sweep(W3, d[None], None, bsize, alphabet, sparsity, store=True)[0]
+        codes = _Fused(X3, Xt3).sweep(W3, d[None], None, bsize, alphabet, sparsity, store=True, pair=pair_bound or 0)[0]
     else:
-        codes, _ = _Residual(W3, X3, Xt3, block).greedy(d, bsize, alphabet, sparsity)
+        codes, _ = _Residual(W3, X3, Xt3, block).greedy(d, bsize, alphabet, sparsity, pair=pair_bound or 0)
     return codes[0] if squeeze else codes
 
 
 def rtn_codes(W: np.ndarray, delta, alphabet: Alphabet, sparsity: Sparsity | None = None,
-              group_size: int = 0) -> np.ndarray:
+              group_size: int = 0, pair_bound: int | None = None) -> np.ndarray:
     """Round to nearest (MSQ): codes = clip(round(W / delta), lo, hi) (with the same sparsity
     rule as GPFQ applied to w instead of z). W (N0, N1) or (g, N0, N1); delta as in gpfq_gram."""
     W3, squeeze = _as3(W, "W")
     g, n0, n1 = W3.shape
     d, bsize = _delta3(delta, g, n0, n1, group_size)
-    codes = quantize_codes(W3, _rows_of(d, bsize, n0), alphabet, sparsity)
+    if pair_bound:
+        codes = _rtn(W3, d, bsize, alphabet, sparsity, pair_bound)
+    else:
+        codes = quantize_codes(W3, _rows_of(d, bsize, n0), alphabet, sparsity)
     return codes[0] if squeeze else codes
 
 
@@ -889,8 +914,9 @@ class _GramProblem:
         self.dead = _dead(self.H)
         self.dH = np.ascontiguousarray(np.diagonal(self.H, axis1=1, axis2=2))
 
-    def greedy(self, delta, bsize, alphabet, sparsity):
-        codes, Q, qhq = _gram_pass(self.A, self.H, delta, bsize, alphabet, sparsity, self.dead, H_off=self.H_off)
+    def greedy(self, delta, bsize, alphabet, sparsity, pair=0):
+        codes, Q, qhq = _gram_pass(self.A, self.H, delta, bsize, alphabet, sparsity, self.dead, H_off=self.H_off,
+                                   pair=pair)
         return codes, self.wfw - 2.0 * np.einsum("gin,gin->gn", Q, self.GW) + qhq
 
     def errors(self, codes: list, deltas: list, bsize: int) -> list:
@@ -932,8 +958,8 @@ class _ResidualProblem:
             self.m = mom.m
             self.wfw = np.einsum("gmn,gmn->gn", self.r.XW, self.r.XW)
 
-    def greedy(self, delta, bsize, alphabet, sparsity):  # blocked only (fused: search)
-        codes, U = self.r.greedy(delta, bsize, alphabet, sparsity)
+    def greedy(self, delta, bsize, alphabet, sparsity, pair=0):  # blocked only (fused: search)
+        codes, U = self.r.greedy(delta, bsize, alphabet, sparsity, pair)
         return codes, np.einsum("gmn,gmn->gn", U, U)
 
     def errors(self, codes: list, deltas: list, bsize: int) -> list:
@@ -951,7 +977,7 @@ class _ResidualProblem:
         err = np.einsum("gmn,gmn->gn", U, U).reshape(g, lanes, n1)
         return [err[:, i] for i in range(lanes)]
 
-    def search(self, r, bsize, make_stages, method, alphabet, sparsity) -> tuple["_Choice", "_Choice"]:
+    def search(self, r, bsize, make_stages, method, alphabet, sparsity, pair=0) -> tuple["_Choice", "_Choice"]:
         """Fused form only: the step search for `method` and for the RTN baseline, each stage's
         lanes of both in one sweep over W (errors only), then one more sweep for the codes of the
         chosen steps (GPFQ; RTN codes are a direct rounding). Same choices as _search."""
@@ -962,18 +988,19 @@ class _ResidualProblem:
             lanes_g = next(stages_g) if gpfq else ()
             dr = np.stack([steps_from_ranges(r, sr.C(i), alphabet.K) for i in lanes_r])
             dg = np.stack([steps_from_ranges(r, sg.C(i), alphabet.K) for i in lanes_g]) if gpfq else None
-            _, err_g, err_r, xw2 = self.f.sweep(self.W, dg, dr, bsize, alphabet, sparsity, store=False)
+            _, err_g, err_r, xw2 = self.f.sweep(self.W, dg, dr, bsize, alphabet, sparsity, store=False, pair=pair)
             self.wfw = xw2
             for j, lane in enumerate(lanes_r):
                 sr.best.offer(lane, err_r[j])
             for j, lane in enumerate(lanes_g):
                 sg.best.offer(lane, err_g[j])
         rtn = sr.best.choice(r, alphabet.K)
-        rtn = rtn._replace(codes=_rtn(self.W, rtn.delta, bsize, alphabet, sparsity))
+        rtn = rtn._replace(codes=_rtn(self.W, rtn.delta, bsize, alphabet, sparsity, pair))
         if not gpfq:
             return rtn, rtn
         best = sg.best.choice(r, alphabet.K)
-        codes, err, _, _ = self.f.sweep(self.W, best.delta[None], None, bsize, alphabet, sparsity, store=True)
+        codes, err, _, _ = self.f.sweep(self.W, best.delta[None], None, bsize, alphabet, sparsity, store=True,
+                                        pair=pair)
         return best._replace(codes=codes, err=err[0]), rtn
 
 
@@ -986,7 +1013,7 @@ class _Fused:
         self.hd = np.ascontiguousarray(np.einsum("gmn,gmn->gn", Xt, Xt))  # H[t,t] = ||Xt_t||^2
         self.dead = np.ascontiguousarray(DEAD_TOL * self.hd.max(axis=1)) if self.hd.size else np.zeros(X.shape[0])
 
-    def sweep(self, W, DG, DR, bsize, alphabet, sparsity, store):
+    def sweep(self, W, DG, DR, bsize, alphabet, sparsity, store, pair=0):
         """DG (nG, g, nb, N1) GPFQ steps, DR (nR, g, nb, N1) RTN steps (None: no lanes).
         Returns (codes of GPFQ lane 0 or None, err_g (nG, g, N1), err_r (nR, g, N1), ||XW||^2)."""
         g, n0, n1 = W.shape
@@ -999,16 +1026,16 @@ class _Fused:
         err_g, err_r, xw2 = np.empty((nG, g, n1)), np.empty((nR, g, n1)), np.empty((g, n1))
         mode, lam = _mode(sparsity)
         _kernels.residual_lanes(W, self.XT, self.XtT, self.hd, self.dead, DG, DR, bsize, alphabet.lo, alphabet.hi,
-                                mode, lam, _kernels.column_tile(n1, RESIDUAL_TILE, g), store, codes, err_g, err_r, xw2)
+                                mode, lam, pair, _kernels.column_tile(n1, RESIDUAL_TILE, g), store, codes, err_g, err_r, xw2)
         return (codes if store else None), err_g, err_r, xw2
 
 
-def _rtn(W, delta, bsize, alphabet, sparsity):
+def _rtn(W, delta, bsize, alphabet, sparsity, pair=0):
     """RTN codes (g, N0, N1) int32 of W with steps delta (g, nb, N1) (block b for rows
     b*bsize..), one pass in numba."""
     codes = np.empty(W.shape, np.int32)
     mode, lam = _mode(sparsity)
-    _kernels.quantize_array(W, np.ascontiguousarray(delta), bsize, alphabet.lo, alphabet.hi, mode, lam, codes)
+    _kernels.quantize_array(W, np.ascontiguousarray(delta), bsize, alphabet.lo, alphabet.hi, mode, lam, pair, codes)
     return codes
 
 
@@ -1080,7 +1107,7 @@ class _Best:
         return _Choice(self.codes, steps_from_ranges(r, C, K), C, self.err)
 
 
-def _search(problem, r, bsize, stages: _Stages, method, alphabet, sparsity) -> _Choice:
+def _search(problem, r, bsize, stages: _Stages, method, alphabet, sparsity, pair=0) -> _Choice:
     """Run one pass per lane of each stage (delta = C r / K, C per column) and keep, per column or
     for the whole layer, the C with the smallest exact output error (earliest lane on ties)."""
     best = stages.best
@@ -1089,13 +1116,14 @@ def _search(problem, r, bsize, stages: _Stages, method, alphabet, sparsity) -> _
     for lanes in stages:
         if method == "gpfq":
             for lane in lanes:
-                codes, err = problem.greedy(steps_from_ranges(r, stages.C(lane), alphabet.K), bsize, alphabet, sparsity)
+                codes, err = problem.greedy(steps_from_ranges(r, stages.C(lane), alphabet.K), bsize, alphabet, sparsity,
+                                            pair)
                 best.offer(lane, err, codes)
             continue
         for i in range(0, len(lanes), per_call):  # RTN: codes by rounding, errors of several lanes at once
             part = lanes[i:i + per_call]
             deltas = [steps_from_ranges(r, stages.C(lane), alphabet.K) for lane in part]
-            codes = [_rtn(problem.W, d, bsize, alphabet, sparsity) for d in deltas]
+            codes = [_rtn(problem.W, d, bsize, alphabet, sparsity, pair) for d in deltas]
             for lane, c, err in zip(part, codes, problem.errors(codes, deltas, bsize)):
                 best.offer(lane, err, c)
     return best.choice(r, alphabet.K)
@@ -1160,11 +1188,13 @@ def quantize_layer(W: np.ndarray, moments: Moments, spec: QuantSpec) -> LayerRes
     def stages():
         return _Stages(grid, (g, n1), per_column, full)
 
+    pair = spec.pair_bound or 0
     if isinstance(problem, _ResidualProblem) and problem.fused:
-        best, rtn = problem.search(r, bsize, stages, spec.method, spec.alphabet, spec.sparsity)
+        best, rtn = problem.search(r, bsize, stages, spec.method, spec.alphabet, spec.sparsity, pair)
     else:
-        best = _search(problem, r, bsize, stages(), spec.method, spec.alphabet, spec.sparsity)
-        rtn = best if spec.method == "rtn" else _search(problem, r, bsize, stages(), "rtn", spec.alphabet, spec.sparsity)
+        best = _search(problem, r, bsize, stages(), spec.method, spec.alphabet, spec.sparsity, pair)
+        rtn = best if spec.method == "rtn" else _search(problem, r, bsize, stages(), "rtn", spec.alphabet,
+                                                        spec.sparsity, pair)
 
     denom = float(problem.wfw.sum())
 

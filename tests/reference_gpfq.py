@@ -30,11 +30,22 @@ def quant_level(z: float, delta: float, lo: int, hi: int, sparsity=None) -> int:
     k = int(min(max(round(z / delta), lo), hi))  # Python round: half to even
     if sparsity is not None and sparsity[0] == "hard" and k == 0:
         k = 1 if z > 0 else -1
+        if not lo <= k <= hi:  # a pair bound left only {0}
+            k = 0
     return k
 
 
+def pair_range(t: int, codes, lo: int, hi: int, pair) -> tuple[int, int]:
+    """Levels allowed at fan-in row t under the pair bound |q_2j| + |q_2j+1| <= pair (None: [lo, hi]):
+    [-pair, pair] for the first row of a pair, [-(pair - |q_2j|), pair - |q_2j|] for the second."""
+    if pair is None:
+        return lo, hi
+    b = pair - abs(int(codes[t - 1])) if t % 2 == 1 else pair
+    return max(lo, -b), min(hi, b)
+
+
 def gpfq_neuron(X: np.ndarray, Xt: np.ndarray, w: np.ndarray, delta_rows: np.ndarray, lo: int, hi: int,
-                sparsity=None) -> tuple[np.ndarray, np.ndarray]:
+                sparsity=None, pair=None) -> tuple[np.ndarray, np.ndarray]:
     """X, Xt (m, N0); w (N0,); delta_rows (N0,) the step used at each fan-in index.
 
     Returns (codes (N0,) int, u (m,) = X w - Xt q).
@@ -48,12 +59,12 @@ def gpfq_neuron(X: np.ndarray, Xt: np.ndarray, w: np.ndarray, delta_rows: np.nda
         xt, x = Xt[:, t], X[:, t]
         if norms[t] > dead:
             z = xt @ (u + w[t] * x) / norms[t]
-            codes[t] = quant_level(z, delta_rows[t], lo, hi, sparsity)
+            codes[t] = quant_level(z, delta_rows[t], *pair_range(t, codes, lo, hi, pair), sparsity)
         u = u + w[t] * x - codes[t] * delta_rows[t] * xt
     return codes, u
 
 
-def gpfq_layer(X, Xt, W, delta_rows, lo, hi, sparsity=None):
+def gpfq_layer(X, Xt, W, delta_rows, lo, hi, sparsity=None, pair=None):
     """All neurons of a (possibly grouped) layer, one at a time.
 
     X, Xt (g, m, N0); W (g, N0, N1); delta_rows (g, N0, N1). Returns codes (g, N0, N1) and the
@@ -64,7 +75,20 @@ def gpfq_layer(X, Xt, W, delta_rows, lo, hi, sparsity=None):
     err = np.zeros((g, n1))
     for k in range(g):
         for j in range(n1):
-            c, u = gpfq_neuron(X[k], Xt[k], W[k, :, j], delta_rows[k, :, j], lo, hi, sparsity)
+            c, u = gpfq_neuron(X[k], Xt[k], W[k, :, j], delta_rows[k, :, j], lo, hi, sparsity, pair)
             codes[k, :, j] = c
             err[k, j] = u @ u
     return codes, err
+
+
+def rtn_layer(W, delta_rows, lo, hi, sparsity=None, pair=None):
+    """Round to nearest, row by row along the fan-in (the pair bound clips the second row of each
+    pair). W, delta_rows (g, N0, N1); returns codes (g, N0, N1)."""
+    g, n0, n1 = W.shape
+    codes = np.zeros((g, n0, n1), dtype=np.int64)
+    for k in range(g):
+        for j in range(n1):
+            for t in range(n0):
+                codes[k, t, j] = quant_level(W[k, t, j], delta_rows[k, t, j],
+                                             *pair_range(t, codes[k, :, j], lo, hi, pair), sparsity)
+    return codes

@@ -20,6 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference_gpfq as ref  # noqa: E402
 
 from onnx_gpfq import gpfq as P  # noqa: E402
+
+P_ = P
 from onnx_gpfq.gpfq import Alphabet, Moments, QuantSpec, Sparsity  # noqa: E402
 
 
@@ -670,3 +672,136 @@ def test_projection_pays_where_outputs_are_few():
     assert P.projection_pays(4096, 1024, 256)  # bottleneck 1x1
     assert not P.projection_pays(4096, 64, 256)  # expanding 1x1
     assert not P.projection_pays(4096, 256, 256)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pair bound: |q_2j| + |q_2j+1| <= P on consecutive fan-in rows
+# ----------------------------------------------------------------------------------------------
+
+# (g, m, N0, N1g, granularity, group_size, sparsity, bits, P): odd and even N0, m on both sides of
+# the fused kernel's limit, groups, blocks, sparsity; P small enough to bind often
+PAIR_CASES = [
+    pytest.param(1, 60, 37, 6, "channel", 0, None, 4, 8, id="channel-odd-N0"),
+    pytest.param(1, 150, 36, 5, "channel", 0, None, 4, 9, id="channel-blocked-residual"),
+    pytest.param(3, 40, 18, 4, "channel", 0, None, 3, 4, id="groups"),
+    pytest.param(8, 30, 9, 1, "channel", 0, None, "ternary", 1, id="depthwise-ternary"),
+    pytest.param(2, 50, 26, 5, "tensor", 0, None, 4, 7, id="tensor"),
+    pytest.param(1, 100, 37, 6, "block", 8, None, 4, 8, id="block-8"),
+    pytest.param(2, 40, 21, 3, "block", 5, "soft", 4, 6, id="block-soft"),
+    pytest.param(3, 40, 19, 4, "channel", 0, "hard", 4, 5, id="hard"),
+    pytest.param(2, 80, 23, 4, "channel", 0, "hard", "ternary", 1, id="hard-ternary-P1"),
+]
+
+
+def _pairs_ok(codes, P):
+    n0 = codes.shape[1]
+    a = np.abs(codes.astype(np.int64))
+    return bool((a <= P).all() and (a[:, 0:n0 - 1:2] + a[:, 1::2] <= P).all())
+
+
+@pytest.mark.parametrize("g,m,n0,n1,gran,gs,sp,bits,P", PAIR_CASES)
+def test_pair_bound_all_forms_match_reference(g, m, n0, n1, gran, gs, sp, bits, P):
+    rng = np.random.default_rng(zlib.crc32(repr(("pair", g, m, n0, n1, gran, gs, sp, bits, P)).encode()))
+    X, Xt = correlated(rng, g, m, n0, dead=(4,))
+    W = rng.standard_normal((g, n0, n1)) * 0.3
+    alphabet = Alphabet.from_bits(bits)
+    sparsity = SPARSE[sp]
+    r, bsize = P_.step_ranges(W, gran, gs)
+    delta = P_.steps_from_ranges(r, 0.5, alphabet.K)  # small steps: large codes, the bound binds
+    delta_rows = np.broadcast_to(P_._rows_of(delta, bsize, n0), W.shape)
+    codes_ref, err_ref = ref.gpfq_layer(X, Xt, W, delta_rows, alphabet.lo, alphabet.hi, ref_sparsity(sparsity), pair=P)
+    free_ref, _ = ref.gpfq_layer(X, Xt, W, delta_rows, alphabet.lo, alphabet.hi, ref_sparsity(sparsity))
+    assert _pairs_ok(codes_ref, P)
+    assert not _pairs_ok(free_ref, P), "the case must make the bound bind"
+
+    G, H, _ = gram(X, Xt)
+    for block in (3, 4, 16, P_.GRAM_BLOCK):  # an odd block: pairs straddle block boundaries
+        c = P_.gpfq_gram(W, G, H, delta, alphabet, sparsity, group_size=gs, block=block, pair_bound=P)
+        np.testing.assert_array_equal(c, codes_ref, err_msg=f"gram block={block}")
+        c = P_.gpfq_residual(W, X, Xt, delta, alphabet, sparsity, group_size=gs, block=block, pair_bound=P)
+        np.testing.assert_array_equal(c, codes_ref, err_msg=f"residual block={block}")
+    if m <= P_.RESIDUAL_FUSED_MAX_M:
+        c = P_.gpfq_residual(W, X, Xt, delta, alphabet, sparsity, group_size=gs, pair_bound=P)  # fused kernel
+        np.testing.assert_array_equal(c, codes_ref, err_msg="fused")
+
+    rtn_ref = ref.rtn_layer(W, delta_rows, alphabet.lo, alphabet.hi, ref_sparsity(sparsity), pair=P)
+    assert _pairs_ok(rtn_ref, P)
+    np.testing.assert_array_equal(P_.rtn_codes(W, delta, alphabet, sparsity, group_size=gs, pair_bound=P), rtn_ref)
+
+    denom = float(np.einsum("gmn,gmn->", X @ W, X @ W))
+    for method, want, want_err in (("gpfq", codes_ref, err_ref.sum()), ("rtn", rtn_ref, None)):
+        spec = QuantSpec(alphabet, method=method, granularity=gran, group_size=gs, scale_rule="fixed", c=0.5,
+                         sparsity=sparsity, pair_bound=P)
+        for form in ("gram", "residual"):
+            res = P_.quantize_layer(W, moments_of(X, Xt, form), spec)
+            np.testing.assert_array_equal(res.codes, want, err_msg=f"{method} {form}")
+            U = X @ W - Xt @ (rtn_ref * delta_rows)
+            assert res.rel_error_rtn == pytest.approx(float(np.einsum("gmn,gmn->", U, U)) / denom, rel=1e-9)
+            if want_err is not None:
+                assert res.rel_error == pytest.approx(want_err / denom, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("m", [40, 150])  # fused residual and blocked residual / gram
+@pytest.mark.parametrize("method", ["gpfq", "rtn"])
+def test_pair_bound_search_picks_the_best_constrained_codes(m, method):
+    """The step search compares the errors of the constrained codes: per column, the C whose
+    bounded codes (reference) have the smallest error wins."""
+    rng = np.random.default_rng(11 + m)
+    g, n0, n1, P = 2, 25, 5, 9
+    X, Xt = correlated(rng, g, m, n0, dead=(6,))
+    W = rng.standard_t(4, (g, n0, n1)) * 0.1
+    alphabet = Alphabet.from_bits(4)
+    grid = (0.3, 0.5, 0.8, 1.0)
+    r, _ = P_.step_ranges(W, "channel")
+    codes, errs = [], []
+    for C in grid:
+        d = np.broadcast_to(P_.steps_from_ranges(r, C, alphabet.K), W.shape)
+        if method == "gpfq":
+            c, e = ref.gpfq_layer(X, Xt, W, d, alphabet.lo, alphabet.hi, pair=P)
+        else:
+            c = ref.rtn_layer(W, d, alphabet.lo, alphabet.hi, pair=P)
+            U = X @ W - Xt @ (c * d)
+            e = np.einsum("gmn,gmn->gn", U, U)
+        codes.append(c)
+        errs.append(e)
+    best = np.argmin(np.array(errs), axis=0)
+    want = np.take_along_axis(np.array(codes), best[None, :, None, :], axis=0)[0]
+    for form in ("gram", "residual"):
+        res = P_.quantize_layer(W, moments_of(X, Xt, form),
+                                QuantSpec(alphabet, method=method, c_grid=grid, search="full", pair_bound=P))
+        np.testing.assert_array_equal(res.codes, want, err_msg=form)
+        np.testing.assert_array_equal(res.C, np.array(grid)[best])
+        assert _pairs_ok(res.codes, P)
+
+
+def test_pair_bound_that_never_binds_changes_nothing():
+    """P >= 2 K leaves every level allowed: the same codes and errors as no bound."""
+    rng = np.random.default_rng(5)
+    X, Xt = correlated(rng, 2, 50, 31, dead=(3,))
+    W = rng.standard_normal((2, 31, 6))
+    alphabet = Alphabet.from_bits(4)
+    for form in ("gram", "residual"):
+        for method in ("gpfq", "rtn"):
+            a = P_.quantize_layer(W, moments_of(X, Xt, form), QuantSpec(alphabet, method=method))
+            b = P_.quantize_layer(W, moments_of(X, Xt, form), QuantSpec(alphabet, method=method, pair_bound=14))
+            np.testing.assert_array_equal(a.codes, b.codes)
+            assert (a.rel_error, a.rel_error_rtn) == (b.rel_error, b.rel_error_rtn)
+
+
+def test_pair_bound_int8_codes_fit_the_saturating_kernel():
+    """8-bit codes with P = 128: every pair's worst-case sum 255 (|q_2j| + |q_2j+1|) fits in int16."""
+    rng = np.random.default_rng(3)
+    X, Xt = correlated(rng, 1, 80, 64)
+    W = rng.standard_t(3, (1, 64, 16))
+    res = P_.quantize_layer(W, moments_of(X, Xt, "gram"), QuantSpec(Alphabet.from_bits(8), pair_bound=128))
+    a = np.abs(res.codes.astype(np.int64))
+    assert (255 * (a[:, 0::2] + a[:, 1::2]) <= 32767).all()
+    free = P_.quantize_layer(W, moments_of(X, Xt, "gram"), QuantSpec(Alphabet.from_bits(8)))
+    f = np.abs(free.codes.astype(np.int64))
+    assert (f[:, 0::2] + f[:, 1::2] > 128).any()  # without the bound some pair would saturate
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.0, True, "128"])
+def test_pair_bound_validation(bad):
+    with pytest.raises(ValueError, match="pair_bound"):
+        QuantSpec(Alphabet.from_bits(8), pair_bound=bad)
