@@ -13,7 +13,7 @@ from onnx_gpfq.capture import OnDisk, Spill, Stream, inputs
 from onnx_gpfq.graph import GraphIndex, normalise
 from onnx_gpfq.quantize import _row_plan
 from onnx_gpfq.rewrite import dq_name
-from onnx_gpfq.targets import find_targets
+from onnx_gpfq.ops import find_targets
 
 
 def small_cnn(seed=0):

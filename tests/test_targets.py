@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_gpfq.targets import find_targets
+from onnx_gpfq.ops import find_targets
 
 
 def _run(node, x, inits, opset=17):
