@@ -38,7 +38,7 @@ def plan_layer(t: Layer, options: Options) -> LayerPlan:
     """The spec and format of one layer, with the format's constraints checked (UserError)."""
     fmt = FORMATS[options.weight_format].for_layer(t)
     layer = fmt.check(t, options.layer(t.node, t.op_type))
-    return LayerPlan(options.spec(layer, use_blocks=t.fan_in_axis is not None), fmt)
+    return LayerPlan(fmt.adjust_spec(t, options.spec(layer, use_blocks=t.fan_in_axis is not None)), fmt)
 
 
 def required_opset(options: Options) -> int:

@@ -27,7 +27,7 @@ from .errors import UserError
 from .graph import GraphIndex, load_model, normalise, save_model, serialize
 from .options import Options
 from .activations import activation_tensors, calibrate
-from .ops import Layer, Skipped, find_targets
+from .ops import OPS, Layer, Skipped, find_targets
 from .plan import LayerPlan, add_domains, onnx_scale, plan_layer, required_opset
 from .rewrite import ActQuant, QuantizedLayer, read_name
 
@@ -134,7 +134,7 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
                 if options.is_excluded(t.node, t.op_type)]
     targets = [t for t in targets if not options.is_excluded(t.node, t.op_type)]
     if not targets:
-        raise UserError("nothing to quantize: the model has no Conv/Gemm/MatMul layer with a constant weight"
+        raise UserError(f"nothing to quantize: the model has no {'/'.join(OPS)} layer with a constant weight"
                         + (f" ({len(skipped)} left in float: {skipped[0].reason})" if skipped else ""))
     plans = {t.node: plan_layer(t, options) for t in targets}
     add_domains(base, plans)

@@ -241,3 +241,31 @@ def test_formats_refuse_what_they_cannot_store(options, fragment):
     mm, _ = _one_layer_targets()
     with pytest.raises(UserError, match=re.escape(fragment)):
         plan_layer(mm, Options(**options))
+
+
+def test_a_new_format_is_one_class_and_one_registry_entry(monkeypatch):
+    """A narrower int8 (what a CPU without VNNI needs to keep its int16 sums from saturating):
+    an Int8 whose spec allows codes -64..63 only, registered under a new name."""
+    from dataclasses import replace
+
+    from onnx_gpfq import formats, options
+    from onnx_gpfq.formats.int8 import Int8
+    from onnx_gpfq.gpfq import Alphabet
+
+    class Bounded(Int8):
+        name = "int8_bounded"
+
+        def adjust_spec(self, target, spec):
+            return replace(spec, alphabet=Alphabet(max(spec.alphabet.lo, -64), min(spec.alphabet.hi, 63)))
+
+    monkeypatch.setitem(formats.FORMATS, Bounded.name, Bounded())
+    monkeypatch.setattr(options, "WEIGHT_FORMATS", tuple(formats.FORMATS))  # the CLI's choices, read at import
+    model, report = quantize(MODELS / "digits_mlp.onnx", CALIB, weight_bits=8, weight_format="int8_bounded", quiet=True)
+    codes = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_quantized")
+             and t.data_type == TensorProto.INT8]
+    assert codes and all(c.min() >= -64 and c.max() <= 63 for c in codes)
+    assert max(int(np.abs(c).max()) for c in codes) >= 63  # the bound is reached
+    plain, _ = quantize(MODELS / "digits_mlp.onnx", CALIB, weight_bits=8, quiet=True)
+    wide = [numpy_helper.to_array(t) for t in plain.graph.initializer if t.name.endswith("_quantized")
+            and t.data_type == TensorProto.INT8]
+    assert max(int(np.abs(c).max()) for c in wide) > 64  # without the format, the codes use the full range

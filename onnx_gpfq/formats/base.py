@@ -2,8 +2,8 @@
 
 A format decides how a quantized layer's integer codes are stored in the output graph and what
 that needs: the opset (``min_opset``), extra operator domains (``domains``), whether the layer's
-input stays float (``weight_only``), the code range it can hold (``check``), the bytes the codes
-take (``stored_bytes``) and the nodes it emits (``emit``). Formats are stateless singletons
+input stays float (``weight_only``), the code range it can hold (``check``, ``adjust_spec``), the
+bytes the codes take (``stored_bytes``) and the nodes it emits (``emit``). Formats are stateless singletons
 looked up by name in ``FORMATS``.
 """
 
@@ -40,6 +40,11 @@ class WeightFormat:
             raise UserError(f"--weight-format {self.name} holds at most {self.max_bits}-bit codes: "
                             f"layer {target.node} has {bits} bits")
         return layer
+
+    def adjust_spec(self, target: "Layer", spec):
+        """The core's spec (``gpfq.QuantSpec``) for a layer stored in this format. A format whose
+        kernels take a narrower code range than the bit width gives restricts ``spec.alphabet``."""
+        return spec
 
     def stored_bytes(self, codes: np.ndarray) -> int:
         """Bytes the layer's codes take in the output model."""
