@@ -38,7 +38,6 @@ class Layer:
     QUANTIZE_OUTPUT: ClassVar[bool] = False  # give the output a QDQ pair (see activations.activation_tensors)
 
     node: str  # node name
-    op_type: str
     x: str  # activation input
     w: str  # weight initializer
     b: str | None = None  # bias initializer
@@ -51,6 +50,15 @@ class Layer:
         """A target for ``node`` (its weight, input 1, is a float initializer of ``shape``), or
         the reason the node stays in float."""
         raise NotImplementedError
+
+    @classmethod
+    def node_fields(cls, node: onnx.NodeProto, shape: tuple[int, ...]) -> dict:
+        """The fields every target reads off its node: name, activation input, weight and its shape."""
+        return dict(node=node.name, x=node.input[0], w=node.input[cls.WEIGHT_INPUT], w_shape=shape)
+
+    @property
+    def op_type(self) -> str:
+        return self.OP_TYPE
 
     # --- weights -----------------------------------------------------------------------------
     @property

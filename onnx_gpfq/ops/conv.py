@@ -33,10 +33,10 @@ class Window(Layer):
                     strides=tuple(attrs.get("strides", (1,) * nd)), pads=tuple(attrs.get("pads", (0,) * (2 * nd))),
                     dilations=tuple(attrs.get("dilations", (1,) * nd)), auto_pad=auto_pad or "NOTSET")
 
-    @staticmethod
-    def constant_bias(node, index) -> tuple[str | None, str | None]:
+    @classmethod
+    def constant_bias(cls, node, index) -> tuple[str | None, str | None]:
         """The bias input (None without one), or the reason the node stays in float."""
-        b = (list(node.input) + [""] * 3)[2] or None
+        b = (list(node.input) + [""] * 3)[cls.BIAS_INPUT] or None
         if b is not None and not index.is_constant(b):
             return None, f"{node.op_type} bias is not constant"
         return b, None
@@ -56,8 +56,8 @@ class Conv(Window):
         b, reason = cls.constant_bias(node, index)
         if reason:
             return reason
-        return cls(node=node.name, op_type=cls.OP_TYPE, x=node.input[0], w=node.input[1], b=b, w_shape=shape,
-                   groups=int(attrs.get("group", 1)), **cls.window_attrs(attrs, shape))
+        return cls(b=b, groups=int(attrs.get("group", 1)), **cls.node_fields(node, shape),
+                   **cls.window_attrs(attrs, shape))
 
     @property
     def channel_axis(self) -> int:

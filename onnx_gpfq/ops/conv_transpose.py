@@ -28,9 +28,9 @@ class ConvTranspose(Window):
         b, reason = cls.constant_bias(node, index)
         if reason:
             return reason
-        return cls(node=node.name, op_type=cls.OP_TYPE, x=node.input[0], w=node.input[1], b=b, w_shape=shape,
-                   output_padding=tuple(attrs.get("output_padding", ())),
-                   output_shape=tuple(attrs.get("output_shape", ())), **cls.window_attrs(attrs, shape))
+        return cls(b=b, output_padding=tuple(attrs.get("output_padding", ())),
+                   output_shape=tuple(attrs.get("output_shape", ())), **cls.node_fields(node, shape),
+                   **cls.window_attrs(attrs, shape))
 
     @property
     def channel_axis(self) -> int:

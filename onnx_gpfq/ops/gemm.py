@@ -24,11 +24,11 @@ class Gemm(Layer):
     def parse(cls, node, index, shape, attrs):
         if len(shape) != 2:
             return f"Gemm weight of rank {len(shape)} (only 2-D weights are supported)"
-        common = dict(node=node.name, op_type=cls.OP_TYPE, x=node.input[0], w=node.input[1], w_shape=shape,
-                      trans_a=bool(attrs.get("transA", 0)), trans_b=bool(attrs.get("transB", 0)),
-                      alpha=float(attrs.get("alpha", 1.0)), beta=float(attrs.get("beta", 1.0)))
+        common = dict(**cls.node_fields(node, shape), trans_a=bool(attrs.get("transA", 0)),
+                      trans_b=bool(attrs.get("transB", 0)), alpha=float(attrs.get("alpha", 1.0)),
+                      beta=float(attrs.get("beta", 1.0)))
         n_out = shape[0] if common["trans_b"] else shape[1]
-        c = (list(node.input) + [""] * 3)[2] or None
+        c = (list(node.input) + [""] * 3)[cls.BIAS_INPUT] or None
         if c is not None and index.is_constant(c):
             c_shape = tuple(index.initializers[c].dims)
             if c_shape not in ((n_out,), (1, n_out)):

@@ -20,7 +20,7 @@ class MatMul(Layer):
     def parse(cls, node, index, shape, attrs):
         if len(shape) != 2:
             return f"MatMul weight of rank {len(shape)} (only 2-D weights are supported)"
-        return cls(node=node.name, op_type=cls.OP_TYPE, x=node.input[0], w=node.input[1], w_shape=shape)
+        return cls(**cls.node_fields(node, shape))
 
     @property
     def channel_axis(self) -> int:
