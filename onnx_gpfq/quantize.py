@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import gpfq, rewrite
-from . import runtime
+from . import gpfq, rewrite, runtime
 from ._threads import blas_workers_sleep, limit as limit_threads
 from .calib import load_batches, model_inputs
 from .capture import Spill, Stream, inputs
@@ -156,8 +155,8 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
     return out, report
 
 
-def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[str, LayerPlan], options: Options, report: Report,
-                     float_stream: Stream, quant_stream: Stream) -> onnx.ModelProto:
+def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[str, LayerPlan], options: Options,
+                     report: Report, float_stream: Stream, quant_stream: Stream) -> onnx.ModelProto:
     """Layer by layer in topological order: capture X and X~, run GPFQ, rewrite; the output model."""
     graph = base.graph
     index = GraphIndex(graph)
@@ -173,7 +172,8 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
         for k, t in enumerate(targets):
             progress.set_postfix_str(t.node[-40:], refresh=False)
             layer_start = time.perf_counter()
-            spec = plans[t.node].spec
+            plan = plans[t.node]
+            spec = plan.spec
             bits = str(options.layer(t.node, t.op_type).weight_bits)
             if t.w in by_weight:  # a weight shared by several nodes: quantized once, at its first use
                 first = by_weight[t.w]
@@ -199,10 +199,10 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
             result = gpfq.quantize_layer(W, moments, spec)
 
             bias = _corrected_bias(t, index, result) if options.bias_correction else None
-            block = plans[t.node].block_size
+            block = plan.block_size
             layers[t.node] = by_weight[t.w] = QuantizedLayer(
                 t, t.from_matrix(result.codes).astype(np.int8), onnx_scale(t, result.scale, spec.granularity), bias, block,
-                plans[t.node].fmt)
+                plan.fmt)
             report.layers.append(LayerReport(
                 t.node, t.op_type, t.w_shape, bits, spec.granularity + (f":{block}" if block else ""), spec.scale_rule,
                 float(np.median(result.C)), float(result.rel_error), float(result.rel_error_rtn), float(result.sparsity),

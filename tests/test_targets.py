@@ -163,7 +163,8 @@ def test_each_op_parses_into_its_registered_class_with_a_consistent_view(op):
     rows = t.rows(rng.standard_normal(x_shape).astype(np.float32), None)
     assert rows.shape[0] == W.shape[0] and rows.shape[2] == W.shape[1]
     assert rows.shape[1] == t.samples(x_shape) * t.rows_per_sample(x_shape)
-    order = t.kernel_order(W.shape[1])  # the int8 kernel's fan-in order: a permutation of the N0 rows
+    assert t.fan_in == W.shape[1]
+    order = t.kernel_order()  # the int8 kernel's fan-in order: a permutation of the N0 rows
     np.testing.assert_array_equal(np.sort(order), np.arange(W.shape[1]))
 
 

@@ -13,7 +13,7 @@ pipeline talks to a target only through this interface, never through its op typ
 - ``channel_axis`` / ``fan_in_axis``: axes of the ONNX weight for per-channel and block-wise scales.
 - ``integer_bias`` / ``bias_correction``: how the layer's bias input may be rewritten.
 - ``emit``: the node(s) that replace the original one in the output graph.
-- ``kernel_order``: the order in which onnxruntime's int8 kernel reduces the fan-in.
+- ``fan_in`` / ``kernel_order``: N0, and the order in which onnxruntime's int8 kernel reduces it.
 """
 
 from __future__ import annotations
@@ -75,6 +75,11 @@ class Layer:
     def n_out(self) -> int:
         return self.w_shape[self.channel_axis]
 
+    @property
+    def fan_in(self) -> int:
+        """N0: rows of W per group (the length of each output's dot product)."""
+        raise NotImplementedError
+
     def to_matrix(self, w: np.ndarray) -> np.ndarray:
         """ONNX weight -> W of shape (g, N0, N1g)."""
         raise NotImplementedError
@@ -83,11 +88,11 @@ class Layer:
         """W of shape (g, N0, N1g) -> ONNX weight layout (inverse of ``to_matrix``)."""
         raise NotImplementedError
 
-    def kernel_order(self, n0: int) -> np.ndarray:
+    def kernel_order(self) -> np.ndarray:
         """Permutation of the N0 rows of W into the order onnxruntime's int8 kernel reduces the
-        fan-in in (its K order): row ``kernel_order(n0)[k]`` of W is the k-th term of the sum.
+        fan-in in (its K order): row ``kernel_order()[k]`` of W is the k-th term of the sum.
         The identity unless an op's kernel is known to reorder."""
-        return np.arange(n0)
+        return np.arange(self.fan_in)
 
     # --- activations -------------------------------------------------------------------------
     @property

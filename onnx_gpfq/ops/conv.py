@@ -64,6 +64,10 @@ class Conv(Window):
         return 0
 
     @property
+    def fan_in(self) -> int:
+        return math.prod(self.w_shape[1:])  # C/g * prod(kernel)
+
+    @property
     def patch_key(self) -> tuple:
         return (self.x, self.op_type, self.groups, self.kernel, self.strides, self.pads, self.dilations, self.auto_pad)
 

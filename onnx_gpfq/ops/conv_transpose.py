@@ -37,6 +37,10 @@ class ConvTranspose(Window):
         return 1
 
     @property
+    def fan_in(self) -> int:
+        return self.w_shape[0] * math.prod(self.w_shape[2:])  # Cin * prod(kernel)
+
+    @property
     def patch_key(self) -> tuple:
         return (self.x, self.op_type, self.kernel, self.strides, self.pads, self.dilations, self.auto_pad,
                 self.output_padding, self.output_shape)

@@ -46,6 +46,10 @@ class Gemm(Layer):
         return 1 if self.trans_b else 0
 
     @property
+    def fan_in(self) -> int:
+        return self.w_shape[self.fan_in_axis]
+
+    @property
     def patch_key(self) -> tuple:
         return (self.x, "rows", self.trans_a)
 

@@ -30,6 +30,10 @@ class MatMul(Layer):
     def fan_in_axis(self) -> int:
         return 0
 
+    @property
+    def fan_in(self) -> int:
+        return self.w_shape[0]
+
     def to_matrix(self, w: np.ndarray) -> np.ndarray:
         return w[None]
 
