@@ -2,6 +2,10 @@
 
 ``OPS`` maps an op type to its ``Layer`` class (the protocol in ``base``). Adding an op type means
 adding one module with its class and one line here; nothing else in the pipeline names op types.
+The class implements ``parse``, ``channel_axis``, ``fan_in``, ``to_matrix`` / ``from_matrix``,
+``rows_per_sample`` and ``rows``, and overrides the defaults where the op differs (``samples``,
+``patch_key``, ``fan_in_axis``, ``integer_bias``, ``bias_correction``, ``emit``, ``kernel_order``,
+``BIAS_INPUT``, ``QUANTIZE_OUTPUT``); tests/test_targets.py checks it against onnxruntime.
 """
 
 from __future__ import annotations
