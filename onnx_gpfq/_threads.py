@@ -8,7 +8,8 @@ Measured on 2 cores (32 ResNet-50 runs of onnxruntime, each right after a 2000 x
 product): 3.7 s with OpenBLAS's default, 1.8-2.2 s when its workers sleep at once; the products
 themselves are as fast either way.
 
-- ``session_options``: onnxruntime sessions whose intra-op threads do not spin between runs.
+- ``session_options`` (from ``runtime``): onnxruntime sessions whose intra-op threads do not spin
+  between runs.
 - ``limit``: at most N threads for numba's kernels and NumPy's BLAS (``--threads``; onnxruntime's
   sessions get the same number through session_options). By default all three use every core.
 - ``blas_workers_sleep``: a context in which OpenBLAS's workers sleep right after each product.
@@ -28,24 +29,12 @@ import os
 import threading
 from collections.abc import Iterator
 
+from .runtime import session_options  # noqa: F401  (the pipeline's sessions; kept under its old name)
+
 ENV = "OPENBLAS_THREAD_TIMEOUT"
 SLEEP_AT_ONCE = 4  # 2^4 cycles: OpenBLAS's minimum
 OPENBLAS_DEFAULT = 28  # OpenBLAS's THREAD_TIMEOUT
 _ENTRY_POINTS = ("openblas_read_env", "openblas_thread_timeout", "blas_thread_shutdown_")
-
-
-def session_options(threads: int = 0):
-    """onnxruntime SessionOptions for the pipeline's sessions: intra-op threads (0: one per core)
-    that block instead of spinning between runs, warnings off."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if threads:
-        so.intra_op_num_threads = threads
-    return so
 
 
 def _openblas_libraries() -> list[ctypes.CDLL]:

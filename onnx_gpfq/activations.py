@@ -14,20 +14,20 @@ import onnx
 
 from .graph import GraphIndex
 from .rewrite import ActQuant, act_quant_from_range, fake_quant
-from .targets import Target
+from .ops import Layer
 
 REMOVABLE_ACTIVATIONS = ("Relu", "Clip")
 MAX_VALUES = 1 << 20  # values per tensor used by the percentile / MSE searches (seeded subsample)
 
 
-def activation_tensors(graph: onnx.GraphProto, targets: list[Target], weight_only: set[str] = frozenset()) -> set[str]:
+def activation_tensors(graph: onnx.GraphProto, targets: list[Layer], weight_only: set[str] = frozenset()) -> set[str]:
     """Which activation tensors get QuantizeLinear/DequantizeLinear (the placement rule).
 
     - the input of every quantized layer (what makes its kernel integer on the input side),
       except the ``weight_only`` ones (node names: block-wise and MatMulNBits layers);
-    - the output of every quantized Conv, taken after a chain of Relu/Clip that only it feeds, so
-      that onnxruntime fuses DQ -> Conv -> (Relu) -> Q into QLinearConv (Relu/Clip fold into the
-      uint8 range);
+    - the output of every quantized layer whose op asks for it (``Layer.QUANTIZE_OUTPUT``: Conv),
+      taken after a chain of Relu/Clip that only it feeds, so that onnxruntime fuses
+      DQ -> Conv -> (Relu) -> Q into QLinearConv (Relu/Clip fold into the uint8 range);
     - the output of an Add whose inputs are both quantized (a residual join), again after Relu/Clip,
       so that it runs as QLinearAdd instead of dequantize-add-quantize.
     Nothing else is quantized: attention masks, softmax inputs and outputs, normalisation
@@ -45,12 +45,12 @@ def activation_tensors(graph: onnx.GraphProto, targets: list[Target], weight_onl
         return out
 
     chosen: set[str] = set()
-    conv_nodes = {t.node for t in targets if t.op_type == "Conv"}
+    output_quantized = {t.node for t in targets if t.QUANTIZE_OUTPUT}
     for t in targets:
         if not index.is_constant(t.x) and t.node not in weight_only:
             chosen.add(t.x)
     for node in graph.node:  # topological order, so Add inputs are decided before the Add
-        if node.name in conv_nodes:
+        if node.name in output_quantized:
             chosen.add(after_activations(node.output[0]))
         elif node.op_type == "Add" and all(i in chosen for i in node.input):
             chosen.add(after_activations(node.output[0]))

@@ -13,6 +13,7 @@ import sys
 
 from . import __version__
 from .errors import UserError
+from .formats import FORMATS
 
 EXAMPLES = """examples:
   onnx-gpfq quantize models/digits_cnn.onnx -o cnn.w4a8.onnx --calib models/digits_calib.npz
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one weight step per output channel, per layer, or per block of --block-size fan-in rows "
                    "(block: MatMul/Gemm layers; Conv layers stay per channel) (default: channel)")
     q.add_argument("--block-size", type=int, default=32, help="fan-in rows per block for --granularity block (default: 32)")
-    q.add_argument("--weight-format", choices=["int8", "int4", "matmulnbits"], default="int8",
+    q.add_argument("--weight-format", choices=list(FORMATS), default="int8",
                    help="int8: codes in int8 containers, runs on int8 kernels; int4: packed INT4 with opset-21 "
                    "DequantizeLinear; matmulnbits: 2-D MatMul weights as com.microsoft MatMulNBits (4-bit, "
                    "block-wise) (default: int8)")

@@ -41,15 +41,10 @@ class Thresholds:
 
 
 def _session(path: str, threads: int = 0):
-    import onnxruntime as ort
+    from . import runtime
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        so.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    try:  # spinning as deployed: latency is what this measures
+        return runtime.session(path, threads, optimization="all", spinning=True)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"onnxruntime cannot load {path}: {first}") from None

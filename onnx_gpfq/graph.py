@@ -204,7 +204,7 @@ def _rename_uses(graph: onnx.GraphProto, old: str, new: str, outputs_too: bool =
 
 def _ort_basic_optimise(model: onnx.ModelProto) -> onnx.ModelProto:
     """Constant folding, Constant nodes -> initializers, Conv+BatchNormalization fusion."""
-    import onnxruntime as ort
+    from . import runtime
 
     with tempfile.TemporaryDirectory(prefix="onnx_gpfq_") as tmp:
         src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
@@ -216,15 +216,10 @@ def _ort_basic_optimise(model: onnx.ModelProto) -> onnx.ModelProto:
             with open(src, "wb") as f:
                 f.write(data)
             del data
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        so.optimized_model_filepath = dst
-        if big:
-            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "out.onnx.data")
-            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        so.log_severity_level = 3
+        config = {"session.optimized_model_external_initializers_file_name": "out.onnx.data",
+                  "session.optimized_model_external_initializers_min_size_in_bytes": "1024"} if big else None
         try:
-            ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+            runtime.session(src, optimization="basic", spinning=True, optimized_model_path=dst, config=config)
         except Exception as exc:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"onnxruntime cannot load the model: {message}") from None
@@ -255,14 +250,8 @@ class GraphIndex:
     def __init__(self, graph: onnx.GraphProto):
         self.graph = graph
         self.initializers = {t.name: t for t in graph.initializer}
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in graph.node:
-            for name in node.output:
-                if name:
-                    self.producer[name] = node
-            for name in node_inputs(node):
-                self.consumers.setdefault(name, []).append(node)
+        self.producer = producers(graph.node)
+        self.consumers = consumers(graph.node)
         self.graph_outputs = {o.name for o in graph.output}
 
     def array(self, name: str) -> np.ndarray:
@@ -270,6 +259,20 @@ class GraphIndex:
 
     def is_constant(self, name: str) -> bool:
         return name in self.initializers
+
+
+def producers(nodes: Iterable[onnx.NodeProto]) -> dict[str, onnx.NodeProto]:
+    """Tensor name -> the node that writes it."""
+    return {name: node for node in nodes for name in node.output if name}
+
+
+def consumers(nodes: Iterable[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it (once per input slot, subgraph reads included), in order."""
+    found: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for name in node_inputs(node):
+            found.setdefault(name, []).append(node)
+    return found
 
 
 def node_inputs(node: onnx.NodeProto) -> list[str]:

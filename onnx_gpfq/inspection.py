@@ -16,11 +16,16 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import runtime
+from .formats import FORMATS
+from .graph import consumers
+from .ops import OPS
+
 INTEGER_KERNELS = {
     "QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger",
     "DynamicQuantizeMatMul", "MatMulNBits", "QAttention", "DynamicQuantizeLSTM", "QLinearConvTranspose",
 }
-LAYER_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+CODE_TYPES = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.INT4: "int4", onnx.TensorProto.UINT8: "uint8"}
 
 
 @dataclass(frozen=True)
@@ -47,51 +52,48 @@ def _bits_of(codes: np.ndarray) -> int | str:
     return 8
 
 
+def _info(node: str, op_type: str, weight: str, weight_shape, bits, granularity: str, format: str,
+          scale: np.ndarray) -> LayerInfo:
+    return LayerInfo(node, op_type, weight, tuple(weight_shape), bits, granularity, format,
+                     float(scale.min()), float(np.median(scale)), float(scale.max()))
+
+
 def quantized_layers(model: onnx.ModelProto) -> list[LayerInfo]:
     """Every layer whose weight is stored as integers."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
+    readers = consumers(graph.node)
     layers = []
     for node in graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] in inits:
             w = inits[node.input[0]]
             if w.data_type == onnx.TensorProto.INT32:
                 continue  # a bias
-            users = [c for c in consumers.get(node.output[0], []) if c.op_type in LAYER_OPS]
+            users = [c for c in readers.get(node.output[0], []) if c.op_type in OPS]
             if not users:
                 continue
             codes = numpy_helper.to_array(w)
             scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             granularity = "block" if attrs.get("block_size", 0) else ("channel" if scale.ndim == 1 and scale.size > 1 else "tensor")
-            fmt = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.INT4: "int4", onnx.TensorProto.UINT8: "uint8"}.get(w.data_type, str(w.data_type))
+            fmt = CODE_TYPES.get(w.data_type, str(w.data_type))
             for user in users:
-                layers.append(LayerInfo(user.name, user.op_type, w.name, tuple(w.dims), _bits_of(codes), granularity, fmt,
-                                        float(scale.min()), float(np.median(scale)), float(scale.max())))
-        elif node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            scale = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
-            layers.append(LayerInfo(node.name, "MatMul", node.input[1], (int(attrs["K"]), int(attrs["N"])), int(attrs.get("bits", 4)),
-                                    "block", "MatMulNBits", float(scale.min()), float(np.median(scale)), float(scale.max())))
+                layers.append(_info(user.name, user.op_type, w.name, w.dims, _bits_of(codes), granularity, fmt, scale))
+            continue
+        for weight_format in FORMATS.values():
+            info = weight_format.layer_info(node, inits)
+            if info is not None:
+                layers.append(_info(**info))
+                break
     return layers
 
 
 def optimised_ops(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The nodes onnxruntime's CPU provider runs after all its graph optimisations."""
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory(prefix="onnx_gpfq_inspect_") as tmp:
         src, dst = os.path.join(tmp, "model.onnx"), os.path.join(tmp, "optimised.onnx")
         onnx.save(model, src)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.optimized_model_filepath = dst
-        so.log_severity_level = 3
-        ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+        runtime.session(src, optimization="all", spinning=True, optimized_model_path=dst)
         return list(onnx.load(dst).graph.node)
 
 

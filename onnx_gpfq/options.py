@@ -16,13 +16,14 @@ from pathlib import Path
 
 from .calib import ImageOptions
 from .errors import UserError
+from .formats import FORMATS
 from .gpfq import Alphabet, QuantSpec, Sparsity
 
 WEIGHT_BITS = ("2", "3", "4", "5", "6", "7", "8", "ternary")
 METHODS = ("gpfq", "rtn")
 GRANULARITIES = ("channel", "tensor", "block")
 SCALE_RULES = ("search", "fixed")
-WEIGHT_FORMATS = ("int8", "int4", "matmulnbits")
+WEIGHT_FORMATS = tuple(FORMATS)  # the registry in formats/
 ACT_BITS = (8, 16, None)
 ACT_CALIBRATIONS = ("minmax", "percentile", "mse")
 

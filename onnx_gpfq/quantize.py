@@ -18,16 +18,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import gpfq, rewrite
-from ._threads import blas_workers_sleep, session_options, limit as limit_threads
+from . import gpfq, rewrite, runtime
+from ._threads import blas_workers_sleep, limit as limit_threads
 from .calib import load_batches, model_inputs
 from .capture import Spill, Stream, inputs
 from .errors import UserError
 from .graph import GraphIndex, load_model, normalise, save_model, serialize
 from .options import Options
 from .activations import activation_tensors, calibrate
+from .ops import OPS, Layer, Skipped, find_targets
+from .plan import LayerPlan, add_domains, onnx_scale, plan_layer, required_opset
 from .rewrite import ActQuant, QuantizedLayer, read_name
-from .targets import Skipped, Target, find_targets
 
 
 @dataclass(frozen=True)
@@ -132,11 +133,10 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
                 if options.is_excluded(t.node, t.op_type)]
     targets = [t for t in targets if not options.is_excluded(t.node, t.op_type)]
     if not targets:
-        raise UserError("nothing to quantize: the model has no Conv/Gemm/MatMul layer with a constant weight"
+        raise UserError(f"nothing to quantize: the model has no {'/'.join(OPS)} layer with a constant weight"
                         + (f" ({len(skipped)} left in float: {skipped[0].reason})" if skipped else ""))
-    plans = {t.node: _plan(t, options) for t in targets}
-    if any(fmt == "matmulnbits" for _, fmt in plans.values()):
-        base.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    plans = {t.node: plan_layer(t, options) for t in targets}
+    add_domains(base, plans)
 
     report = Report(skipped=skipped, calibration_samples=sum(next(iter(b.values())).shape[0] for b in batches),
                     options=_jsonable(options))
@@ -155,12 +155,12 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
     return out, report
 
 
-def _quantize_layers(base: onnx.ModelProto, targets: list[Target], plans: dict, options: Options, report: Report,
-                     float_stream: Stream, quant_stream: Stream) -> onnx.ModelProto:
+def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[str, LayerPlan], options: Options,
+                     report: Report, float_stream: Stream, quant_stream: Stream) -> onnx.ModelProto:
     """Layer by layer in topological order: capture X and X~, run GPFQ, rewrite; the output model."""
     graph = base.graph
     index = GraphIndex(graph)
-    weight_only = {t.node for t in targets if plans[t.node][1] == "matmulnbits" or plans[t.node][0].granularity == "block"}
+    weight_only = {t.node for t in targets if plans[t.node].weight_only}
     quant_acts = activation_tensors(graph, targets, weight_only) if options.act_bits else set()
     acts: dict[str, ActQuant] = {}
     layers: dict[str, QuantizedLayer] = {}
@@ -172,7 +172,8 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Target], plans: dict, 
         for k, t in enumerate(targets):
             progress.set_postfix_str(t.node[-40:], refresh=False)
             layer_start = time.perf_counter()
-            spec, fmt = plans[t.node]
+            plan = plans[t.node]
+            spec = plan.spec
             bits = str(options.layer(t.node, t.op_type).weight_bits)
             if t.w in by_weight:  # a weight shared by several nodes: quantized once, at its first use
                 first = by_weight[t.w]
@@ -197,10 +198,11 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Target], plans: dict, 
                 moments_cache = {t.patch_key: moments}  # consecutive layers reading the same rows share them
             result = gpfq.quantize_layer(W, moments, spec)
 
-            bias = _corrected_bias(t, index, result, graph) if options.bias_correction else None
-            block = spec.group_size if spec.granularity == "block" else 0
+            bias = _corrected_bias(t, index, result) if options.bias_correction else None
+            block = plan.block_size
             layers[t.node] = by_weight[t.w] = QuantizedLayer(
-                t, t.from_matrix(result.codes).astype(np.int8), _onnx_scale(t, result.scale, spec.granularity), bias, block, fmt)
+                t, t.from_matrix(result.codes).astype(np.int8), onnx_scale(t, result.scale, spec.granularity), bias, block,
+                plan.fmt)
             report.layers.append(LayerReport(
                 t.node, t.op_type, t.w_shape, bits, spec.granularity + (f":{block}" if block else ""), spec.scale_rule,
                 float(np.median(result.C)), float(result.rel_error), float(result.rel_error_rtn), float(result.sparsity),
@@ -219,52 +221,8 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Target], plans: dict, 
     nodes, inits = rewrite.apply(graph, layers, acts)
     report.activations = len(acts)
     report.float_weight_bytes = sum(_tensor_bytes(index.initializers[w]) for w in by_weight)
-    report.quant_weight_bytes = sum(_stored_bytes(q) for q in by_weight.values())
+    report.quant_weight_bytes = sum(q.fmt.stored_bytes(q.codes) for q in by_weight.values())
     return rewrite.build_model(base, nodes, inits)
-
-
-def required_opset(options: Options) -> int:
-    """INT4 / 16-bit QuantizeLinear and block-wise DequantizeLinear need opset 21; per-channel QDQ 13."""
-    needs_21 = (options.weight_format == "int4" or options.act_bits == 16 or options.granularity == "block"
-                or any(r.granularity == "block" for r in options.rules))
-    return 21 if needs_21 else 13
-
-
-def _plan(t: Target, options: Options) -> tuple[gpfq.QuantSpec, str]:
-    """The core spec and the weight format of one layer, with the format's constraints checked."""
-    layer = options.layer(t.node, t.op_type)
-    fmt = options.weight_format
-    small = layer.weight_bits == "ternary" or layer.weight_bits <= 4
-    if fmt == "matmulnbits":
-        if t.op_type != "MatMul":
-            fmt = "int8"  # MatMulNBits only replaces MatMul; other layers keep int8 containers
-        else:
-            if not small:
-                raise UserError(f"--weight-format matmulnbits stores 4-bit codes: layer {t.node} has {layer.weight_bits} bits")
-            bs = layer.block_size
-            if bs < 16 or bs & (bs - 1):
-                raise UserError(f"MatMulNBits needs a block size that is a power of two >= 16 (got {bs})")
-            from dataclasses import replace
-
-            layer = replace(layer, granularity="block")
-    if fmt == "int4" and not small:
-        raise UserError(f"--weight-format int4 holds at most 4-bit codes: layer {t.node} has {layer.weight_bits} bits")
-    return options.spec(layer, use_blocks=t.op_type in ("Gemm", "MatMul")), fmt
-
-
-def _onnx_scale(t: Target, scale: np.ndarray, granularity: str) -> np.ndarray:
-    """The core's steps (g, nb, N1g) in the shape DequantizeLinear wants for this weight."""
-    if granularity == "tensor":
-        return np.array(scale.reshape(-1)[0], np.float32)
-    if granularity == "channel":
-        return scale[:, 0, :].reshape(-1).astype(np.float32)
-    blocks = scale[0].astype(np.float32)  # (nb, N): blocks along the fan-in
-    return np.ascontiguousarray(blocks.T) if t.fan_in_axis == 1 else blocks
-
-
-def _stored_bytes(layer: QuantizedLayer) -> int:
-    """Bytes the layer's codes take in the output model (int8: 1 per weight; int4/MatMulNBits: 1/2)."""
-    return int(layer.codes.size) if layer.fmt == "int8" else (int(layer.codes.size) + 1) // 2
 
 
 def _jsonable(options: Options) -> dict:
@@ -278,7 +236,7 @@ def _jsonable(options: Options) -> dict:
     return {k: conv(v) for k, v in vars(options).items()}
 
 
-def _accumulate(t: Target, xs, xts, W: np.ndarray, spec: gpfq.QuantSpec, options: Options, k: int,
+def _accumulate(t: Layer, xs, xts, W: np.ndarray, spec: gpfq.QuantSpec, options: Options, k: int,
                 may_project: bool) -> gpfq.Moments:
     """The Moments of layer ``t`` (weights W (g, N0, N1g)) over all calibration batches, same
     rows in both streams. Where X~ still equals X (nothing quantized upstream) the rows are
@@ -307,10 +265,10 @@ def _accumulate(t: Target, xs, xts, W: np.ndarray, spec: gpfq.QuantSpec, options
     return moments
 
 
-def _row_plan(t: Target, shapes: list[tuple[int, ...]], options: Options, k: int) -> tuple[list, list[np.ndarray]]:
+def _row_plan(t: Layer, shapes: list[tuple[int, ...]], options: Options, k: int) -> tuple[list, list[np.ndarray]]:
     """Which rows of X layer ``t`` (the k-th) accumulates, per batch: (positions, keep).
 
-    positions[b]: per-sample patch positions for ``Target.rows`` (None: all). Each sample gets
+    positions[b]: per-sample patch positions for ``Layer.rows`` (None: all). Each sample gets
     min(max_patches, max_rows // samples) of them (at least one). keep[b]: indices into the rows
     that batch yields; when the samples alone exceed max_rows, a seeded uniform subset of max_rows
     rows over all batches. Seeded by (seed, k, batch), so both streams use the same rows and the
@@ -330,35 +288,30 @@ def _row_plan(t: Target, shapes: list[tuple[int, ...]], options: Options, k: int
     return positions, [chosen[(chosen >= lo) & (chosen < hi)] - lo for lo, hi in zip(edges[:-1], edges[1:])]
 
 
-def _corrected_bias(t: Target, index: GraphIndex, result, graph: onnx.GraphProto) -> np.ndarray | None:
-    """b' = b + mu_X^T W - mu_X~^T Q, in the bias's ONNX shape (Gemm: divided by beta, times alpha)."""
-    if result.bias_delta is None or t.op_type == "MatMul" or t.bias_locked:
+def _corrected_bias(t: Layer, index: GraphIndex, result) -> np.ndarray | None:
+    """b' = b + mu_X^T W - mu_X~^T Q in the bias's ONNX shape, or None when the layer's bias
+    cannot carry the correction (``Layer.bias_correction``)."""
+    if result.bias_delta is None:
         return None
-    delta = result.bias_delta.reshape(-1)
-    if t.op_type == "Gemm":
-        node = next(n for n in graph.node if n.name == t.node)
-        alpha, beta = rewrite._gemm_alpha_beta(node)
-        delta = delta * alpha / beta
+    delta = t.bias_correction(result.bias_delta.reshape(-1))
+    if delta is None:
+        return None
     base = index.array(t.b).astype(np.float64) if t.b else np.zeros(t.n_out)
     return (base + delta.reshape(base.shape)).astype(np.float32)
 
 
 def validate(model: onnx.ModelProto, batch: dict[str, np.ndarray], threads: int = 0) -> None:
     """The output must pass the full ONNX checker and run in onnxruntime."""
-    import onnxruntime as ort
-
-    so = session_options(threads)
     data = serialize(model)
     if data is None:  # over 2 GiB: check and load it from disk, as it will be saved
         with tempfile.TemporaryDirectory(prefix="onnx_gpfq_validate_") as tmp:
             path = os.path.join(tmp, "model.onnx")
             save_model(model, path, external_data=True)
             onnx.checker.check_model(path, full_check=True)
-            outputs = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]).run(None, batch)
+            outputs = runtime.session(path, threads).run(None, batch)
     else:
         onnx.checker.check_model(data, full_check=True)
-        session = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-        outputs = session.run(None, batch)
+        outputs = runtime.session(data, threads).run(None, batch)
     for out in outputs:
         if isinstance(out, np.ndarray) and out.dtype.kind == "f" and not np.isfinite(out).all():
             raise RuntimeError("the quantized model produces NaN/Inf on the calibration data")

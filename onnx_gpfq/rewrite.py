@@ -12,23 +12,24 @@ Layout, per quantized layer::
     w_quantized (int8 codes) -> DequantizeLinear(w_scale per output channel, zero point 0) -^
     b_quantized (int32, scale = x_scale * w_scale) -> DequantizeLinear -----------------------^
 
-Every consumer of a quantized activation tensor reads its DequantizeLinear output.
+Every consumer of a quantized activation tensor reads its DequantizeLinear output. What a layer's
+node becomes is its weight format's choice (``formats``): the layout above, or for example one
+com.microsoft MatMulNBits node.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import GraphIndex, node_inputs
-from .targets import Target
-
-
-INT4 = helper.tensor_dtype_to_np_dtype(onnx.TensorProto.INT4)
+from .formats import WeightFormat
+from .graph import node_inputs
+from .ops import Layer
+from .ops.base import renamed
 
 
 @dataclass(frozen=True)
@@ -46,32 +47,28 @@ class QuantizedLayer:
 
     codes: integer codes in the ONNX weight's shape. scale: float32 steps, shaped as
     DequantizeLinear wants them: () per tensor, (n_out,) per channel, or the weight's shape with
-    the fan-in axis divided into blocks of block_size. fmt: "int8" (int8 container), "int4"
-    (packed INT4, opset 21) or "matmulnbits" (com.microsoft MatMulNBits, 4-bit, block-wise).
+    the fan-in axis divided into blocks of block_size. fmt: how the codes are stored.
     """
 
-    target: Target
+    target: Layer
     codes: np.ndarray
     scale: np.ndarray
     bias: np.ndarray | None  # float32 bias after bias correction (None: keep the model's)
-    block_size: int = 0
-    fmt: str = "int8"
+    block_size: int
+    fmt: WeightFormat
 
     @cached_property
-    def weight_tensors(self) -> tuple[onnx.TensorProto, onnx.TensorProto, onnx.TensorProto]:
-        """Codes, scale and zero point initializers (built once: rewrite.apply runs at every layer)."""
-        w = self.target.w
-        dtype = INT4 if self.fmt == "int4" else np.int8
-        return (numpy_helper.from_array(self.codes.astype(np.int8).astype(dtype), f"{w}_quantized"),
-                numpy_helper.from_array(self.scale.astype(np.float32), f"{w}_scale"),
-                numpy_helper.from_array(np.zeros(self.scale.shape, np.int8).astype(dtype), f"{w}_zero_point"))
+    def weight_tensors(self) -> tuple[onnx.TensorProto, ...]:
+        """The format's codes, scale and zero point initializers (built once: rewrite.apply runs at
+        every layer)."""
+        return self.fmt.weight_tensors(self)
 
     @property
     def weight_only(self) -> bool:
         """Block-wise layers read their input in float: onnxruntime has no integer kernel for
-        block-wise int8 weights (its optimiser even mis-fuses DQ(x), DQ_blocked(w) -> MatMul),
-        and MatMulNBits takes a float input by design."""
-        return bool(self.block_size) or self.fmt == "matmulnbits"
+        block-wise int8 weights (its optimiser even mis-fuses DQ(x), DQ_blocked(w) -> MatMul);
+        some formats take a float input by design."""
+        return bool(self.block_size) or self.fmt.weight_only
 
 
 def q_name(tensor: str) -> str:
@@ -120,6 +117,65 @@ def fake_quant(x: np.ndarray, quant: ActQuant) -> np.ndarray:
     return (q - quant.zero_point) * quant.scale
 
 
+@dataclass
+class Emitter:
+    """The output graph under construction: what ``apply`` and the weight formats append to."""
+
+    acts: dict[str, ActQuant]
+    graph_outputs: set[str]
+    inits: dict[str, onnx.TensorProto]
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    emitted_weights: set[str] = field(default_factory=set)
+
+    def produced_name(self, tensor: str) -> str:
+        """The name the producer of ``tensor`` writes (see ``read_name``)."""
+        return f"{tensor}_float" if tensor in self.acts and tensor in self.graph_outputs else tensor
+
+    def act_qdq(self, tensor: str) -> None:
+        """QuantizeLinear -> DequantizeLinear on an activation tensor."""
+        quant = self.acts[tensor]
+        scale, zp = f"{tensor}_scale", f"{tensor}_zero_point"
+        self.inits[scale] = numpy_helper.from_array(np.array(quant.scale, np.float32), scale)
+        self.inits[zp] = numpy_helper.from_array(np.array(quant.zero_point, quant.dtype), zp)
+        self.nodes.append(helper.make_node("QuantizeLinear", [self.produced_name(tensor), scale, zp], [q_name(tensor)],
+                                           name=f"{tensor}_QuantizeLinear"))
+        self.nodes.append(helper.make_node("DequantizeLinear", [q_name(tensor), scale, zp],
+                                           [read_name(tensor, self.acts, self.graph_outputs)],
+                                           name=f"{tensor}_DequantizeLinear"))
+
+    def bias(self, node: onnx.NodeProto, layer: QuantizedLayer) -> str | None:
+        """The tensor the layer's bias input should read, or None to leave it as it is.
+
+        With a quantized input and a float bias, the bias becomes int32 codes with scale
+        x_scale * w_scale where the op allows it (``Layer.integer_bias``: what the fused integer
+        kernels expect); otherwise a corrected bias stays float.
+        """
+        t = layer.target
+        if t.b is None and layer.bias is None:
+            return None
+        bias = layer.bias if layer.bias is not None else numpy_helper.to_array(self.inits[t.b]).astype(np.float32)
+        base = t.b or f"{t.node}_bias"
+        if not (t.x in self.acts and not layer.block_size and t.integer_bias):
+            if layer.bias is None:
+                return None
+            name = f"{base}_corrected"
+            self.inits[name] = numpy_helper.from_array(bias.astype(np.float32), name)
+            return name
+        flat = bias.reshape(-1).astype(np.float64)
+        scale = (np.float32(self.acts[t.x].scale) * layer.scale.astype(np.float32)).astype(np.float32)
+        scale = np.broadcast_to(scale, flat.shape).astype(np.float32)
+        safe = np.where(scale > 0, scale, 1.0).astype(np.float64)
+        codes = np.clip(np.round(flat / safe), -(2**31) + 1, 2**31 - 1).astype(np.int32).reshape(bias.shape)
+        codes_name, scale_name = f"{base}_quantized", f"{base}_quantized_scale"
+        self.inits[codes_name] = numpy_helper.from_array(codes, codes_name)
+        self.inits[scale_name] = numpy_helper.from_array(scale.reshape(bias.shape) if bias.ndim == 1 else scale, scale_name)
+        out = f"{base}_DequantizeLinear_Output"
+        attrs = {"axis": 0 if bias.ndim == 1 else 1}  # a (1, N) Gemm bias takes its per-column scale on axis 1
+        self.nodes.append(helper.make_node("DequantizeLinear", [codes_name, scale_name], [out],
+                                           name=f"{base}_DequantizeLinear", **attrs))
+        return out
+
+
 def apply(
     graph: onnx.GraphProto,
     layers: dict[str, QuantizedLayer],
@@ -130,150 +186,30 @@ def apply(
     layers: keyed by node name; acts: keyed by tensor name. Unchanged initializers are shared with
     ``graph`` (not copied).
     """
-    index = GraphIndex(graph)
-    inits: dict[str, onnx.TensorProto] = dict(index.initializers)
-    nodes: list[onnx.NodeProto] = []
-    emitted_weights: set[str] = set()
-
-    graph_outputs = {o.name for o in graph.output}
-
-    def produced_name(tensor: str) -> str:
-        return f"{tensor}_float" if tensor in acts and tensor in graph_outputs else tensor
-
-    def emit_act_qdq(tensor: str) -> None:
-        quant = acts[tensor]
-        scale, zp = f"{tensor}_scale", f"{tensor}_zero_point"
-        inits[scale] = numpy_helper.from_array(np.array(quant.scale, np.float32), scale)
-        inits[zp] = numpy_helper.from_array(np.array(quant.zero_point, quant.dtype), zp)
-        nodes.append(helper.make_node("QuantizeLinear", [produced_name(tensor), scale, zp], [q_name(tensor)],
-                                      name=f"{tensor}_QuantizeLinear"))
-        nodes.append(helper.make_node("DequantizeLinear", [q_name(tensor), scale, zp],
-                                      [read_name(tensor, acts, graph_outputs)], name=f"{tensor}_DequantizeLinear"))
-
-    graph_inputs = [i.name for i in graph.input if i.name not in inits]
-    for name in graph_inputs:
+    em = Emitter(acts, {o.name for o in graph.output}, {t.name: t for t in graph.initializer})
+    for name in (i.name for i in graph.input if i.name not in em.inits):
         if name in acts:
-            emit_act_qdq(name)
-
+            em.act_qdq(name)
     for node in graph.node:
         layer = layers.get(node.name)
-        new = node
-        rewired = [read_name(n, acts, graph_outputs) for n in node.input]
-        if layer is not None and layer.weight_only:
-            rewired[0] = node.input[0]
-        if layer is not None and layer.fmt == "matmulnbits":
-            nodes.append(_matmul_nbits(node, layer, rewired[0], [produced_name(o) for o in node.output], inits))
-            for out in node.output:
-                if out in acts:
-                    emit_act_qdq(out)
-            continue
-        if layer is not None:
-            t = layer.target
-            w_dq = f"{t.w}_DequantizeLinear_Output"
-            if t.w not in emitted_weights:
-                emitted_weights.add(t.w)
-                nodes.append(_weight_dq(t, layer, inits))
-            rewired[1] = w_dq
-            bias_input = _bias(t, layer, node, acts, inits, nodes)
-            if bias_input is not None:
-                while len(rewired) < 3:
-                    rewired.append("")
-                rewired[2] = bias_input
-        outputs = [produced_name(o) for o in node.output]
-        if rewired != list(node.input) or outputs != list(node.output):
-            new = onnx.NodeProto()
-            new.CopyFrom(node)
-            del new.input[:]
-            new.input.extend(rewired)
-            del new.output[:]
-            new.output.extend(outputs)
-        nodes.append(new)
+        inputs = [read_name(n, acts, em.graph_outputs) for n in node.input]
+        outputs = [em.produced_name(o) for o in node.output]
+        if layer is None:
+            em.nodes.append(renamed(node, inputs, outputs))
+        else:
+            if layer.weight_only:
+                inputs[0] = node.input[0]
+            layer.fmt.emit(em, node, layer, inputs, outputs)
         for out in node.output:
             if out in acts:
-                emit_act_qdq(out)
-    return nodes, inits
-
-
-def _weight_dq(t: Target, layer: QuantizedLayer, inits: dict[str, onnx.TensorProto]) -> onnx.NodeProto:
-    """int8 or packed-int4 codes -> DequantizeLinear (per tensor, per channel, or block-wise)."""
-    for tensor in layer.weight_tensors:
-        inits[tensor.name] = tensor
-    codes, scale, zp = (tensor.name for tensor in layer.weight_tensors)
-    if layer.block_size:
-        attrs = {"axis": t.fan_in_axis, "block_size": layer.block_size}
-    else:
-        attrs = {"axis": t.channel_axis} if layer.scale.ndim == 1 else {}
-    return helper.make_node("DequantizeLinear", [codes, scale, zp], [f"{t.w}_DequantizeLinear_Output"],
-                            name=f"{t.w}_DequantizeLinear", **attrs)
-
-
-def _matmul_nbits(node: onnx.NodeProto, layer: QuantizedLayer, x: str, outputs: list[str],
-                  inits: dict[str, onnx.TensorProto]) -> onnx.NodeProto:
-    """MatMul(x, W) -> com.microsoft MatMulNBits(x, packed 4-bit codes, block scales).
-
-    MatMulNBits stores unsigned codes u = q + 8 (its default zero point is 8), two per byte, low
-    nibble first, as B[N, n_blocks, block_size / 2], and scales as [N * n_blocks].
-    """
-    t, bs = layer.target, layer.block_size
-    k, n = t.w_shape
-    n_blocks = -(-k // bs)
-    u = np.full((n_blocks * bs, n), 8, np.uint8)
-    u[:k] = (layer.codes.astype(np.int16) + 8).astype(np.uint8)
-    u = u.T.reshape(n, n_blocks, bs)
-    packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
-    b_name, s_name = f"{t.w}_nbits", f"{t.w}_nbits_scales"
-    inits[b_name] = numpy_helper.from_array(packed, b_name)
-    inits[s_name] = numpy_helper.from_array(layer.scale.astype(np.float32).T.reshape(-1), s_name)
-    return helper.make_node("MatMulNBits", [x, b_name, s_name], outputs, name=node.name,
-                            domain="com.microsoft", K=k, N=n, bits=4, block_size=bs)
-
-
-def _gemm_alpha_beta(node: onnx.NodeProto) -> tuple[float, float]:
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    return float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
-
-
-def _bias(
-    t: Target,
-    layer: QuantizedLayer,
-    node: onnx.NodeProto,
-    acts: dict[str, ActQuant],
-    inits: dict[str, onnx.TensorProto],
-    nodes: list[onnx.NodeProto],
-) -> str | None:
-    """The tensor the layer's bias input should read, or None to leave it as it is.
-
-    With a quantized input and a float bias, the bias becomes int32 codes with scale
-    x_scale * w_scale (what the fused integer kernels expect); otherwise a corrected bias stays float.
-    """
-    if t.b is None and layer.bias is None:
-        return None
-    bias = layer.bias if layer.bias is not None else numpy_helper.to_array(inits[t.b]).astype(np.float32)
-    base = t.b or f"{t.node}_bias"
-    integer_ok = (t.x in acts and not layer.block_size
-                  and (t.op_type == "Conv" or (t.op_type == "Gemm" and _gemm_alpha_beta(node) == (1.0, 1.0))))
-    if not integer_ok:
-        if layer.bias is None:
-            return None
-        name = f"{base}_corrected"
-        inits[name] = numpy_helper.from_array(bias.astype(np.float32), name)
-        return name
-    flat = bias.reshape(-1).astype(np.float64)
-    scale = (np.float32(acts[t.x].scale) * layer.scale.astype(np.float32)).astype(np.float32)
-    scale = np.broadcast_to(scale, flat.shape).astype(np.float32)
-    safe = np.where(scale > 0, scale, 1.0).astype(np.float64)
-    codes = np.clip(np.round(flat / safe), -(2**31) + 1, 2**31 - 1).astype(np.int32).reshape(bias.shape)
-    codes_name, scale_name = f"{base}_quantized", f"{base}_quantized_scale"
-    inits[codes_name] = numpy_helper.from_array(codes, codes_name)
-    inits[scale_name] = numpy_helper.from_array(scale.reshape(bias.shape) if bias.ndim == 1 else scale, scale_name)
-    out = f"{base}_DequantizeLinear_Output"
-    attrs = {"axis": 0 if bias.ndim == 1 else 1}  # a (1, N) Gemm bias takes its per-column scale on axis 1
-    nodes.append(helper.make_node("DequantizeLinear", [codes_name, scale_name], [out], name=f"{base}_DequantizeLinear", **attrs))
-    return out
+                em.act_qdq(out)
+    return em.nodes, em.inits
 
 
 def build_model(base: onnx.ModelProto, nodes: list[onnx.NodeProto], inits: dict[str, onnx.TensorProto]) -> onnx.ModelProto:
-    """A complete model from ``apply``'s output: unused initializers dropped, order deterministic."""
+    """A complete model from ``apply``'s output: unused initializers dropped, order deterministic.
+
+    ``base`` must already import every operator domain the nodes use (``plan.add_domains``)."""
     used = {name for node in nodes for name in node_inputs(node)} | {o.name for o in base.graph.output}
     graph = helper.make_graph(
         nodes,
@@ -283,8 +219,6 @@ def build_model(base: onnx.ModelProto, nodes: list[onnx.NodeProto], inits: dict[
         initializer=[inits[n] for n in sorted(inits) if n in used],
     )
     opsets = list(base.opset_import)
-    if any(n.domain == "com.microsoft" for n in nodes) and not any(o.domain == "com.microsoft" for o in opsets):
-        opsets.append(helper.make_opsetid("com.microsoft", 1))
     # Opset 21 (INT4, 16-bit QDQ, block-wise DequantizeLinear) needs IR 10: never below what the opsets need.
     ir_version = max(base.ir_version, helper.find_min_ir_version_for(opsets, ignore_unknown=True))
     model = helper.make_model(graph, opset_imports=opsets, ir_version=ir_version)
@@ -295,4 +229,3 @@ def build_model(base: onnx.ModelProto, nodes: list[onnx.NodeProto], inits: dict[
     model.functions.extend(base.functions)
     model.metadata_props.extend(base.metadata_props)
     return model
-

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_gpfq import gpfq, quantize
@@ -13,7 +14,7 @@ from onnx_gpfq.capture import OnDisk, Spill, Stream, inputs
 from onnx_gpfq.graph import GraphIndex, normalise
 from onnx_gpfq.quantize import _row_plan
 from onnx_gpfq.rewrite import dq_name
-from onnx_gpfq.targets import find_targets
+from onnx_gpfq.ops import find_targets
 
 
 def small_cnn(seed=0):
@@ -218,3 +219,18 @@ def test_pipeline_moments_equal_a_direct_computation(monkeypatch):
         np.testing.assert_allclose(mom.mu_xt, Xt.mean(axis=1), rtol=1e-5, atol=1e-6)
         forms.append("projected" if mom.W is not None else mom.form)
     assert "projected" in forms and "gram" in forms  # both accumulation paths checked
+
+
+def test_runtime_session_options():
+    from onnx_gpfq import runtime
+
+    so = runtime.session_options(2, optimization="disable")  # the capture's sessions
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert so.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    assert so.intra_op_num_threads == 2 and so.log_severity_level == 3
+    assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    deployed = runtime.session_options(optimization="all", spinning=True, config={"session.x": "1"})
+    with pytest.raises(RuntimeError):  # no entry: onnxruntime's default, spinning
+        deployed.get_session_config_entry("session.intra_op.allow_spinning")
+    assert deployed.get_session_config_entry("session.x") == "1"
+    assert deployed.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -2,6 +2,7 @@
 control (config, exclude), activation options, and tensors that must never be quantized."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +190,82 @@ def test_additive_attention_mask_is_never_quantized():
     assert {r.node for r in report.layers} == {"q_proj", "v_proj"}
     y, y_q = run(model, x), run(q, x)
     assert 10 * np.log10(np.sum(y ** 2) / np.sum((y - y_q) ** 2)) > 30
+
+
+def _one_layer_targets():
+    """A MatMul and a Gemm target (find_targets on a two-layer graph)."""
+    from onnx_gpfq.ops import find_targets
+
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm"),
+             helper.make_node("Gemm", ["h", "w2"], ["y"], name="fc")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+                              initializer=[numpy_helper.from_array(np.ones((64, 32), np.float32), "w1"),
+                                           numpy_helper.from_array(np.ones((32, 8), np.float32), "w2")])
+    (mm, fc), _ = find_targets(graph)
+    return mm, fc
+
+
+def test_each_format_plans_its_layers():
+    from onnx_gpfq.formats import FORMATS
+    from onnx_gpfq.options import Options
+    from onnx_gpfq.plan import add_domains, plan_layer, required_opset
+
+    mm, fc = _one_layer_targets()
+    nbits = Options(weight_bits=4, weight_format="matmulnbits", block_size=16)
+    plans = {t.node: plan_layer(t, nbits) for t in (mm, fc)}
+    assert plans["mm"].fmt.name == "matmulnbits" and plans["mm"].weight_only and plans["mm"].block_size == 16
+    assert plans["fc"].fmt.name == "int8" and not plans["fc"].weight_only and plans["fc"].block_size == 0
+    model = helper.make_model(helper.make_graph([], "g", [], []), opset_imports=[helper.make_opsetid("", 13)])
+    add_domains(model, plans)
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 13), ("com.microsoft", 1)]
+    int8 = {t.node: plan_layer(t, Options(weight_bits=4)) for t in (mm, fc)}
+    add_domains(model, int8)
+    assert len(model.opset_import) == 2  # int8 adds no domain
+    assert [required_opset(Options(weight_bits=4, weight_format=f)) for f in FORMATS] == [13, 21, 13]
+    assert required_opset(Options(granularity="block")) == 21
+    codes = np.zeros((5, 3), np.int8)
+    assert [FORMATS[f].stored_bytes(codes) for f in FORMATS] == [15, 8, 8]
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (dict(weight_bits=8, weight_format="int4"), "int4 holds at most 4-bit codes: layer mm has 8 bits"),
+    (dict(weight_bits=5, weight_format="matmulnbits"), "matmulnbits stores 4-bit codes: layer mm has 5 bits"),
+    (dict(weight_bits=4, weight_format="matmulnbits", block_size=24), "power of two >= 16 (got 24)"),
+])
+def test_formats_refuse_what_they_cannot_store(options, fragment):
+    from onnx_gpfq.errors import UserError
+    from onnx_gpfq.options import Options
+    from onnx_gpfq.plan import plan_layer
+
+    mm, _ = _one_layer_targets()
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        plan_layer(mm, Options(**options))
+
+
+def test_a_new_format_is_one_class_and_one_registry_entry(monkeypatch):
+    """A narrower int8 (what a CPU without VNNI needs to keep its int16 sums from saturating):
+    an Int8 whose spec allows codes -64..63 only, registered under a new name."""
+    from dataclasses import replace
+
+    from onnx_gpfq import formats, options
+    from onnx_gpfq.formats.int8 import Int8
+    from onnx_gpfq.gpfq import Alphabet
+
+    class Bounded(Int8):
+        name = "int8_bounded"
+
+        def adjust_spec(self, target, spec):
+            return replace(spec, alphabet=Alphabet(max(spec.alphabet.lo, -64), min(spec.alphabet.hi, 63)))
+
+    monkeypatch.setitem(formats.FORMATS, Bounded.name, Bounded())
+    monkeypatch.setattr(options, "WEIGHT_FORMATS", tuple(formats.FORMATS))  # the CLI's choices, read at import
+    model, report = quantize(MODELS / "digits_mlp.onnx", CALIB, weight_bits=8, weight_format="int8_bounded", quiet=True)
+    codes = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_quantized")
+             and t.data_type == TensorProto.INT8]
+    assert codes and all(c.min() >= -64 and c.max() <= 63 for c in codes)
+    assert max(int(np.abs(c).max()) for c in codes) >= 63  # the bound is reached
+    plain, _ = quantize(MODELS / "digits_mlp.onnx", CALIB, weight_bits=8, quiet=True)
+    wide = [numpy_helper.to_array(t) for t in plain.graph.initializer if t.name.endswith("_quantized")
+            and t.data_type == TensorProto.INT8]
+    assert max(int(np.abs(c).max()) for c in wide) > 64  # without the format, the codes use the full range

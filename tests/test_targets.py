@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_gpfq.targets import find_targets
+from onnx_gpfq.ops import OPS, find_targets
 
 
 def _run(node, x, inits, opset=17):
@@ -129,3 +129,59 @@ def test_grouped_conv_transpose_is_reported():
     model, _ = _run(helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="ct", group=4), x, {"w": w})
     targets, skipped = find_targets(model.graph)
     assert not targets and "grouped ConvTranspose" in skipped[0].reason
+
+
+def _targets(nodes, inits, x_shape=(2, 4, 6, 6)):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                              [helper.make_value_info(nodes[-1].output[0], onnx.TypeProto())],
+                              initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return find_targets(graph)
+
+
+ONE_OF_EACH = {  # op type -> (node, weight shape, input shape)
+    "Conv": (helper.make_node("Conv", ["x", "w"], ["y"], name="n", group=2), (6, 2, 3, 3), (2, 4, 6, 6)),
+    "ConvTranspose": (helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="n"), (4, 3, 2, 2), (2, 4, 6, 6)),
+    "Gemm": (helper.make_node("Gemm", ["x", "w"], ["y"], name="n", transB=1), (5, 4), (3, 4)),
+    "MatMul": (helper.make_node("MatMul", ["x", "w"], ["y"], name="n"), (4, 5), (2, 3, 4)),
+}
+
+
+def test_every_registered_op_is_covered_here():
+    assert set(ONE_OF_EACH) == set(OPS)
+
+
+@pytest.mark.parametrize("op", sorted(ONE_OF_EACH))
+def test_each_op_parses_into_its_registered_class_with_a_consistent_view(op):
+    node, w_shape, x_shape = ONE_OF_EACH[op]
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    (t,), skipped = _targets([node], {"w": w}, x_shape)
+    assert type(t) is OPS[op] and t.op_type == op and not skipped
+    W = t.to_matrix(w)
+    np.testing.assert_array_equal(t.from_matrix(W), w)
+    assert t.n_out == W.shape[0] * W.shape[2]  # output channels: groups x columns per group
+    rows = t.rows(rng.standard_normal(x_shape).astype(np.float32), None)
+    assert rows.shape[0] == W.shape[0] and rows.shape[2] == W.shape[1]
+    assert rows.shape[1] == t.samples(x_shape) * t.rows_per_sample(x_shape)
+    assert t.fan_in == W.shape[1]
+    order = t.kernel_order()  # the int8 kernel's fan-in order: a permutation of the N0 rows
+    np.testing.assert_array_equal(np.sort(order), np.arange(W.shape[1]))
+
+
+def test_bias_rules_follow_the_op():
+    rng = np.random.default_rng(6)
+    w, b = rng.standard_normal((4, 5)).astype(np.float32), np.ones(5, np.float32)
+    delta = np.arange(5.0)
+    (gemm,), _ = _targets([helper.make_node("Gemm", ["x", "w", "b"], ["y"], alpha=2.0, beta=0.5)], {"w": w, "b": b}, (3, 4))
+    assert gemm.b == "b" and not gemm.integer_bias  # an int32 bias would skip the alpha/beta scaling
+    np.testing.assert_allclose(gemm.bias_correction(delta), delta * 4.0)
+    (plain,), _ = _targets([helper.make_node("Gemm", ["x", "w", "b"], ["y"])], {"w": w, "b": b}, (3, 4))
+    assert plain.integer_bias
+    np.testing.assert_array_equal(plain.bias_correction(delta), delta)
+    nodes = [helper.make_node("Relu", ["x"], ["c"]), helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="g")]
+    (locked,), _ = _targets(nodes, {"w": np.ones((4, 4), np.float32)}, (3, 4))
+    assert locked.bias_locked and locked.b is None and locked.bias_correction(delta[:4]) is None
+    (mm,), _ = _targets([helper.make_node("MatMul", ["x", "w"], ["y"])], {"w": w}, (3, 4))
+    assert mm.bias_correction(delta) is None and not mm.integer_bias
+    (conv,), _ = _targets([helper.make_node("Conv", ["x", "w"], ["y"])], {"w": np.ones((3, 4, 1, 1), np.float32)})
+    assert conv.integer_bias and conv.QUANTIZE_OUTPUT and not mm.QUANTIZE_OUTPUT

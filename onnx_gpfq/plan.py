@@ -1,0 +1,73 @@
+"""Per-layer planning: the core's spec and the weight format of each target, checked before any
+calibration work, and what the formats chosen need from the model (opset, operator domains)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .formats import FORMATS, WeightFormat
+from .gpfq import QuantSpec
+from .ops import Layer
+from .options import Options
+
+BLOCKWISE_OPSET = 21  # block-wise DequantizeLinear, 16-bit QuantizeLinear
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one layer is quantized (the core's spec) and stored (its weight format)."""
+
+    spec: QuantSpec
+    fmt: WeightFormat
+
+    @property
+    def block_size(self) -> int:
+        """Block length along the fan-in for block-wise scales, 0 otherwise."""
+        return self.spec.group_size if self.spec.granularity == "block" else 0
+
+    @property
+    def weight_only(self) -> bool:
+        """The layer's input stays float (see ``rewrite.QuantizedLayer.weight_only``)."""
+        return self.fmt.weight_only or self.spec.granularity == "block"
+
+
+def plan_layer(t: Layer, options: Options) -> LayerPlan:
+    """The spec and format of one layer, with the format's constraints checked (UserError)."""
+    fmt = FORMATS[options.weight_format].for_layer(t)
+    layer = fmt.check(t, options.layer(t.node, t.op_type))
+    return LayerPlan(fmt.adjust_spec(t, options.spec(layer, use_blocks=t.fan_in_axis is not None)), fmt)
+
+
+def required_opset(options: Options) -> int:
+    """The opset the output needs: per-channel QDQ 13; block-wise scales and 16-bit activations
+    21; and at least what the weight format needs (INT4: 21)."""
+    blockwise = (options.act_bits == 16 or options.granularity == "block"
+                 or any(r.granularity == "block" for r in options.rules))
+    return max(FORMATS[options.weight_format].min_opset, BLOCKWISE_OPSET if blockwise else 13)
+
+
+def add_domains(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> None:
+    """Import the operator domains the chosen formats emit into (com.microsoft for MatMulNBits).
+
+    A domain is appended even when the model already imports it (onnxruntime's optimiser, run by
+    ``graph.normalise``, adds com.microsoft at version 1): the output then lists it twice, which
+    the checker and onnxruntime accept. Deduplicating would change the bytes of every such output.
+    """
+    needed: dict[str, int] = {}
+    for plan in plans.values():
+        needed.update(plan.fmt.domains)
+    for domain, version in needed.items():
+        model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+
+
+def onnx_scale(t: Layer, scale: np.ndarray, granularity: str) -> np.ndarray:
+    """The core's steps (g, nb, N1g) in the shape DequantizeLinear wants for this weight."""
+    if granularity == "tensor":
+        return np.array(scale.reshape(-1)[0], np.float32)
+    if granularity == "channel":
+        return scale[:, 0, :].reshape(-1).astype(np.float32)
+    blocks = scale[0].astype(np.float32)  # (nb, N): blocks along the fan-in
+    return np.ascontiguousarray(blocks.T) if t.fan_in_axis == 1 else blocks
