@@ -805,3 +805,12 @@ def test_pair_bound_int8_codes_fit_the_saturating_kernel():
 def test_pair_bound_validation(bad):
     with pytest.raises(ValueError, match="pair_bound"):
         QuantSpec(Alphabet.from_bits(8), pair_bound=bad)
+
+
+def test_pair_bound_pairs_rows_in_order_and_leaves_an_odd_last_row_unpaired():
+    """Rows (0, 1), (2, 3), ...: with every weight at level 5 and P = 6, the second row of each pair
+    gets 1 and the first rows (and an odd last row, which has no partner) keep 5."""
+    W = np.full((1, 5, 2), 5.0)
+    codes = P.rtn_codes(W, 1.0, Alphabet.from_bits(4), pair_bound=6)
+    np.testing.assert_array_equal(codes[0, :, 0], [5, 1, 5, 1, 5])
+    assert P.rtn_codes(W, 1.0, Alphabet.from_bits(4), pair_bound=4)[0, :, 0].tolist() == [4, 0, 4, 0, 4]
