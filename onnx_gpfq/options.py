@@ -17,7 +17,7 @@ from pathlib import Path
 from .calib import ImageOptions
 from .errors import UserError
 from .formats import FORMATS
-from .gpfq import Alphabet, QuantSpec, Sparsity
+from .core import Alphabet, QuantSpec, Sparsity
 
 WEIGHT_BITS = ("2", "3", "4", "5", "6", "7", "8", "ternary")
 METHODS = ("gpfq", "rtn")

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from .formats import FORMATS, WeightFormat
-from .gpfq import QuantSpec
+from .core import QuantSpec
 from .ops import Layer
 from .options import Options
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import gpfq, rewrite, runtime
+from . import core, rewrite, runtime
 from ._threads import blas_workers_sleep, limit as limit_threads
 from .calib import load_batches, model_inputs
 from .capture import Spill, Stream, inputs
@@ -165,7 +165,7 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
     acts: dict[str, ActQuant] = {}
     layers: dict[str, QuantizedLayer] = {}
     by_weight: dict[str, QuantizedLayer] = {}
-    moments_cache: dict[tuple, gpfq.Moments] = {}
+    moments_cache: dict[tuple, core.Moments] = {}
 
     progress = _progress(len(targets), options.quiet)
     try:  # the bar is closed (and its line cleared) on errors too
@@ -196,7 +196,7 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
                 moments = _accumulate(t, float_stream.values[t.x], quant_stream.values[x_tilde], W, spec, options, k,
                                       may_project=not shared)
                 moments_cache = {t.patch_key: moments}  # consecutive layers reading the same rows share them
-            result = gpfq.quantize_layer(W, moments, spec)
+            result = core.quantize_layer(W, moments, spec)
 
             bias = _corrected_bias(t, index, result) if options.bias_correction else None
             block = plan.block_size
@@ -236,8 +236,8 @@ def _jsonable(options: Options) -> dict:
     return {k: conv(v) for k, v in vars(options).items()}
 
 
-def _accumulate(t: Layer, xs, xts, W: np.ndarray, spec: gpfq.QuantSpec, options: Options, k: int,
-                may_project: bool) -> gpfq.Moments:
+def _accumulate(t: Layer, xs, xts, W: np.ndarray, spec: core.QuantSpec, options: Options, k: int,
+                may_project: bool) -> core.Moments:
     """The Moments of layer ``t`` (weights W (g, N0, N1g)) over all calibration batches, same
     rows in both streams. Where X~ still equals X (nothing quantized upstream) the rows are
     passed once; Moments are projected on W where that is cheaper and no other layer reads them."""
@@ -247,10 +247,10 @@ def _accumulate(t: Layer, xs, xts, W: np.ndarray, spec: gpfq.QuantSpec, options:
     groups, n0, n1 = W.shape
     x, xt = xs[0], xts[0]
     same = np.array_equal(x, xt)
-    project = may_project and not same and gpfq.projection_pays(m, n0, n1, groups)
-    passes = gpfq.search_passes(spec, m, n0, n1, groups)
-    form = gpfq.choose_form(m, n0, n1, groups, passes=passes, projected=project)
-    moments = gpfq.Moments(groups, n0, form, W=W if project and form == "gram" else None)
+    project = may_project and not same and core.projection_pays(m, n0, n1, groups)
+    passes = core.search_passes(spec, m, n0, n1, groups)
+    form = core.choose_form(m, n0, n1, groups, passes=passes, projected=project)
+    moments = core.Moments(groups, n0, form, W=W if project and form == "gram" else None)
     for b, (pos, idx) in enumerate(zip(positions, keep)):
         if b > 0:
             x, xt = xs[b], xts[b]

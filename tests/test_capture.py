@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_gpfq import gpfq, quantize
+from onnx_gpfq import core, quantize
 from onnx_gpfq.capture import OnDisk, Spill, Stream, inputs
 from onnx_gpfq.graph import GraphIndex, normalise
 from onnx_gpfq.quantize import _row_plan
@@ -85,11 +85,11 @@ def test_pipeline_fed_gpfq_exact_float_and_quantized_layer_inputs():
             X_all.append(_intermediates(base, [t.x], x[b:b + 8])[t.x])
             Xt_all.append(_intermediates(out, [dq_name(t.x)], x[b:b + 8])[dq_name(t.x)])
         W = t.to_matrix(index.array(t.w).astype(np.float64))
-        moments = gpfq.Moments(W.shape[0], W.shape[1], "gram")
+        moments = core.Moments(W.shape[0], W.shape[1], "gram")
         for X, Xt in zip(X_all, Xt_all):  # equal arrays (nothing quantized upstream) passed once
             rows = t.rows(X, None)
             moments.update(rows, rows if np.array_equal(X, Xt) else t.rows(Xt, None))
-        result = gpfq.quantize_layer(W, moments, gpfq.QuantSpec(alphabet=gpfq.Alphabet.from_bits(3)))
+        result = core.quantize_layer(W, moments, core.QuantSpec(alphabet=core.Alphabet.from_bits(3)))
         np.testing.assert_array_equal(t.from_matrix(result.codes), out_inits[f"{t.w}_quantized"])
         assert moments.m == row.rows
         # float32 products on both sides; the pipeline projects conv2's Moments on W (A, GW,
@@ -156,9 +156,9 @@ def test_rows_subset_gives_the_codes_of_a_direct_computation():
     rows = np.concatenate([t.rows(b, p)[:, k] for b, p, k in zip(batches, positions, keep)], axis=1)
     assert rows.shape[1] == 30
     W = t.to_matrix(GraphIndex(base.graph).array(t.w).astype(np.float64))
-    moments = gpfq.Moments(1, W.shape[1], "gram")
+    moments = core.Moments(1, W.shape[1], "gram")
     moments.update(rows, rows)
-    result = gpfq.quantize_layer(W, moments, gpfq.QuantSpec(alphabet=gpfq.Alphabet.from_bits(3)))
+    result = core.quantize_layer(W, moments, core.QuantSpec(alphabet=core.Alphabet.from_bits(3)))
     out_inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
     np.testing.assert_array_equal(t.from_matrix(result.codes), out_inits[f"{t.w}_quantized"])
 
@@ -188,13 +188,13 @@ def test_pipeline_moments_equal_a_direct_computation(monkeypatch):
     equal those computed directly from the float model's and the final quantized model's layer
     inputs on the same batches."""
     seen = []
-    original = gpfq.quantize_layer
+    original = core.quantize_layer
 
     def spy(W, moments, spec):
         seen.append((W, moments))
         return original(W, moments, spec)
 
-    monkeypatch.setattr(gpfq, "quantize_layer", spy)
+    monkeypatch.setattr(core, "quantize_layer", spy)
     rng = np.random.default_rng(8)
     x = rng.standard_normal((24, 3, 6, 6)).astype(np.float32)
     out, report = quantize(small_cnn(), {"x": x}, weight_bits=3, batch_size=8, quiet=True)
@@ -213,7 +213,7 @@ def test_pipeline_moments_equal_a_direct_computation(monkeypatch):
         if mom.W is None:
             np.testing.assert_allclose(mom.G, G, **tol)
         else:
-            np.testing.assert_allclose(mom.A, gpfq.tril_matmul(G, W), rtol=1e-5, atol=1e-5 * np.abs(G @ W).max())
+            np.testing.assert_allclose(mom.A, core.tril_matmul(G, W), rtol=1e-5, atol=1e-5 * np.abs(G @ W).max())
             np.testing.assert_allclose(mom.GW, G @ W, rtol=1e-5, atol=1e-5 * np.abs(G @ W).max())
         np.testing.assert_allclose(mom.mu_x, X.mean(axis=1), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(mom.mu_xt, Xt.mean(axis=1), rtol=1e-5, atol=1e-6)

@@ -250,7 +250,7 @@ def test_a_new_format_is_one_class_and_one_registry_entry(monkeypatch):
 
     from onnx_gpfq import formats, options
     from onnx_gpfq.formats.int8 import Int8
-    from onnx_gpfq.gpfq import Alphabet
+    from onnx_gpfq.core import Alphabet
 
     class Bounded(Int8):
         name = "int8_bounded"

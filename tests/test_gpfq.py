@@ -1,4 +1,4 @@
-"""Tests of the GPFQ math core (onnx_gpfq.gpfq) against the plain residual-form reference.
+"""Tests of the GPFQ math core (onnx_gpfq.core) against the plain residual-form reference (core.reference).
 
 Ties: the production forms and the reference compute z_t in different floating-point orders, so
 they could disagree when z_t / delta lands (within ~1e-12) on a rounding boundary k + 1/2, a
@@ -9,20 +9,19 @@ that is ~1e-10 per decision, so the tests demand identical codes.
 from __future__ import annotations
 
 import math
-import os
-import sys
 import zlib
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reference_gpfq as ref  # noqa: E402
-
-from onnx_gpfq import gpfq as P  # noqa: E402
+from onnx_gpfq import core as P
+from onnx_gpfq.core import Alphabet, Moments, QuantSpec, Sparsity
+from onnx_gpfq.core import reference as ref
+from onnx_gpfq.core.fused import RESIDUAL_TILE, Fused
+from onnx_gpfq.core.rounding import MODE_HARD, MODE_SOFT, Rule
+from onnx_gpfq.core.steps import rows_of
 
 P_ = P
-from onnx_gpfq.gpfq import Alphabet, Moments, QuantSpec, Sparsity  # noqa: E402
 
 
 def correlated(rng, g, m, n0, noise=0.1, dead=()):
@@ -81,7 +80,7 @@ def test_forms_match_reference(g, m, n0, n1, gran, gs, sp, bits, dead):
     sparsity = SPARSE[sp]
     r, bsize = P.step_ranges(W, gran, gs)
     delta = P.steps_from_ranges(r, 0.8, alphabet.K)  # C < 1: some values saturate
-    delta_rows = P._rows_of(delta, bsize, n0)
+    delta_rows = rows_of(delta, bsize, n0)
     delta_rows = np.broadcast_to(delta_rows, W.shape)
     codes_ref, err_ref = ref.gpfq_layer(X, Xt, W, delta_rows, alphabet.lo, alphabet.hi, ref_sparsity(sparsity))
     assert (codes_ref[0, :, -1] == 0).all()
@@ -187,7 +186,7 @@ FEW_ROWS = [
     pytest.param(1, 3, 45, 5, "channel", 0, None, 3, id="m3"),
     pytest.param(2, 1, 30, 4, "block", 8, "soft", 3, id="m1-groups-block-soft"),
     pytest.param(1, 3, 33, 3, "tensor", 0, "hard", "ternary", id="m3-tensor-hard"),
-    pytest.param(1, 3, 12, P.RESIDUAL_TILE + 37, "channel", 0, None, 4, id="m3-two-column-tiles"),
+    pytest.param(1, 3, 12, RESIDUAL_TILE + 37, "channel", 0, None, 4, id="m3-two-column-tiles"),
     pytest.param(3, 2, 9, 1, "channel", 0, None, 4, id="m2-depthwise"),
 ]
 
@@ -204,7 +203,7 @@ def test_residual_few_rows_matches_reference(g, m, n0, n1, gran, gs, sp, bits):
     grid = (0.5, 0.8, 1.1)
     codes, errs = [], []
     for C in grid:
-        d = np.broadcast_to(P._rows_of(P.steps_from_ranges(r, C, alphabet.K), bsize, n0), W.shape)
+        d = np.broadcast_to(rows_of(P.steps_from_ranges(r, C, alphabet.K), bsize, n0), W.shape)
         c, e = ref.gpfq_layer(X, Xt, W, d, alphabet.lo, alphabet.hi, ref_sparsity(sparsity))
         codes.append(c)
         errs.append(e)
@@ -221,7 +220,7 @@ def test_residual_few_rows_matches_reference(g, m, n0, n1, gran, gs, sp, bits):
                                              sparsity=sparsity))
     np.testing.assert_array_equal(res.codes, codes[1])
     assert res.rel_error == pytest.approx(errs[1].sum() / denom, rel=1e-9)
-    rtn = P.rtn_codes(W, delta, alphabet, sparsity, group_size=gs) * P._rows_of(delta, bsize, n0)
+    rtn = P.rtn_codes(W, delta, alphabet, sparsity, group_size=gs) * rows_of(delta, bsize, n0)
     assert res.rel_error_rtn == pytest.approx(((X @ W - Xt @ rtn) ** 2).sum() / denom, rel=1e-9)
 
     # the search: per column (or per layer for tensor), the C with the smallest reference error
@@ -249,15 +248,15 @@ def test_fused_lanes_are_independent():
     alphabet = Alphabet.from_bits(3)
     r, bsize = P.step_ranges(W, "block", 16)
     D = np.stack([P.steps_from_ranges(r, C, alphabet.K) for C in (0.4, 0.7, 1.0)])
-    f = P._Fused(X, Xt)
-    _, eg, er, xw2 = f.sweep(W, D, D[:2], bsize, alphabet, None, store=False)
+    f = Fused(X, Xt)
+    _, eg, er, xw2 = f.sweep(W, D, D[:2], bsize, Rule.of(alphabet), store=False)
     np.testing.assert_allclose(xw2, ((X @ W) ** 2).sum(axis=1), rtol=1e-12)
     for lane in range(3):
-        c, e, _, x1 = f.sweep(W, D[lane:lane + 1], None, bsize, alphabet, None, store=True)
+        c, e, _, x1 = f.sweep(W, D[lane:lane + 1], None, bsize, Rule.of(alphabet), store=True)
         assert e.tobytes() == eg[lane:lane + 1].tobytes() and x1.tobytes() == xw2.tobytes()
         np.testing.assert_array_equal(c, P.gpfq_residual(W, X, Xt, D[lane], alphabet, group_size=16, block=8))
         if lane < 2:
-            _, _, e, _ = f.sweep(W, None, D[lane:lane + 1], bsize, alphabet, None, store=False)
+            _, _, e, _ = f.sweep(W, None, D[lane:lane + 1], bsize, Rule.of(alphabet), store=False)
             assert e.tobytes() == er[lane:lane + 1].tobytes()
 
 
@@ -265,14 +264,15 @@ def _quantize_codes_numpy(z, delta_rows, alphabet, sparsity=None):
     """The vectorised numpy rule quantize_codes implemented before its numba fast path."""
     z = np.asarray(z, dtype=np.float64)
     d = np.broadcast_to(np.asarray(delta_rows, dtype=np.float64), z.shape)
-    mode, lam = P._mode(sparsity)
-    if mode == P._kernels.MODE_SOFT:
+    rule = Rule.of(alphabet, sparsity)
+    mode, lam = rule.mode, rule.lam
+    if mode == MODE_SOFT:
         z = np.sign(z) * np.maximum(np.abs(z) - lam, 0.0)
     live = d > 0
     with np.errstate(divide="ignore", invalid="ignore"):
         x = np.where(live, z / np.where(live, d, 1.0), 0.0)
     k = np.clip(np.rint(x), alphabet.lo, alphabet.hi)
-    if mode == P._kernels.MODE_HARD:
+    if mode == MODE_HARD:
         k = np.where(k == 0, np.where(z > 0, 1.0, -1.0), k)
         k = np.where(np.abs(z) <= lam, 0.0, k)
     k = np.where(live, k, 0.0)
@@ -431,12 +431,12 @@ def test_rtn_codes_are_rounded_weights(gran, gs):
     res = P.quantize_layer(W, moments_of(X, Xt, "gram"),
                            QuantSpec(a, method="rtn", granularity=gran, group_size=gs, scale_rule="fixed", c=0.7))
     r, bsize = P.step_ranges(W, gran, gs)
-    delta = P._rows_of(0.7 * r / a.K, bsize, W.shape[1])
+    delta = rows_of(0.7 * r / a.K, bsize, W.shape[1])
     np.testing.assert_array_equal(res.codes, np.clip(np.rint(W / delta), a.lo, a.hi))
     assert res.codes.min() >= -8 and res.codes.max() <= 7
     # with the search, each column's codes are the rounding at its chosen C
     res = P.quantize_layer(W, moments_of(X, Xt, "gram"), QuantSpec(a, method="rtn", granularity=gran, group_size=gs))
-    rows = P._rows_of(res.scale, bsize, W.shape[1])
+    rows = rows_of(res.scale, bsize, W.shape[1])
     np.testing.assert_array_equal(res.codes, np.clip(np.rint(W / rows), a.lo, a.hi))
     np.testing.assert_allclose(res.scale, res.C[:, None, :] * r / a.K, rtol=1e-15)
 
@@ -600,7 +600,7 @@ def test_choose_form():
 
 
 def test_fast_kernel_cache_load_gives_the_same_model():
-    """_kernels loads numba's cached kernels without numba's full context refresh (cold-start
+    """The core loads numba's cached kernels without numba's full context refresh (cold-start
     cost); with ONNX_GPFQ_NUMBA_FULL_LOAD=1 numba's own path runs. Fresh processes, same bytes."""
     import hashlib
     import os
@@ -659,7 +659,7 @@ def test_gram_rows_gathered_into_chunks_give_the_same_moments(monkeypatch):
     """Tiny batches (a fixed batch of 1) are gathered before the products: same G, H, F, means."""
     rng = np.random.default_rng(22)
     X, Xt = correlated(rng, 2, 300, 12)
-    monkeypatch.setattr(P, "GRAM_CHUNK_BYTES", 5_000)  # several chunks
+    monkeypatch.setattr(P.moments, "GRAM_CHUNK_BYTES", 5_000)  # several chunks
     chunked = moments_of(X, Xt, "gram", batches=300)
     whole = moments_of(X, Xt, "gram", batches=1)
     for name in ("G", "H", "F", "mu_x", "mu_xt"):
@@ -708,7 +708,7 @@ def test_pair_bound_all_forms_match_reference(g, m, n0, n1, gran, gs, sp, bits, 
     sparsity = SPARSE[sp]
     r, bsize = P_.step_ranges(W, gran, gs)
     delta = P_.steps_from_ranges(r, 0.5, alphabet.K)  # small steps: large codes, the bound binds
-    delta_rows = np.broadcast_to(P_._rows_of(delta, bsize, n0), W.shape)
+    delta_rows = np.broadcast_to(rows_of(delta, bsize, n0), W.shape)
     codes_ref, err_ref = ref.gpfq_layer(X, Xt, W, delta_rows, alphabet.lo, alphabet.hi, ref_sparsity(sparsity), pair=P)
     free_ref, _ = ref.gpfq_layer(X, Xt, W, delta_rows, alphabet.lo, alphabet.hi, ref_sparsity(sparsity))
     assert _pairs_ok(codes_ref, P)
@@ -805,3 +805,12 @@ def test_pair_bound_int8_codes_fit_the_saturating_kernel():
 def test_pair_bound_validation(bad):
     with pytest.raises(ValueError, match="pair_bound"):
         QuantSpec(Alphabet.from_bits(8), pair_bound=bad)
+
+
+def test_pair_bound_pairs_rows_in_order_and_leaves_an_odd_last_row_unpaired():
+    """Rows (0, 1), (2, 3), ...: with every weight at level 5 and P = 6, the second row of each pair
+    gets 1 and the first rows (and an odd last row, which has no partner) keep 5."""
+    W = np.full((1, 5, 2), 5.0)
+    codes = P.rtn_codes(W, 1.0, Alphabet.from_bits(4), pair_bound=6)
+    np.testing.assert_array_equal(codes[0, :, 0], [5, 1, 5, 1, 5])
+    assert P.rtn_codes(W, 1.0, Alphabet.from_bits(4), pair_bound=4)[0, :, 0].tolist() == [4, 0, 4, 0, 4]

@@ -95,12 +95,12 @@ def test_progress_bar_leaves_no_thread_behind(monkeypatch):
     model, calib = os.path.join(MODELS, "digits_mlp.onnx"), os.path.join(MODELS, "digits_calib.npz")
     onnx_gpfq.quantize(model, calib, weight_bits=4, quiet=False)
     assert set(threading.enumerate()) == before
-    from onnx_gpfq import gpfq
+    from onnx_gpfq import core
 
     def fail(*args):
         raise RuntimeError("a layer failed")
 
-    monkeypatch.setattr(gpfq, "quantize_layer", fail)  # an error inside the layer loop
+    monkeypatch.setattr(core, "quantize_layer", fail)  # an error inside the layer loop
     with pytest.raises(RuntimeError, match="a layer failed"):
         onnx_gpfq.quantize(model, calib, weight_bits=4, quiet=False)
     assert set(threading.enumerate()) == before
@@ -113,10 +113,10 @@ def test_threads_option_caps_every_pool_and_changes_nothing(monkeypatch):
     import numba
     from threadpoolctl import threadpool_info
 
-    from onnx_gpfq import capture, gpfq
+    from onnx_gpfq import capture, core
 
     seen = []
-    quantize_layer, run = gpfq.quantize_layer, capture.Stream._run
+    quantize_layer, run = core.quantize_layer, capture.Stream._run
 
     def spy_layer(*args):
         blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
@@ -132,7 +132,7 @@ def test_threads_option_caps_every_pool_and_changes_nothing(monkeypatch):
     every_core, _ = onnx_gpfq.quantize(model, calib, weight_bits=4, quiet=True)
     numba_before = numba.get_num_threads()
     blas_before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
-    monkeypatch.setattr(gpfq, "quantize_layer", spy_layer)
+    monkeypatch.setattr(core, "quantize_layer", spy_layer)
     monkeypatch.setattr(capture.Stream, "_run", spy_run)
     one, report = onnx_gpfq.quantize(model, calib, weight_bits=4, quiet=True, threads=1)
     assert one.SerializeToString() == every_core.SerializeToString()

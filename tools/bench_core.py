@@ -5,7 +5,7 @@
     python tools/bench_core.py --n0 25088 --n1 4096 --rows 1 --json  # residual form, VGG fc6, m = 1
 
 Builds random correlated X, Xt with m = 2 N0 rows, G = Xt^T X, H = Xt^T Xt and W, warms up
-(numba compile excluded), then times ONE pass of onnx_gpfq.gpfq.gpfq_gram (fixed C = 1,
+(numba compile excluded), then times ONE pass of onnx_gpfq.core.gpfq_gram (fixed C = 1,
 per-channel steps, including A = tril(G) W) and an (N0 x N0) @ (N0 x N1) float64 numpy product
 (batched over groups when groups > 1); best of --repeats for both, timed alternately, same
 threads for both (whatever numpy/numba pick; nothing is pinned).
@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from onnx_gpfq.gpfq import (  # noqa: E402
+from onnx_gpfq.core import (  # noqa: E402
     GRAM_BLOCK,
     RESIDUAL_FUSED_MAX_M,
     Alphabet,

@@ -87,12 +87,12 @@ def _parse_options(items: list[str]) -> dict:
 
 
 def _trace_layers() -> list[dict]:
-    """Wrap onnx_gpfq.gpfq.quantize_layer (in this child only) to record, per layer, the weight shape,
+    """Wrap onnx_gpfq.core.quantize_layer (in this child only) to record, per layer, the weight shape,
     the moments' form and rows, resident memory before the call and the high-water mark after it."""
-    from onnx_gpfq import gpfq
+    from onnx_gpfq import core
 
     trace: list[dict] = []
-    original = gpfq.quantize_layer
+    original = core.quantize_layer
 
     def traced(W, moments, spec):
         entry = {"w": list(getattr(W, "shape", ())), "form": getattr(moments, "form", None),
@@ -107,7 +107,7 @@ def _trace_layers() -> list[dict]:
             entry["hwm_after_mb"] = round(common.peak_rss_mb(), 1)
             trace.append(entry)
 
-    gpfq.quantize_layer = traced
+    core.quantize_layer = traced
     return trace
 
 

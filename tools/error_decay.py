@@ -22,7 +22,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from onnx_gpfq.gpfq import Alphabet, gpfq_residual, rtn_codes  # noqa: E402
+from onnx_gpfq.core import Alphabet, gpfq_residual, rtn_codes  # noqa: E402
 
 ALPHABETS = {"K4": (Alphabet(-4, 4), 0.25), "ternary": (Alphabet(-1, 1), 1.0)}
 

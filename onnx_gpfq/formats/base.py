@@ -42,7 +42,7 @@ class WeightFormat:
         return layer
 
     def adjust_spec(self, target: "Layer", spec):
-        """The core's spec (``gpfq.QuantSpec``) for a layer stored in this format. A format whose
+        """The core's spec (``core.QuantSpec``) for a layer stored in this format. A format whose
         kernels take a narrower code range than the bit width gives restricts ``spec.alphabet``."""
         return spec
 

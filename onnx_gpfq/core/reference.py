@@ -1,7 +1,18 @@
-"""The plain residual form of GPFQ (Zhang, Zhou, Saab 2023), one neuron at a time.
+"""The executable specification: GPFQ's plain residual loop (Zhang, Zhou, Saab 2023), one neuron at a time.
 
-A direct transcription of the paper's loop with a residual u in R^m, written for clarity, not
-speed. Used only by the tests as the reference the production Gram / residual forms must match.
+For a neuron w (a column of W), walking the fan-in t = 0..N0-1 with a residual u in R^m, u = 0:
+
+    z_t = <Xt_t, u + w_t X_t> / ||Xt_t||^2          (q_t = 0 when ||Xt_t|| is ~0: a dead column)
+    q_t = Quant(z_t)                                  (nearest level, within the pair bound)
+    u   = u + w_t X_t - q_t Xt_t
+
+so that at the end u = X w - Xt q, the error on the layer's output. A direct transcription for
+clarity, not speed (pure Python per decision); the fast forms (gram.py, residual.py, fused.py)
+are tested against it and must take the same decisions. The rounding rule and the pair bound are
+those of rounding.py, rewritten here without numba: a saturating int8 kernel (onnxruntime's u8s8
+path without VNNI) adds codes two at a time in int16, so consecutive rows (2j, 2j+1) may be
+bounded by |q_2j| + |q_2j+1| <= P: the second row of a pair then takes its level from
+[-(P - |q_2j|), P - |q_2j|].
 """
 
 from __future__ import annotations
@@ -10,7 +21,7 @@ import math
 
 import numpy as np
 
-DEAD_TOL = 1e-12  # same rule as onnx_gpfq.gpfq: ||Xt_t||^2 <= DEAD_TOL * max_s ||Xt_s||^2 -> q_t = 0
+DEAD_TOL = 1e-12  # the forms' rule (greedy.DEAD_TOL): ||Xt_t||^2 <= DEAD_TOL * max_s ||Xt_s||^2 -> q_t = 0
 
 
 def quant_level(z: float, delta: float, lo: int, hi: int, sparsity=None) -> int:

@@ -1,0 +1,94 @@
+"""One layer, end to end: the step search over the chosen form, errors, bias correction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .gram import GramForm
+from .moments import Moments
+from .residual import residual_form
+from .rounding import Rule
+from .search import full_search, search
+from .spec import QuantSpec
+from .steps import dequantize, rows_of, step_ranges
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """What quantize_layer chose for one layer.
+
+    codes (g, N0, N1g) int32 in [lo, hi]; scale (g, nb, N1g) float64 step delta (nb = 1 for
+    channel/tensor -- all entries equal for tensor -- and ceil(N0/group_size) for block);
+    dequantized weight = codes * scale repeated along the fan-in (see dequantize / weights()).
+    C (g, N1g) chosen C per column. rel_error = ||XW - Xt Q||_F^2 / ||XW||_F^2 summed over all
+    groups, rel_error_rtn the same for RTN with the same step rule, granularity and search.
+    sparsity: fraction of zero codes. bias_delta (g, N1g) = mu_x^T W - mu_xt^T Q (add to the
+    bias) when requested. form: which form computed it. group_size: fan-in rows per scale entry
+    (N0 for channel/tensor).
+    """
+
+    codes: np.ndarray
+    scale: np.ndarray
+    C: np.ndarray
+    rel_error: float
+    rel_error_rtn: float
+    sparsity: float
+    bias_delta: np.ndarray | None
+    form: str
+    group_size: int = 0
+
+    def weights(self) -> np.ndarray:
+        """(g, N0, N1g) float64 dequantized weights."""
+        return dequantize(self.codes, self.scale, self.group_size)
+
+
+def quantize_layer(W: np.ndarray, moments: Moments, spec: QuantSpec) -> LayerResult:
+    """Quantize one layer. W: (g, N0, N1g) float weights, columns = output neurons, matching
+    moments (groups, n0). Runs GPFQ (or RTN) with the step rule of spec and returns codes,
+    steps and exact errors. No second pass over data: errors come from G, H, F (Gram form) or
+    from the residual (residual form)."""
+    if not isinstance(spec, QuantSpec):
+        raise ValueError("quantize_layer: spec must be a QuantSpec")
+    if not isinstance(moments, Moments):
+        raise ValueError("quantize_layer: moments must be a Moments")
+    W = np.asarray(W)
+    if W.ndim == 2 and moments.groups == 1:
+        W = W[None]
+    if W.ndim != 3 or W.shape[0] != moments.groups or W.shape[1] != moments.n0 or W.shape[2] < 1:
+        raise ValueError(f"quantize_layer: W must be (groups={moments.groups}, N0={moments.n0}, N1g) (got {W.shape})")
+    W = np.ascontiguousarray(W, dtype=np.float64)
+    r, bsize = step_ranges(W, spec.granularity, spec.group_size)  # delta = C r / K
+    if not np.isfinite(r).all():  # max |w| is NaN or inf exactly when some w is
+        raise ValueError("quantize_layer: W contains NaN or inf")
+    if moments.m == 0:
+        raise ValueError("quantize_layer: moments saw no calibration rows")
+    g, n0, n1 = W.shape
+
+    form = GramForm(W, moments) if moments.form == "gram" else residual_form(W, moments)
+    rule = Rule.of(spec.alphabet, spec.sparsity, spec.pair_bound)
+    grid = spec.c_grid if spec.scale_rule == "search" else (spec.c,)
+    per_column = spec.search_per_channel and spec.granularity != "tensor"
+    methods = ("gpfq", "rtn") if spec.method == "gpfq" else ("rtn",)
+    chosen = search(form, r, bsize, rule, spec.alphabet.K, grid, per_column,
+                    full_search(spec, moments.m, n0, n1, g), methods)
+    best, rtn = chosen[spec.method], chosen["rtn"]
+
+    denom = float(form.wfw.sum())
+
+    def rel(err):
+        num = max(float(err.sum()), 0.0)
+        return num / denom if denom > 0 else (0.0 if num == 0 else math.inf)
+
+    bias_delta = None
+    if spec.bias_correction:  # b' = b + mu_x^T W - mu_xt^T Q
+        Q = best.codes * rows_of(best.delta, bsize, n0)
+        bias_delta = (np.einsum("gi,gin->gn", moments.mu_x, W) - np.einsum("gi,gin->gn", moments.mu_xt, Q))
+    zeros = best.codes.size - np.count_nonzero(best.codes)  # = mean(codes == 0) * size, no bool temporary
+    return LayerResult(
+        codes=best.codes, scale=np.where(best.delta > 0, best.delta, 1.0), C=best.C, rel_error=rel(best.err),
+        rel_error_rtn=rel(rtn.err), sparsity=zeros / best.codes.size, bias_delta=bias_delta,
+        form="projected" if moments.W is not None else moments.form, group_size=bsize,
+    )

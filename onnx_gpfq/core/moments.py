@@ -1,0 +1,231 @@
+"""Calibration statistics of one layer, accumulated over batches: what the forms read.
+
+The Gram form needs G = Xt^T X, H = Xt^T Xt and F = X^T X (or, projected on the layer's W, only
+H, tril(G) W, G W and ||X W||^2); the residual form keeps the rows X and Xt themselves.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GRAM_CHUNK_BYTES = 32 << 20  # Gram form: rows gathered before one product per matrix
+PROJECTED_BLOCK = 256  # fan-in rows per block of the projected Gram accumulation
+
+
+class Moments:
+    """Accumulates, over calibration batches, what one layer needs.
+
+    A grouped/depthwise conv is ``groups`` independent problems: all arrays carry a leading group
+    axis g. N0 = fan-in per group.
+
+    form "gram": float64 G = Xt^T X, H = Xt^T Xt, F = X^T X, each (g, N0, N0).
+    form "gram" with the layer's weights W (g, N0, N1g) given ("projected"): H, and instead of G
+    and F only what GPFQ reads of them: A = tril(G) W, G W (g, N0, N1g) and ||X W||^2 per column
+    (g, N1g). A is accumulated block by block of the fan-in, as in the residual form:
+    A[b] += tril(Xt_b^T X_b) W_b + Xt_b^T (X[:, :b] W[:b]). Per row that is N0^2 / 2 + 3 N0 N1
+    multiply-adds instead of 2 N0^2: cheaper when N1 is well under N0 (3x3 convs, bottlenecks).
+    form "residual": the rows themselves, X and Xt (g, m, N0) (float32 storage, float64 kept
+    when given float64).
+    Both: column sums of X and Xt -> mu_x, mu_xt (g, N0), and the row count m.
+    Layers reading the same input tensor can share one Moments object (quantize_layer does not
+    modify it) unless it is projected on one layer's W.
+    """
+
+    def __init__(self, groups: int, n0: int, form: str, W: np.ndarray | None = None):
+        if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+            raise ValueError(f"Moments: groups must be an int >= 1 (got {groups!r})")
+        if isinstance(n0, bool) or not isinstance(n0, (int, np.integer)) or n0 < 1:
+            raise ValueError(f"Moments: n0 must be an int >= 1 (got {n0!r})")
+        if form not in ("gram", "residual"):
+            raise ValueError(f"Moments: form must be 'gram' or 'residual' (got {form!r})")
+        self.groups, self.n0, self.form = int(groups), int(n0), form
+        self.m = 0
+        self.rows_dtype = None  # float32 when every batch came as float32, else float64
+        self._sx = np.zeros((self.groups, self.n0))
+        self._sxt = np.zeros((self.groups, self.n0))
+        self.W = None
+        if W is not None:
+            W = np.asarray(W)
+            if form != "gram" or W.ndim != 3 or W.shape[:2] != (self.groups, self.n0) or W.shape[2] < 1:
+                raise ValueError(f"Moments: W is for form='gram' and must be (groups={self.groups}, n0={self.n0}, N1g) "
+                                 f"(got form={form!r}, W {W.shape})")
+            self.W = np.array(W, dtype=np.float64)
+            self._W32 = self.W.astype(np.float32)
+            n1 = W.shape[2]
+            self._A = np.zeros((self.groups, self.n0, n1))
+            self._GW = np.zeros((self.groups, self.n0, n1))
+            self._xw2 = np.zeros((self.groups, n1))
+        if form == "gram":
+            if self.W is None:
+                self._G = np.zeros((self.groups, self.n0, self.n0))
+                self._F = np.zeros((self.groups, self.n0, self.n0))
+            self._H = np.zeros((self.groups, self.n0, self.n0))
+            self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []  # rows not yet in G, H, F
+            self._pending_bytes = 0
+        else:
+            self._xs: list[np.ndarray] = []
+            self._xts: list[np.ndarray] = []
+            self._cat: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _as3d(self, a, name) -> np.ndarray:
+        a = np.asarray(a)
+        if a.ndim == 2 and self.groups == 1:
+            a = a[None]
+        if a.ndim != 3 or a.shape[0] != self.groups or a.shape[2] != self.n0:
+            raise ValueError(f"Moments.update: {name} must have shape (groups={self.groups}, rows, n0={self.n0}) "
+                             f"(got {a.shape})")
+        if not np.issubdtype(a.dtype, np.floating):
+            raise ValueError(f"Moments.update: {name} must be a float array (got {a.dtype})")
+        return a
+
+    def update(self, X: np.ndarray, Xt: np.ndarray) -> None:
+        """Add one batch. X, Xt: (g, rows, N0) float32/float64, the same rows in the same order
+        (X from the float network, Xt from the partially quantized one; pass the same object
+        twice for a layer whose input is not yet affected by quantization)."""
+        same = Xt is X
+        X = self._as3d(X, "X")
+        Xt = X if same else self._as3d(Xt, "Xt")
+        if Xt.shape != X.shape:
+            raise ValueError(f"Moments.update: X and Xt shapes differ ({X.shape} vs {Xt.shape})")
+        rows = X.shape[1]
+        if rows == 0:
+            return
+        f32 = X.dtype == Xt.dtype == np.float32
+        self.rows_dtype = np.float32 if f32 and self.rows_dtype in (None, np.float32) else np.float64
+        # float32 rows in the Gram form: products in float32 (twice the GEMM speed) over chunks of
+        # rows, summed over chunks in float64 (within a chunk float32 keeps ~1e-6 relative
+        # accuracy). Anything else is computed in float64.
+        work = np.float32 if self.form == "gram" and X.dtype == Xt.dtype == np.float32 else np.float64
+        X64 = X.astype(work, copy=False)
+        Xt64 = X64 if same else Xt.astype(work, copy=False)
+        ones = np.ones(rows, X64.dtype)  # column sums in the products' dtype, added in float64
+        sx = np.matmul(ones, X64)  # column sums (g, N0); faster than sum(axis=1) for small N0
+        sxt = sx if same else np.matmul(ones, Xt64)
+        if not (np.isfinite(sx).all() and np.isfinite(sxt).all()):  # a NaN / inf anywhere shows here
+            raise ValueError("Moments.update: X / Xt contain NaN or inf")
+        self._sx += sx
+        self._sxt += sxt
+        self.m += rows
+        if self.form == "gram":
+            # Small batches (e.g. models with a fixed batch of 1) are gathered into chunks of
+            # GRAM_CHUNK_BYTES first: the products' cost is in the rows, but every product also
+            # adds N0^2 entries into G, H, F.
+            self._pending.append((np.array(X64, copy=True), None if same else np.array(Xt64, copy=True)))
+            self._pending_bytes += X64.nbytes * (1 if same else 2)
+            if self._pending_bytes >= GRAM_CHUNK_BYTES:
+                self._flush()
+        else:
+            keep = np.float64 if X.dtype == np.float64 and Xt.dtype == np.float64 else np.float32
+            self._xs.append(np.array(X, dtype=keep))
+            self._xts.append(self._xs[-1] if same else np.array(Xt, dtype=keep))
+            self._cat = None
+
+    def _flush(self) -> None:
+        """Add the pending rows to G, H, F (one product per matrix for the whole chunk)."""
+        if not self._pending:
+            return
+        same = all(xt is None for _, xt in self._pending)
+        X64 = np.concatenate([x for x, _ in self._pending], axis=1)  # mixed dtypes promote to float64
+        Xt64 = X64 if same else np.concatenate([x if xt is None else xt for x, xt in self._pending], axis=1)
+        self._pending, self._pending_bytes = [], 0
+        if self.W is not None:
+            self._flush_projected(X64, Xt64)
+            return
+        if self.groups == 1:  # 2-D products: numpy uses syrk for A^T A
+            F = X64[0].T @ X64[0]
+            self._F[0] += F
+            self._G[0] += F if same else Xt64[0].T @ X64[0]
+            self._H[0] += F if same else Xt64[0].T @ Xt64[0]
+        else:  # one batched product per matrix over all groups
+            XT, XtT = X64.transpose(0, 2, 1), Xt64.transpose(0, 2, 1)
+            F = np.matmul(XT, X64)
+            self._F += F
+            self._G += F if same else np.matmul(XtT, X64)
+            self._H += F if same else np.matmul(XtT, Xt64)
+
+    def _flush_projected(self, X: np.ndarray, Xt: np.ndarray) -> None:
+        """H += Xt^T Xt; A, G W, ||X W||^2 from the rows (see the class docstring)."""
+        W = self.W if X.dtype == np.float64 else self._W32
+        XtT = Xt.transpose(0, 2, 1)
+        self._H += (Xt[0].T @ Xt[0])[None] if self.groups == 1 else np.matmul(XtT, Xt)
+        V = np.zeros((self.groups, X.shape[1], W.shape[2]), X.dtype)  # running X[:, :b0] W[:b0]
+        for b0 in range(0, self.n0, PROJECTED_BLOCK):
+            b1 = min(b0 + PROJECTED_BLOCK, self.n0)
+            Xb, XtbT = X[:, :, b0:b1], XtT[:, b0:b1]
+            self._A[:, b0:b1] += np.matmul(np.tril(np.matmul(XtbT, Xb)), W[:, b0:b1]) + np.matmul(XtbT, V)
+            V += np.matmul(Xb, W[:, b0:b1])
+        self._GW += np.matmul(XtT, V)
+        self._xw2 += np.einsum("gmn,gmn->gn", V, V, dtype=np.float64)
+
+    def _gram(self, name: str) -> np.ndarray:
+        if self.form != "gram":
+            raise AttributeError("G / H / F are only kept by form='gram' Moments")
+        if not hasattr(self, name):
+            raise AttributeError(f"{name[1:]} is not kept by Moments projected on W (it keeps A = tril(G) W, "
+                                 "G W and ||X W||^2 instead)")
+        self._flush()
+        return getattr(self, name)
+
+    @property
+    def A(self) -> np.ndarray:
+        """(g, N0, N1g) tril(G) W (projected Moments only)."""
+        return self._gram("_A")
+
+    @property
+    def GW(self) -> np.ndarray:
+        """(g, N0, N1g) G W (projected Moments only)."""
+        return self._gram("_GW")
+
+    @property
+    def xw2(self) -> np.ndarray:
+        """(g, N1g) ||X W||^2 per column (projected Moments only)."""
+        return self._gram("_xw2")
+
+    @property
+    def G(self) -> np.ndarray:
+        """(g, N0, N0) float64 Xt^T X."""
+        return self._gram("_G")
+
+    @property
+    def H(self) -> np.ndarray:
+        """(g, N0, N0) float64 Xt^T Xt."""
+        return self._gram("_H")
+
+    @property
+    def F(self) -> np.ndarray:
+        """(g, N0, N0) float64 X^T X."""
+        return self._gram("_F")
+
+    @property
+    def mu_x(self) -> np.ndarray:
+        """(g, N0) column means of X."""
+        return self._sx / max(self.m, 1)
+
+    @property
+    def mu_xt(self) -> np.ndarray:
+        """(g, N0) column means of Xt."""
+        return self._sxt / max(self.m, 1)
+
+    def _rows(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.form != "residual":
+            raise AttributeError("X / Xt rows are only kept by form='residual' Moments")
+        if self._cat is None:
+            if not self._xs:
+                empty = np.zeros((self.groups, 0, self.n0), np.float32)
+                self._cat = (empty, empty)
+            else:
+                X = np.concatenate(self._xs, axis=1)
+                Xt = X if all(a is b for a, b in zip(self._xs, self._xts)) else np.concatenate(self._xts, axis=1)
+                self._xs, self._xts = [X], [Xt]
+                self._cat = (X, Xt)
+        return self._cat
+
+    @property
+    def X(self) -> np.ndarray:
+        """(g, m, N0) rows of X (residual form only)."""
+        return self._rows()[0]
+
+    @property
+    def Xt(self) -> np.ndarray:
+        """(g, m, N0) rows of Xt (residual form only)."""
+        return self._rows()[1]
