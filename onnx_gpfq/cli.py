@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threads", type=int, default=0, metavar="N",
                    help="at most N threads for onnxruntime, numba and BLAS; the output does not depend on it "
                    "(default: 0, every core)")
+    q.add_argument("--target", choices=["any", "x86-vnni", "arm64", "reference"], default="any",
+                   help="CPUs whose onnxruntime int8 kernels must compute the model exactly: 'any' keeps 8-bit "
+                   "weight codes within the pair bound of x86's saturating AVX2 kernels (no VNNI); 'x86-vnni', "
+                   "'arm64', 'reference' (the QDQ math) leave them unconstrained (default: any)")
     q.add_argument("--exclude", action="append", default=[], metavar="GLOB|OP",
                    help="leave nodes in float: a node-name glob or an op type (repeatable)")
     q.add_argument("--config", metavar="FILE", help="JSON or TOML per-layer overrides: "
@@ -167,7 +171,7 @@ def _cmd_quantize(args) -> int:
         sparsity=parse_sparsity(args.sparsity), bias_correction=args.bias_correction, full_range=args.full_range,
         weight_format=args.weight_format, act_symmetric=args.act_symmetric, act_calibration=args.act_calibration,
         percentile=args.percentile, batch_size=args.batch_size, max_patches=args.max_patches, max_rows=args.max_rows,
-        memory_budget=parse_size(args.memory_budget), threads=args.threads,
+        memory_budget=parse_size(args.memory_budget), threads=args.threads, target=args.target,
         exclude=tuple(args.exclude) + config_exclude, rules=rules, quiet=args.quiet, images=images,
         batch_axes=tuple(parse_batch_axis(v) for v in args.batch_axis),
         input_shapes=tuple(parse_input_shape(v) for v in args.input_shape),

@@ -33,6 +33,9 @@ import numpy as np
 INT16_MAX = 32767
 UINT8_MAX = 255
 PAIR_BOUND = INT16_MAX // UINT8_MAX  # 128: |b0| + |b1| <= 128 keeps 255 * (|b0| + |b1|) within int16
+# Step constants added to the default search grid of a bounded layer: at C = 2 every code is within
+# +-64 (K / C = 63.5), so no pair reaches the bound and the search can always fall back to unclipped codes.
+BOUNDED_EXTRA_C = (1.6, 2.0)
 
 
 @dataclass(frozen=True)

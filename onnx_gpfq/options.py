@@ -18,6 +18,7 @@ from .calib import ImageOptions
 from .errors import UserError
 from .formats import FORMATS
 from .core import Alphabet, QuantSpec, Sparsity
+from .cpu import TARGETS
 
 WEIGHT_BITS = ("2", "3", "4", "5", "6", "7", "8", "ternary")
 METHODS = ("gpfq", "rtn")
@@ -148,6 +149,9 @@ class Options:
     images: preprocessing when the calibration source is a folder of images.
     threads: at most this many threads for onnxruntime, numba and BLAS (0: every core); the output
       does not depend on it.
+    target: the CPUs whose onnxruntime int8 kernels must compute the model exactly (onnx_gpfq.cpu.TARGETS):
+      "any" (default) keeps 8-bit codes within the pair bound of x86's saturating AVX2 kernels;
+      "x86-vnni", "arm64" and "reference" leave them unconstrained.
     """
 
     weight_bits: int | str = 4
@@ -177,6 +181,7 @@ class Options:
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     images: ImageOptions | None = None
     threads: int = 0
+    target: str = "any"
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -193,6 +198,7 @@ class Options:
         _check_choice("--scale-rule", self.scale_rule, SCALE_RULES)
         _check_choice("--weight-format", self.weight_format, WEIGHT_FORMATS)
         _check_choice("--act-calibration", self.act_calibration, ACT_CALIBRATIONS)
+        _check_choice("--target", self.target, tuple(TARGETS))
         if not (isinstance(self.seed, int) and self.seed >= 0):
             raise UserError(f"--seed must be a non-negative integer (got {self.seed!r})")
         if not self.c > 0:

@@ -3,13 +3,14 @@ calibration work, and what the formats chosen need from the model (opset, operat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 
+from . import cpu
+from .core import DEFAULT_C_GRID, QuantSpec
 from .formats import FORMATS, WeightFormat
-from .core import QuantSpec
 from .ops import Layer
 from .options import Options
 
@@ -38,7 +39,22 @@ def plan_layer(t: Layer, options: Options) -> LayerPlan:
     """The spec and format of one layer, with the format's constraints checked (UserError)."""
     fmt = FORMATS[options.weight_format].for_layer(t)
     layer = fmt.check(t, options.layer(t.node, t.op_type))
-    return LayerPlan(fmt.adjust_spec(t, options.spec(layer, use_blocks=t.fan_in_axis is not None)), fmt)
+    plan = LayerPlan(fmt.adjust_spec(t, options.spec(layer, use_blocks=t.fan_in_axis is not None)), fmt)
+    return _bounded_for_target(t, plan, options)
+
+
+def _bounded_for_target(t: Layer, plan: LayerPlan, options: Options) -> LayerPlan:
+    """The plan with the target's pair bound on its codes (onnx_gpfq.cpu), where an int8 kernel that could
+    saturate will run the layer: 8-bit activations, an op onnxruntime runs as an int8 kernel, codes large
+    enough to overflow a pair."""
+    acts = None if plan.weight_only or not t.INT8_KERNEL else options.act_bits
+    bound = cpu.pair_bound(options.target, plan.spec.alphabet.hi, acts)
+    if bound is None:
+        return plan
+    # C = 2 keeps every code within +-64, so no pair can reach the bound: with it in the grid, the search
+    # can always fall back to unclipped codes at twice the step (what 7-bit codes would give).
+    grid = plan.spec.c_grid + cpu.BOUNDED_EXTRA_C if plan.spec.c_grid == DEFAULT_C_GRID else plan.spec.c_grid
+    return replace(plan, spec=replace(plan.spec, pair_bound=bound, c_grid=grid))
 
 
 def required_opset(options: Options) -> int:

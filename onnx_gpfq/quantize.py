@@ -13,12 +13,12 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
 
-from . import core, rewrite, runtime
+from . import core, cpu, rewrite, runtime
 from ._threads import blas_workers_sleep, limit as limit_threads
 from .calib import load_batches, model_inputs
 from .capture import Spill, Stream, inputs
@@ -61,6 +61,8 @@ class Report:
     spilled_bytes: int = 0  # frontier activations written to disk beyond the memory budget
     seconds: float = 0.0
     options: dict = field(default_factory=dict)
+    target: str = "any"
+    bounded_layers: int = 0  # layers whose 8-bit codes were kept within the target's pair bound
 
     def table(self) -> str:
         """The report as a text table (one row per layer, then totals)."""
@@ -76,6 +78,9 @@ class Report:
         lines.append(f"{len(self.layers)} layers quantized, {len(self.skipped)} left in float, {self.activations} activation "
                      f"tensors quantized; weights {self.float_weight_bytes / 1024:.1f} KiB -> {self.quant_weight_bytes / 1024:.1f} KiB "
                      f"({ratio:.1f}x); {self.calibration_samples} calibration samples; {self.seconds:.1f} s")
+        lines.append(f"target {self.target}: " + (f"{self.bounded_layers} layers' 8-bit codes kept within the pair bound "
+                                                  f"|q_2j| + |q_2j+1| <= {cpu.PAIR_BOUND} of x86's AVX2 int8 kernels"
+                                                  if self.bounded_layers else "no code constraint needed"))
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -88,8 +93,21 @@ class Report:
             "calibration_samples": self.calibration_samples,
             "spilled_bytes": self.spilled_bytes,
             "seconds": self.seconds,
+            "target": self.target,
+            "bounded_layers": self.bounded_layers,
             "options": self.options,
         }
+
+
+TARGET_KEY = "onnx_gpfq.target"
+
+
+def _record_target(model: onnx.ModelProto, target: str) -> None:
+    """The deployment target in the model's metadata (replacing one an earlier run wrote)."""
+    kept = [p for p in model.metadata_props if p.key != TARGET_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=TARGET_KEY, value=target)
 
 
 def _observe_new(quant_acts: set[str], acts: dict[str, ActQuant], stream: Stream, options: Options) -> None:
@@ -139,7 +157,8 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
     add_domains(base, plans)
 
     report = Report(skipped=skipped, calibration_samples=sum(next(iter(b.values())).shape[0] for b in batches),
-                    options=_jsonable(options))
+                    options=_jsonable(options), target=options.target,
+                    bounded_layers=sum(1 for plan in plans.values() if plan.spec.pair_bound))
     with tempfile.TemporaryDirectory(prefix="onnx_gpfq_spill_") as spill_dir:
         spill = Spill(options.memory_budget, spill_dir)
         first_batch = {name: np.array(a) for name, a in batches[0].items()}  # its own copy, not a view
@@ -149,6 +168,7 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
         quant_stream = Stream(held, base, threads=options.threads, spill=spill)
         del held
         out = _quantize_layers(base, targets, plans, options, report, float_stream, quant_stream)
+        _record_target(out, options.target)
         report.spilled_bytes = spill.spilled_bytes
     validate(out, first_batch, options.threads)
     report.seconds = time.perf_counter() - start
@@ -190,13 +210,20 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
             quant_stream.advance(nodes_q, inits_q, [x_tilde])
 
             W = t.to_matrix(index.array(t.w).astype(np.float64))
-            moments = moments_cache.get(t.patch_key)
+            # With a pair bound, GPFQ walks the fan-in in the order the int8 kernel adds it up in pairs.
+            order = _kernel_order(t) if spec.pair_bound else None
+            if order is not None:
+                W = W[:, order, :]
+            key = (t.patch_key, order is not None)
+            moments = moments_cache.get(key)
             if moments is None:
                 shared = k + 1 < len(targets) and targets[k + 1].patch_key == t.patch_key
                 moments = _accumulate(t, float_stream.values[t.x], quant_stream.values[x_tilde], W, spec, options, k,
-                                      may_project=not shared)
-                moments_cache = {t.patch_key: moments}  # consecutive layers reading the same rows share them
+                                      may_project=not shared, order=order)
+                moments_cache = {key: moments}  # consecutive layers reading the same rows share them
             result = core.quantize_layer(W, moments, spec)
+            if order is not None:
+                result = replace(result, codes=result.codes[:, np.argsort(order), :])
 
             bias = _corrected_bias(t, index, result) if options.bias_correction else None
             block = plan.block_size
@@ -236,11 +263,18 @@ def _jsonable(options: Options) -> dict:
     return {k: conv(v) for k, v in vars(options).items()}
 
 
+def _kernel_order(t: Layer) -> np.ndarray | None:
+    """The layer's kernel reduction order (Layer.kernel_order), or None where it is W's own row order."""
+    order = t.kernel_order()
+    return None if np.array_equal(order, np.arange(order.size)) else order
+
+
 def _accumulate(t: Layer, xs, xts, W: np.ndarray, spec: core.QuantSpec, options: Options, k: int,
-                may_project: bool) -> core.Moments:
+                may_project: bool, order: np.ndarray | None = None) -> core.Moments:
     """The Moments of layer ``t`` (weights W (g, N0, N1g)) over all calibration batches, same
     rows in both streams. Where X~ still equals X (nothing quantized upstream) the rows are
-    passed once; Moments are projected on W where that is cheaper and no other layer reads them."""
+    passed once; Moments are projected on W where that is cheaper and no other layer reads them.
+    order: a permutation of the N0 columns of X (W's rows already come in that order)."""
     shapes = xs.shapes() if hasattr(xs, "shapes") else [x.shape for x in xs]  # spilled batches stay on disk
     positions, keep = _row_plan(t, shapes, options, k)
     m = sum(len(idx) for idx in keep)
@@ -258,7 +292,8 @@ def _accumulate(t: Layer, xs, xts, W: np.ndarray, spec: core.QuantSpec, options:
 
         def rows_of(a):
             r = t.rows(a, pos)
-            return r[:, idx] if len(idx) < r.shape[1] else r
+            r = r[:, idx] if len(idx) < r.shape[1] else r
+            return r if order is None else np.ascontiguousarray(r[..., order])
 
         rows = rows_of(x)
         moments.update(rows, rows if same else rows_of(xt))

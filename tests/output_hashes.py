@@ -25,8 +25,10 @@ CASES: dict[str, tuple[str, dict]] = {
     "mlp_w4a8": ("digits_mlp", {}),
     "cnn_w4a8": ("digits_cnn", {}),
     "vit_w4a8": ("digits_vit", {}),
-    "cnn_w8a8": ("digits_cnn", {"weight_bits": 8}),
-    "vit_w8a8": ("digits_vit", {"weight_bits": 8}),
+    "cnn_w8a8": ("digits_cnn", {"weight_bits": 8, "target": "reference"}),
+    "vit_w8a8": ("digits_vit", {"weight_bits": 8, "target": "reference"}),
+    "cnn_w8a8_any": ("digits_cnn", {"weight_bits": 8}),
+    "vit_w8a8_any": ("digits_vit", {"weight_bits": 8}),
     "cnn_w3_rtn_weight_only": ("digits_cnn", {"weight_bits": 3, "method": "rtn", "act_bits": None}),
     "cnn_int4": ("digits_cnn", {"weight_format": "int4"}),
     "vit_matmulnbits": ("digits_vit", {"weight_format": "matmulnbits", "granularity": "block", "block_size": 16}),
@@ -34,7 +36,7 @@ CASES: dict[str, tuple[str, dict]] = {
     "cnn_percentile_symmetric": ("digits_cnn", {"act_calibration": "percentile", "act_symmetric": True}),
     "vit_tensor_fixed": ("digits_vit", {"granularity": "tensor", "scale_rule": "fixed", "c": 1.5}),
     "light_squeezenet_w4": ("light:squeezenet", {"max_patches": 16, "scale_rule": "fixed"}),
-    "light_inception_v1_w8": ("light:inception_v1", {"weight_bits": 8, "max_patches": 16}),
+    "light_inception_v1_w8": ("light:inception_v1", {"weight_bits": 8, "max_patches": 16}),  # target any: grouped convs
 }
 
 

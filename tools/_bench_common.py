@@ -325,10 +325,13 @@ def machine() -> dict:
     except ImportError:
         numba_version = None
     import onnx_gpfq  # noqa: PLC0415
+    from onnx_gpfq.cpu import int8_path, int8_path_text  # noqa: PLC0415
 
     return {
         "commit": package_commit(),
         "cpu": cpu,
+        "int8_path": int8_path(),  # x86-vnni | x86-avx2 | arm64 | other: which onnxruntime int8 kernels run here
+        "int8_path_text": int8_path_text(),
         "cores": cores,
         "memory_gib": mem_gib,
         "os": platform.platform(),

@@ -362,6 +362,7 @@ def markdown(result: dict) -> str:
         "",
         f"- Date: {result['date']}",
         f"- Command: `{result['command']}` ({result['seconds']:.0f} s wall clock)",
+        f"- CPU int8 path: {m.get('int8_path_text', 'not recorded')}\n"
         f"- Machine: {m['cpu']}, {m['cores']} cores available, {m['memory_gib']} GiB RAM, {m['os']}; "
         f"load average at start {result.get('load_average', 'n/a')} (the machine was shared: timings are indicative)",
         f"- Versions: Python {m['python']}, onnxruntime {m['onnxruntime']}, onnx {m['onnx']}, numpy {m['numpy']}, "

@@ -36,6 +36,7 @@ class Layer:
     WEIGHT_INPUT: ClassVar[int] = 1  # index of the weight among the node's inputs
     BIAS_INPUT: ClassVar[int | None] = 2  # index of the bias input, None when the op has none
     QUANTIZE_OUTPUT: ClassVar[bool] = False  # give the output a QDQ pair (see activations.activation_tensors)
+    INT8_KERNEL: ClassVar[bool] = True  # onnxruntime's CPU provider runs the quantized op as an int8 kernel
 
     node: str  # node name
     x: str  # activation input

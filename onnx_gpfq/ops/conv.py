@@ -10,6 +10,7 @@ from typing import ClassVar
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from ..cpu import conv_kernel_order
 from .base import Layer
 
 
@@ -66,6 +67,11 @@ class Conv(Window):
     @property
     def fan_in(self) -> int:
         return math.prod(self.w_shape[1:])  # C/g * prod(kernel)
+
+    def kernel_order(self) -> np.ndarray:
+        """onnxruntime's int8 Conv reduces over (kernel..., channel) within each group, after its NHWC
+        rewrite (measured: onnx_gpfq.cpu)."""
+        return conv_kernel_order(self.w_shape[1], self.kernel)
 
     @property
     def patch_key(self) -> tuple:

@@ -15,6 +15,7 @@ from .conv import Window, patches
 @dataclass(frozen=True, kw_only=True)
 class ConvTranspose(Window):
     OP_TYPE: ClassVar[str] = "ConvTranspose"
+    INT8_KERNEL: ClassVar[bool] = False  # onnxruntime's CPU provider runs DequantizeLinear -> float ConvTranspose
 
     output_padding: tuple[int, ...] = ()
     output_shape: tuple[int, ...] = ()  # explicit output spatial shape, if given
