@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import UserError
+from .errors import UserError, warn
 
 Batch = dict[str, np.ndarray]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -68,6 +68,8 @@ class ImageOptions:
             raise UserError(f"image layout must be NCHW or NHWC (got {self.layout!r})")
         if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
             raise UserError("image mean and std need 3 values each, std > 0")
+        if not all(np.isfinite(v) for v in (self.scale, *self.mean, *self.std)) or self.scale == 0:
+            raise UserError("image scale, mean and std must be finite numbers (scale not 0)")
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -95,6 +97,10 @@ def load_batches(source, inputs: list[InputSpec], batch_size: int, *, batch_axes
     for name in input_shapes or {}:
         if name not in axes:
             raise UserError(f"--input-shape names {name!r}, which is not a model input ({', '.join(axes)})")
+    if not inputs:
+        raise UserError("the model has no inputs: there is nothing to calibrate")
+    if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
+        raise UserError(f"--batch-size must be a positive integer (got {batch_size!r})")
     if isinstance(source, (str, os.PathLike)):
         text = str(source)
         if text.startswith("random:"):
@@ -122,16 +128,23 @@ def load_batches(source, inputs: list[InputSpec], batch_size: int, *, batch_axes
 def _read_path(path: Path, inputs: list[InputSpec], images: ImageOptions | None, axes) -> dict[str, np.ndarray]:
     if not path.exists():
         raise UserError(f"calibration data not found: {path}")
+    names = [spec.name for spec in inputs]
     if path.is_file():
         if path.suffix != ".npz":
             raise UserError(f"calibration file must be a .npz archive or a folder (got {path})")
-        return _read_npz(path)
+        return _read_npz(path, names)
+    if not path.is_dir():
+        raise UserError(f"calibration data {path} is neither a regular file nor a folder")
     files = sorted(p for p in path.iterdir() if p.is_file())
     npz = [p for p in files if p.suffix == ".npz"]
     npy = [p for p in files if p.suffix == ".npy"]
     pictures = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    kinds = [kind for kind, group in ((".npz", npz), (".npy", npy), ("image", pictures)) if group]
+    if len(kinds) > 1:
+        raise UserError(f"calibration folder {path} holds {' and '.join(kinds)} files: keep one kind in it "
+                        "(nothing would say which ones were used)")
     if npz:
-        parts = [_read_npz(p) for p in npz]
+        parts = [_read_npz(p, names) for p in npz]
         keys = set(parts[0])
         for p, part in zip(npz, parts):
             if set(part) != keys:
@@ -142,7 +155,9 @@ def _read_path(path: Path, inputs: list[InputSpec], images: ImageOptions | None,
             raise UserError(f"a folder of .npy files only works for single-input models; this one has "
                             f"{len(inputs)} inputs: use .npz files named by input")
         spec = inputs[0]
-        arrays = [np.load(p, allow_pickle=False) for p in npy]
+        from .npyfile import read_npy
+
+        arrays = [read_npy(p) for p in npy]
         arrays = [a[None] if a.ndim == len(spec.dims) - 1 else a for a in arrays]  # one sample per file
         return {spec.name: _concat(arrays, 0, spec.name)}
     if pictures:
@@ -159,12 +174,11 @@ def _concat(arrays: list[np.ndarray], axis: int | None, name: str) -> np.ndarray
         raise UserError(f"calibration input {name!r}: files do not stack ({exc})") from None
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise UserError(f"cannot read calibration file {path}: {exc}") from None
+def _read_npz(path: Path, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a .npz (only those in ``names`` when given), each checked before reading."""
+    from .npyfile import read_npz
+
+    return read_npz(path, names)
 
 
 def _read_images(files: list[Path], inputs: list[InputSpec], opts: ImageOptions) -> dict[str, np.ndarray]:
@@ -224,6 +238,9 @@ def _random(text: str, inputs: list[InputSpec], shapes: Mapping[str, tuple[int, 
         if None in dims:
             raise UserError(f"model input {spec.name!r} has symbolic dims {_dims_text(spec.dims)}: "
                             f"give --input-shape {spec.name}:" + "x".join("1" if d is None else str(d) for d in spec.dims))
+        from .npyfile import check_claim
+
+        check_claim(int(np.prod(dims, dtype=object)) * spec.dtype.itemsize, f"--calib {text} for input {spec.name!r}")
         if spec.dtype.kind == "f":
             arrays[spec.name] = rng.standard_normal(dims).astype(spec.dtype)
         elif spec.dtype.kind in "iu":
@@ -259,10 +276,14 @@ def _split(arrays: dict[str, np.ndarray], inputs: list[InputSpec], batch_size: i
     fixed = {spec.dims[axes[spec.name]] for spec in batched if len(spec.dims) > axes[spec.name]
              and spec.dims[axes[spec.name]] is not None}
     if fixed:  # a fixed batch dim (often 1): feed batches of exactly that size
+        if len(fixed) > 1:
+            raise UserError(f"{where}: the model's inputs fix different batch sizes {sorted(fixed)}")
         batch_size = fixed.pop()
+        if n % batch_size:
+            if n < batch_size:
+                raise UserError(f"{where}: the model takes batches of exactly {batch_size} but {n} samples were given")
+            warn(f"{where}: the model takes batches of exactly {batch_size}: using {n - n % batch_size} of the {n} samples")
         n -= n % batch_size
-        if n == 0:
-            raise UserError(f"{where}: the model takes batches of {batch_size} but fewer samples were given")
     batches = []
     for i in range(0, n, batch_size):
         batch = {}

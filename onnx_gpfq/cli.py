@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 
 from . import __version__
@@ -148,14 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_quantize(args) -> int:
-    from .graph import check_output_path, save_model
     from .calib import ImageOptions
+    from .graph import write_outputs
     from .options import Options, load_config, parse_batch_axis, parse_input_shape, parse_size, parse_sparsity
     from .quantize import quantize
 
-    check_output_path(args.output, [args.model] + ([args.calib] if not args.calib.startswith("random:") else []))
-    if args.report:
-        check_output_path(args.report, [args.model, args.calib, args.output])
+    _check_planned_files(args)
     rules, config_exclude = load_config(args.config) if args.config else ((), ())
     images = ImageOptions(size=_hw(args.image_size) if args.image_size else None, resize=args.image_resize,
                           scale=args.image_scale, mean=_floats(args.image_mean, "--image-mean"),
@@ -172,14 +171,34 @@ def _cmd_quantize(args) -> int:
         input_shapes=tuple(parse_input_shape(v) for v in args.input_shape),
     )
     model, report = quantize(args.model, args.calib, options)
-    save_model(model, args.output, external_data=args.external_data)
+    outputs = [(args.output, model, args.external_data)]
     if args.report:
-        from .graph import write_text
-
-        write_text(args.report, json.dumps(report.to_dict(), indent=2, default=_json_default) + "\n")
+        outputs.append((args.report, (json.dumps(report.to_dict(), indent=2, default=_json_default) + "\n").encode(), False))
+    write_outputs(outputs)  # all or none
     if not args.quiet:
         print(report.table(), file=sys.stderr)
     return 0
+
+
+def _check_planned_files(args) -> None:
+    """Every file quantize will write against every file it reads and against each other, before any work."""
+    import os
+
+    from .graph import PROTOBUF_LIMIT
+    from .paths import calibration_files, check_outputs, external_data_files
+
+    data_files = external_data_files(args.model) if os.path.isfile(args.model) else []
+    reads = [("input model", args.model)] + [("model's external data file", p) for p in data_files]
+    reads += [("calibration file", p) for p in calibration_files(args.calib)]
+    if args.config:
+        reads.append(("config file", args.config))
+    writes = [("-o", args.output)]
+    input_bytes = sum(os.path.getsize(p) for _, p in reads[: 1 + len(data_files)] if os.path.isfile(p))
+    if args.external_data or input_bytes > PROTOBUF_LIMIT // 2:  # the output may get its OUT.data
+        writes.append(("-o's external data file", f"{args.output}.data"))
+    if args.report:
+        writes.append(("--report", args.report))
+    check_outputs(writes, reads)
 
 
 def _hw(text: str) -> tuple[int, int]:
@@ -208,6 +227,8 @@ def _json_default(value):
 def _cmd_evaluate(args) -> int:
     from .evaluate import Thresholds, check_thresholds, evaluate
 
+    thresholds = Thresholds(args.min_accuracy, args.max_accuracy_drop, args.min_agreement, args.min_sqnr)
+    thresholds.check()
     metrics = evaluate(args.float_model, args.models, args.data, batch_size=args.batch_size)
     if args.json:
         print(json.dumps({"models": [_finite(vars(m)) for m in metrics]}))
@@ -217,7 +238,7 @@ def _cmd_evaluate(args) -> int:
             acc = "-" if m.accuracy is None else f"{m.accuracy:.4f}"
             sqnr = "-" if m.sqnr_db is None else f"{m.sqnr_db:.2f}"
             print(f"{m.path[-40:]:40s} {acc:>9s} {m.agreement:7.4f} {sqnr:>8s} {m.latency_ms:9.3f} {m.speedup:8.2f} {m.size_bytes / 1024:9.1f}")
-    reason = check_thresholds(metrics, Thresholds(args.min_accuracy, args.max_accuracy_drop, args.min_agreement, args.min_sqnr))
+    reason = check_thresholds(metrics, thresholds)
     if reason:
         print(f"onnx-gpfq: threshold failed: {reason}", file=sys.stderr)
         return 1
@@ -225,10 +246,16 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from .graph import load_model
+    from .graph import constants_to_initializers, load_model
     from .inspection import inspect
 
-    info = inspect(load_model(args.model), args.model)
+    model = constants_to_initializers(load_model(args.model))
+    try:
+        info = inspect(model, args.model)
+    except Exception as exc:
+        if type(exc).__module__.startswith("onnxruntime"):  # the user's model, not ours, fails to load
+            raise UserError(f"onnxruntime cannot load {args.model}: {_ort_line(exc, args.model)}") from None
+        raise
     if args.json:
         print(json.dumps(info, default=_json_default))
         return 0
@@ -246,32 +273,71 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _ort_line(exc: BaseException, user_path: str) -> str:
+    """onnxruntime's first message line with the tool's temporary copies named as the user's file."""
+    import re
+    import tempfile
+
+    from .errors import first_line
+
+    line = first_line(exc)
+    return re.sub(re.escape(tempfile.gettempdir()) + r"/onnx_gpfq_[^/\s]*/[^\s:]*", user_path, line)
+
+
 def _finite(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The one boundary: expected failures (see errors.expected_failure) exit 2 with one line;
+    Ctrl-C, SIGTERM and SIGHUP clean up (temporary files and folders) and exit 128 + signal;
+    anything else is a bug: one line and exit 1 (``--debug`` shows the traceback)."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    previous = _catch_signals()
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
             build_parser().print_help(sys.stderr)
             return 2
         return {"quantize": _cmd_quantize, "evaluate": _cmd_evaluate, "inspect": _cmd_inspect}[args.command](args)
-    except UserError as exc:
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"onnx-gpfq: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
+    except Exception as exc:
+        from .errors import expected_failure
+
         if debug:
             raise
-        print(f"onnx-gpfq: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("onnx-gpfq: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a bug, not the user's fault: still one line unless --debug
-        if debug:
-            raise
+        message = expected_failure(exc)
+        if message is not None:
+            print(f"onnx-gpfq: error: {message}", file=sys.stderr)
+            return 2
         print(f"onnx-gpfq: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _catch_signals() -> dict:
+    """SIGTERM and SIGHUP raise Interrupted (a KeyboardInterrupt) while main runs, so they unwind
+    like Ctrl-C. Only the main thread can install handlers; elsewhere nothing changes."""
+    import threading
+
+    from .errors import Interrupted
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        previous[signum] = signal.signal(signum, handler)
+    return previous
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -25,6 +26,12 @@ SCALE_RULES = ("search", "fixed")
 WEIGHT_FORMATS = ("int8", "int4", "matmulnbits")
 ACT_BITS = (8, 16, None)
 ACT_CALIBRATIONS = ("minmax", "percentile", "mse")
+# C scales the step C * max|w| / K: below 1e-6 every code saturates, above 1e6 every code is 0 (the
+# computed steps are checked too: finite and > 0 in float32)
+C_RANGE = (1e-6, 1e6)
+# the exact type of each config-rule key (bool is not an int, "false" is not a bool)
+RULE_TYPES = {"match": (str,), "weight_bits": (int, str), "method": (str,), "granularity": (str,),
+              "block_size": (int,), "scale_rule": (str,), "c": (int, float), "exclude": (bool,)}
 
 
 def parse_weight_bits(value: str | int) -> int | str:
@@ -44,7 +51,7 @@ def parse_sparsity(value: str | None) -> Sparsity | None:
         lam_value = float(lam)
     except ValueError:
         lam_value = -1.0
-    if kind not in ("soft", "hard") or not lam_value >= 0:
+    if kind not in ("soft", "hard") or not (math.isfinite(lam_value) and lam_value >= 0):
         raise UserError(f"--sparsity must look like soft:LAMBDA or hard:LAMBDA with LAMBDA >= 0 (got {value!r})")
     return Sparsity(kind, lam_value)
 
@@ -60,10 +67,20 @@ def parse_size(value: str) -> int | None:
     try:
         size = float(number) * factor
     except ValueError:
-        raise UserError(f"--memory-budget must be a size like 512M or 2G, or none (got {value!r})") from None
+        size = math.nan
+    if not math.isfinite(size):
+        raise UserError(f"--memory-budget must be a size like 512M or 2G, or none (got {value!r})")
     if size < 0:
         raise UserError(f"--memory-budget must not be negative (got {value!r})")
     return int(size)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
@@ -192,19 +209,25 @@ class Options:
         _check_choice("--scale-rule", self.scale_rule, SCALE_RULES)
         _check_choice("--weight-format", self.weight_format, WEIGHT_FORMATS)
         _check_choice("--act-calibration", self.act_calibration, ACT_CALIBRATIONS)
-        if not (isinstance(self.seed, int) and self.seed >= 0):
-            raise UserError(f"--seed must be a non-negative integer (got {self.seed!r})")
-        if not self.c > 0:
-            raise UserError(f"the step-size constant C must be > 0 (got {self.c!r})")
-        if not 50.0 < self.percentile <= 100.0:
+        if not (_is_int(self.seed) and 0 <= self.seed < 2**63):
+            raise UserError(f"--seed must be a non-negative integer below 2^63 (got {self.seed!r})")
+        if not (_is_number(self.c) and C_RANGE[0] <= self.c <= C_RANGE[1]):
+            raise UserError(f"the step-size constant C must be > 0: a number in [{C_RANGE[0]:g}, {C_RANGE[1]:g}] "
+                            f"(got {self.c!r})")
+        if self.c_grid is not None and not all(_is_number(c) and C_RANGE[0] <= c <= C_RANGE[1] for c in self.c_grid):
+            raise UserError(f"every C of c_grid must be a number in [{C_RANGE[0]:g}, {C_RANGE[1]:g}] (got {self.c_grid!r})")
+        if not (_is_number(self.percentile) and 50.0 < self.percentile <= 100.0):
             raise UserError(f"--percentile must be in (50, 100] (got {self.percentile!r})")
         for name in ("batch_size", "max_patches", "max_rows", "block_size"):
             value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise UserError(f"--{name.replace('_', '-')} must be a positive integer (got {value!r})")
-        if not (isinstance(self.threads, int) and not isinstance(self.threads, bool) and self.threads >= 0):
+            if not (_is_int(value) and 1 <= value < 2**31):
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer below 2^31 (got {value!r})")
+        if not (_is_int(self.threads) and 0 <= self.threads <= 4096):
             raise UserError(f"--threads must be a non-negative integer (0: every core) (got {self.threads!r})")
-        if self.memory_budget is not None and not (isinstance(self.memory_budget, int) and self.memory_budget >= 0):
+        for flag in ("full_search", "bias_correction", "full_range", "act_symmetric", "quiet"):
+            if not isinstance(getattr(self, flag), bool):
+                raise UserError(f"{flag} must be True or False (got {getattr(self, flag)!r})")
+        if self.memory_budget is not None and not (_is_int(self.memory_budget) and self.memory_budget >= 0):
             raise UserError(f"--memory-budget must be a size like 512M or 2G (got {self.memory_budget!r})")
         if self.full_range and self.weight_bits == "ternary":
             raise UserError("--full-range does not apply to ternary weights")
@@ -228,10 +251,10 @@ class Options:
                                      ("scale_rule", layer.scale_rule, SCALE_RULES)):
             if value not in choices:
                 raise UserError(f"{name} must be one of {', '.join(choices)} (got {value!r}){where}")
-        if not (isinstance(layer.block_size, int) and layer.block_size >= 1):
+        if not (_is_int(layer.block_size) and 1 <= layer.block_size < 2**31):
             raise UserError(f"block_size must be a positive integer (got {layer.block_size!r}){where}")
-        if not (isinstance(layer.c, (int, float)) and layer.c > 0):
-            raise UserError(f"c must be a number > 0 (got {layer.c!r}){where}")
+        if not (_is_number(layer.c) and C_RANGE[0] <= layer.c <= C_RANGE[1]):
+            raise UserError(f"c must be a number > 0 in [{C_RANGE[0]:g}, {C_RANGE[1]:g}] (got {layer.c!r}){where}")
         return replace(layer, weight_bits=bits)
 
     def layer(self, node: str, op_type: str) -> LayerOptions:
@@ -296,11 +319,15 @@ def load_config(path: str | Path) -> tuple[tuple[LayerRule, ...], tuple[str, ...
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+        except RecursionError:
+            raise UserError(f"config file {path} is nested too deeply") from None
     else:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise UserError(f"config file {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        except RecursionError:
+            raise UserError(f"config file {path} is nested too deeply") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold an object with 'layers' and/or 'exclude'")
     unknown = set(data) - {"layers", "exclude"}
@@ -320,6 +347,11 @@ def load_config(path: str | Path) -> tuple[tuple[LayerRule, ...], tuple[str, ...
         if bad:
             raise UserError(f"config file {path}: layers[{i}] has unknown key(s) {', '.join(sorted(bad))} "
                             f"(allowed: {', '.join(sorted(RULE_KEYS))})")
+        for key, value in entry.items():
+            if type(value) not in RULE_TYPES[key] or (type(value) is float and not math.isfinite(value)):
+                names = " or ".join({"str": "a string", "int": "an integer", "float": "a number", "bool": "true/false"}[t.__name__]
+                                    for t in RULE_TYPES[key])
+                raise UserError(f"config file {path}: layers[{i}].{key} must be {names} (got {json.dumps(value)})")
         if "weight_bits" in entry:
             entry = dict(entry, weight_bits=parse_weight_bits(entry["weight_bits"]))
         rules.append(LayerRule(**entry))

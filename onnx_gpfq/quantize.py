@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import gpfq, rewrite
+from . import gpfq, rewrite, steps
 from ._threads import blas_workers_sleep, session_options, limit as limit_threads
 from .calib import load_batches, model_inputs
 from .capture import Spill, Stream, inputs
@@ -121,7 +121,8 @@ def quantize(model, calibration, options: Options | None = None, **kwargs) -> tu
 
 def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Report]:
     start = time.perf_counter()
-    base = normalise(load_model(model), min_opset=required_opset(options))
+    source = model if isinstance(model, (str, os.PathLike)) else None  # named in onnxruntime's load errors
+    base = normalise(load_model(model), min_opset=required_opset(options), source=source)
     graph = base.graph
     batches = load_batches(calibration, model_inputs(base), options.batch_size, batch_axes=dict(options.batch_axes),
                            input_shapes=dict(options.input_shapes), images=options.images, seed=options.seed)
@@ -134,6 +135,7 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
     if not targets:
         raise UserError("nothing to quantize: the model has no Conv/Gemm/MatMul layer with a constant weight"
                         + (f" ({len(skipped)} left in float: {skipped[0].reason})" if skipped else ""))
+    steps.check_weights_finite(targets, GraphIndex(graph))
     plans = {t.node: _plan(t, options) for t in targets}
     if any(fmt == "matmulnbits" for _, fmt in plans.values()):
         base.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
@@ -199,8 +201,13 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Target], plans: dict, 
 
             bias = _corrected_bias(t, index, result, graph) if options.bias_correction else None
             block = spec.group_size if spec.granularity == "block" else 0
+            scale = _onnx_scale(t, result.scale, spec.granularity)
+            if not block and t.x in acts and (bias is not None or t.b):  # zero channels: keep the int32 bias exact
+                scale = steps.zero_channel_steps(result.codes, scale, bias if bias is not None else index.array(t.b),
+                                                 acts[t.x].scale)
+            steps.check_steps(t.node, scale, result.C)
             layers[t.node] = by_weight[t.w] = QuantizedLayer(
-                t, t.from_matrix(result.codes).astype(np.int8), _onnx_scale(t, result.scale, spec.granularity), bias, block, fmt)
+                t, t.from_matrix(result.codes).astype(np.int8), scale, bias, block, fmt)
             report.layers.append(LayerReport(
                 t.node, t.op_type, t.w_shape, bits, spec.granularity + (f":{block}" if block else ""), spec.scale_rule,
                 float(np.median(result.C)), float(result.rel_error), float(result.rel_error_rtn), float(result.sparsity),
