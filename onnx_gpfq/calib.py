@@ -17,7 +17,6 @@ recurrent state laid out (layers, batch, hidden) has batch axis 1, and an input 
 from __future__ import annotations
 
 import os
-import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path

@@ -401,22 +401,24 @@ def write_text(output: str | os.PathLike, text: str) -> None:
 
 def write_outputs(items: list[tuple[str | os.PathLike, onnx.ModelProto | bytes, bool]]) -> None:
     """Commit several outputs together: every one is written to a temporary file beside its
-    target first, then all are renamed into place; if any write fails, none is renamed and every
-    temporary file is removed. Items: (path, ModelProto or bytes, external_data)."""
-    staged: list[tuple[Path, Path]] = []  # (temporary, final)
+    target first, then all are renamed into place; if any write fails (or an interrupt comes),
+    none is renamed and every temporary file is removed. Items: (path, ModelProto or bytes,
+    external_data)."""
+    staged: list[tuple[Path, Path]] = []  # (temporary, final), registered before anything is written
     folders: list[Path] = []
     current = None
     try:
         for output, content, external in items:
             current = Path(output)
             if isinstance(content, onnx.ModelProto):
-                staged += _stage_model(content, current, external, folders)
+                _stage_model(content, current, external, staged, folders)
             else:
-                staged.append((_stage_bytes(current, content), current))
-        for tmp, final in staged:
+                _stage_bytes(current, content, staged)
+        while staged:
+            tmp, final = staged[0]
             current = final
             os.replace(tmp, final)
-        staged = []
+            staged.pop(0)
     except OSError as exc:
         raise UserError(f"cannot write {current}: {exc.strerror or exc}") from None
     finally:
@@ -435,35 +437,31 @@ def _temp_prefix(out: Path) -> str:
     return f".{out.name[:64]}."
 
 
-def _stage_model(model: onnx.ModelProto, out: Path, external_data: bool, folders: list[Path]) -> list[tuple[Path, Path]]:
+def _stage_model(model: onnx.ModelProto, out: Path, external_data: bool, staged: list, folders: list[Path]) -> None:
     data = None if external_data else serialize(model)
     if data is not None:
-        return [(_stage_bytes(out, data), out)]
+        _stage_bytes(out, data, staged)
+        return
     folder = out.parent if str(out.parent) else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), suffix=".tmp", dir=folder))
-    folders.append(tmp)
+    folders.append(Path(tempfile.mkdtemp(prefix=_temp_prefix(out), suffix=".tmp", dir=folder)))
+    tmp = folders[-1]
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     location = f"{out.name}.data"
     onnx.save(copy, str(tmp / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
               location=location, size_threshold=1024)
-    staged = [(tmp / "model.onnx", out)]
     if (tmp / location).exists():
-        staged.insert(0, (tmp / location, folder / location))
-    return staged
+        staged.append((tmp / location, folder / location))
+    staged.append((tmp / "model.onnx", out))
 
 
-def _stage_bytes(out: Path, data: bytes) -> Path:
+def _stage_bytes(out: Path, data: bytes, staged: list) -> None:
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(out), suffix=".tmp", dir=out.parent if str(out.parent) else ".")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # what open() would give, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return Path(tmp)
+    staged.append((Path(tmp), out))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # what open() would give, not mkstemp's 0600
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
