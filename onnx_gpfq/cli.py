@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_quantize(args) -> int:
     from .calib import ImageOptions
-    from .graph import write_outputs
+    from .outputs import write_outputs
     from .options import Options, load_config, parse_batch_axis, parse_input_shape, parse_size, parse_sparsity
     from .quantize import quantize
 

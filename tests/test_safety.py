@@ -344,7 +344,7 @@ def test_longest_legal_file_name_works(capsys, tmp_path, small_calib):
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
 @pytest.mark.parametrize("where", ["fsync", "mkstemp"])  # a full disk while writing; no inode left to create a file
 def test_full_disk_or_quota_exits_2_and_leaves_nothing(capsys, monkeypatch, tmp_path, small_calib, code, where):
-    from onnx_gpfq import graph
+    from onnx_gpfq import outputs as graph
 
     def fail(*args, **kwargs):
         raise OSError(code, os.strerror(code))
@@ -436,7 +436,7 @@ def test_sigterm_in_a_real_process_cleans_up(tmp_path, small_calib):
 
 
 def test_outputs_are_committed_together(capsys, monkeypatch, tmp_path, small_calib):
-    from onnx_gpfq import graph
+    from onnx_gpfq import outputs as graph
 
     real = graph._stage_bytes
 
