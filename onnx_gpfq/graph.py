@@ -109,6 +109,40 @@ def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
+def check_model(model: onnx.ModelProto, name: str = "the model") -> None:
+    """onnx's checker, shape inference strict, on the user's model: a model that breaks the spec
+    (wrong dims, types, dangling edges) is refused in one line instead of failing somewhere later.
+    Models over 2 GiB are left to onnxruntime's own checks."""
+    data = serialize(model)
+    if data is None:
+        return
+    try:
+        onnx.checker.check_model(data, full_check=True)
+    except Exception as exc:  # ValidationError, InferenceError and friends
+        from .errors import first_line
+
+        raise UserError(f"{name} is not a valid ONNX model: {first_line(exc)}") from None
+
+
+def check_runs(model: onnx.ModelProto, batch: dict, name: str = "the model", threads: int = 0) -> None:
+    """Run the (normalised) float model once on a calibration batch: a model onnxruntime cannot
+    run on the data is the input's problem, said in one line before any work."""
+    import onnxruntime as ort
+
+    from ._threads import session_options
+    from .errors import first_line
+
+    data = serialize(model)
+    if data is None:
+        return
+    try:
+        ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"]).run(None, batch)
+    except Exception as exc:
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        raise UserError(f"onnxruntime cannot run {name} on the calibration data: {first_line(exc)}") from None
+
+
 def opset_version(model: onnx.ModelProto) -> int:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
@@ -119,6 +153,7 @@ def opset_version(model: onnx.ModelProto) -> int:
 def normalise(model: onnx.ModelProto, min_opset: int = MIN_OPSET, source: str | os.PathLike | None = None) -> onnx.ModelProto:
     """Return a normalised copy of ``model`` (the input is never modified), at opset >= min_opset.
     ``source``: the user's file, named in error messages (default: "the model")."""
+    check_model(model, str(source) if source is not None else "the model")
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     model = copy

@@ -23,7 +23,7 @@ from ._threads import blas_workers_sleep, session_options, limit as limit_thread
 from .calib import load_batches, model_inputs
 from .capture import Spill, Stream, inputs
 from .errors import UserError
-from .graph import GraphIndex, load_model, normalise, save_model, serialize
+from .graph import GraphIndex, check_runs, load_model, normalise, save_model, serialize
 from .options import Options
 from .activations import activation_tensors, calibrate
 from .rewrite import ActQuant, QuantizedLayer, read_name
@@ -126,6 +126,7 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
     graph = base.graph
     batches = load_batches(calibration, model_inputs(base), options.batch_size, batch_axes=dict(options.batch_axes),
                            input_shapes=dict(options.input_shapes), images=options.images, seed=options.seed)
+    check_runs(base, batches[0], str(source) if source is not None else "the model", options.threads)
 
     targets, skipped = find_targets(graph)
     options.check_patterns([(t.node, t.op_type) for t in targets])
