@@ -37,7 +37,38 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     if not model.graph.node:
         raise UserError(f"{path} is not a valid ONNX model (its graph has no nodes)")
     _load_external_data(model, path.parent)
+    check_tensor_sizes(model, str(path))
     return model
+
+
+def check_tensor_sizes(model: onnx.ModelProto, name: str) -> None:
+    """Every tensor's data must hold exactly what its dims and type say (neither onnx's checker
+    nor its loader looks): a short or long tensor is refused here, naming it."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        if any(d < 0 for d in tensor.dims):
+            raise UserError(f"{name}: tensor {tensor.name!r} has negative dims {list(tensor.dims)}")
+        expected = _fixed_bytes(tensor)
+        if expected is None:
+            continue
+        if tensor.raw_data:
+            got = len(tensor.raw_data)
+        else:
+            field = {onnx.TensorProto.FLOAT: "float_data", onnx.TensorProto.DOUBLE: "double_data",
+                     onnx.TensorProto.INT64: "int64_data", onnx.TensorProto.UINT64: "uint64_data"}.get(tensor.data_type, "int32_data")
+            count = len(getattr(tensor, field))
+            if count == 0 and expected == 0:
+                continue
+            itemsize = expected // max(int(np.prod(tensor.dims, dtype=np.int64)), 1)
+            if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
+                count //= 2
+            got = count * itemsize
+        if got != expected:
+            raise UserError(f"{name}: tensor {tensor.name!r} holds {got} bytes of data, its dims {list(tensor.dims)} "
+                            f"and type need {expected}")
 
 
 def _load_external_data(model: onnx.ModelProto, base: Path) -> None:
@@ -112,12 +143,26 @@ def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
 def check_model(model: onnx.ModelProto, name: str = "the model") -> None:
     """onnx's checker, shape inference strict, on the user's model: a model that breaks the spec
     (wrong dims, types, dangling edges) is refused in one line instead of failing somewhere later.
-    Models over 2 GiB are left to onnxruntime's own checks."""
-    data = serialize(model)
-    if data is None:
-        return
+
+    Large initializers are checked as graph inputs of their type and dims (what shape inference
+    reads of them), so that no weight is serialised for it.
+    """
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    graph = light.graph
+    inputs = {v.name for v in graph.input}
+    kept = []
+    for t in graph.initializer:
+        if t.ByteSize() > STRIP_BYTES and t.data_location != onnx.TensorProto.EXTERNAL:
+            if t.name not in inputs:
+                graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            kept.append(t)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    light.ir_version = max(light.ir_version, 4)
     try:
-        onnx.checker.check_model(data, full_check=True)
+        onnx.checker.check_model(light.SerializeToString(), full_check=True)
     except Exception as exc:  # ValidationError, InferenceError and friends
         from .errors import first_line
 
@@ -153,7 +198,6 @@ def opset_version(model: onnx.ModelProto) -> int:
 def normalise(model: onnx.ModelProto, min_opset: int = MIN_OPSET, source: str | os.PathLike | None = None) -> onnx.ModelProto:
     """Return a normalised copy of ``model`` (the input is never modified), at opset >= min_opset.
     ``source``: the user's file, named in error messages (default: "the model")."""
-    check_model(model, str(source) if source is not None else "the model")
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     model = copy
@@ -173,6 +217,7 @@ def normalise(model: onnx.ModelProto, min_opset: int = MIN_OPSET, source: str | 
             raise UserError(f"cannot upgrade the model from opset {opset_version(model)} to {min_opset}: {exc}") from None
     model = _ort_basic_optimise(model, str(source) if source is not None else "the model")
     _name_nodes(model.graph)
+    check_model(model, str(source) if source is not None else "the model")  # after the upgrade: at opset >= 13
     try:
         model = _without_weights(model, onnx.shape_inference.infer_shapes)
     except Exception:

@@ -308,7 +308,7 @@ def load_config(path: str | Path) -> tuple[tuple[LayerRule, ...], tuple[str, ...
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+        raise UserError(f"config file not found (or not a regular file): {path}")
     text = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix.lower() == ".toml":
         if sys.version_info >= (3, 11):
