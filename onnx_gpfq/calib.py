@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper
 
+from .choices import ImageChannels, ImageLayout, ImageResize, choice, opt, values
 from .errors import UserError, warn
 
 Batch = dict[str, np.ndarray]
@@ -48,27 +49,52 @@ class ImageOptions:
     resize: "stretch" to size, or "crop" (resize the shorter side, then center-crop).
     scale: multiplies the 0..255 pixel values first (e.g. 1/255); then (x - mean) / std per channel.
     channels: "RGB" or "BGR" order; layout: "NCHW" or "NHWC".
+    Text is accepted as the command line gives it: size "224x224", mean and std "0.5,0.5,0.5".
     """
 
-    size: tuple[int, int] | None = None
-    resize: str = "crop"
-    scale: float = 1.0 / 255.0
-    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
-    std: tuple[float, ...] = (1.0, 1.0, 1.0)
-    channels: str = "RGB"
-    layout: str = "NCHW"
+    size: tuple[int, int] | None = opt(None, "images: size fed to the model (default: the model's fixed H, W)",
+                                       metavar="HxW", shown="")
+    resize: str = opt("crop", "images: resize the shorter side and center-crop, or stretch",
+                      check=choice(values(ImageResize)))
+    scale: float = opt(1.0 / 255.0, "images: pixel scale before mean/std", kind=float, shown="1/255")
+    mean: tuple[float, ...] = opt((0.0, 0.0, 0.0), "images: per-channel mean", metavar="R,G,B", cli_default="0,0,0")
+    std: tuple[float, ...] = opt((1.0, 1.0, 1.0), "images: per-channel std", metavar="R,G,B", cli_default="1,1,1")
+    channels: str = opt("RGB", "images: channel order", check=choice(values(ImageChannels)))
+    layout: str = opt("NCHW", "images: tensor layout", check=choice(values(ImageLayout)))
 
     def __post_init__(self):
-        if self.resize not in ("stretch", "crop"):
-            raise UserError(f"image resize must be stretch or crop (got {self.resize!r})")
-        if self.channels not in ("RGB", "BGR"):
-            raise UserError(f"image channel order must be RGB or BGR (got {self.channels!r})")
-        if self.layout not in ("NCHW", "NHWC"):
-            raise UserError(f"image layout must be NCHW or NHWC (got {self.layout!r})")
+        if isinstance(self.size, str):
+            object.__setattr__(self, "size", _hw(self.size))
+        for name in ("mean", "std"):
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, _floats(getattr(self, name), f"--image-{name}"))
+        for name, check in (("resize", "image resize must be stretch or crop"),
+                            ("channels", "image channel order must be RGB or BGR"),
+                            ("layout", "image layout must be NCHW or NHWC")):
+            value = getattr(self, name)
+            if value not in next(f for f in fields(self) if f.name == name).metadata["check"].choices:
+                raise UserError(f"{check} (got {value!r})")
         if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
             raise UserError("image mean and std need 3 values each, std > 0")
         if not all(np.isfinite(v) for v in (self.scale, *self.mean, *self.std)) or self.scale == 0:
             raise UserError("image scale, mean and std must be finite numbers (scale not 0)")
+
+
+def _hw(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+        if h > 0 and w > 0:
+            return h, w
+    except ValueError:
+        pass
+    raise UserError(f"--image-size must look like 224x224 (got {text!r})")
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{option} must be comma-separated numbers (got {text!r})") from None
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:

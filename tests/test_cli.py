@@ -116,7 +116,7 @@ def test_output_folder_missing_or_not_writable(capsys, tmp_path):
 @pytest.mark.parametrize("option, fragment", [
     (["--weight-bits", "9"], "--weight-bits must be one of"),
     (["--act-bits", "4"], "--act-bits must be 8, 16 or none"),
-    (["--method", "magic"], "invalid choice"),
+    (["--method", "magic"], "--method must be one of gpfq, rtn"),
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--max-patches", "-3"], "--max-patches must be a positive integer"),
     (["--max-rows", "0"], "--max-rows must be a positive integer"),
