@@ -17,16 +17,16 @@ recurrent state laid out (layers, batch, hidden) has batch axis 1, and an input 
 from __future__ import annotations
 
 import os
-import zipfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import UserError
+from .choices import ImageChannels, ImageLayout, ImageResize, choice, opt, values
+from .errors import UserError, warn
 
 Batch = dict[str, np.ndarray]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -49,25 +49,52 @@ class ImageOptions:
     resize: "stretch" to size, or "crop" (resize the shorter side, then center-crop).
     scale: multiplies the 0..255 pixel values first (e.g. 1/255); then (x - mean) / std per channel.
     channels: "RGB" or "BGR" order; layout: "NCHW" or "NHWC".
+    Text is accepted as the command line gives it: size "224x224", mean and std "0.5,0.5,0.5".
     """
 
-    size: tuple[int, int] | None = None
-    resize: str = "crop"
-    scale: float = 1.0 / 255.0
-    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
-    std: tuple[float, ...] = (1.0, 1.0, 1.0)
-    channels: str = "RGB"
-    layout: str = "NCHW"
+    size: tuple[int, int] | None = opt(None, "images: size fed to the model (default: the model's fixed H, W)",
+                                       metavar="HxW", shown="")
+    resize: str = opt("crop", "images: resize the shorter side and center-crop, or stretch",
+                      check=choice(values(ImageResize)))
+    scale: float = opt(1.0 / 255.0, "images: pixel scale before mean/std", kind=float, shown="1/255")
+    mean: tuple[float, ...] = opt((0.0, 0.0, 0.0), "images: per-channel mean", metavar="R,G,B", cli_default="0,0,0")
+    std: tuple[float, ...] = opt((1.0, 1.0, 1.0), "images: per-channel std", metavar="R,G,B", cli_default="1,1,1")
+    channels: str = opt("RGB", "images: channel order", check=choice(values(ImageChannels)))
+    layout: str = opt("NCHW", "images: tensor layout", check=choice(values(ImageLayout)))
 
     def __post_init__(self):
-        if self.resize not in ("stretch", "crop"):
-            raise UserError(f"image resize must be stretch or crop (got {self.resize!r})")
-        if self.channels not in ("RGB", "BGR"):
-            raise UserError(f"image channel order must be RGB or BGR (got {self.channels!r})")
-        if self.layout not in ("NCHW", "NHWC"):
-            raise UserError(f"image layout must be NCHW or NHWC (got {self.layout!r})")
+        if isinstance(self.size, str):
+            object.__setattr__(self, "size", _hw(self.size))
+        for name in ("mean", "std"):
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, _floats(getattr(self, name), f"--image-{name}"))
+        for name, check in (("resize", "image resize must be stretch or crop"),
+                            ("channels", "image channel order must be RGB or BGR"),
+                            ("layout", "image layout must be NCHW or NHWC")):
+            value = getattr(self, name)
+            if value not in next(f for f in fields(self) if f.name == name).metadata["check"].choices:
+                raise UserError(f"{check} (got {value!r})")
         if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
             raise UserError("image mean and std need 3 values each, std > 0")
+        if not all(np.isfinite(v) for v in (self.scale, *self.mean, *self.std)) or self.scale == 0:
+            raise UserError("image scale, mean and std must be finite numbers (scale not 0)")
+
+
+def _hw(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+        if h > 0 and w > 0:
+            return h, w
+    except ValueError:
+        pass
+    raise UserError(f"--image-size must look like 224x224 (got {text!r})")
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{option} must be comma-separated numbers (got {text!r})") from None
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -95,6 +122,10 @@ def load_batches(source, inputs: list[InputSpec], batch_size: int, *, batch_axes
     for name in input_shapes or {}:
         if name not in axes:
             raise UserError(f"--input-shape names {name!r}, which is not a model input ({', '.join(axes)})")
+    if not inputs:
+        raise UserError("the model has no inputs: there is nothing to calibrate")
+    if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
+        raise UserError(f"--batch-size must be a positive integer (got {batch_size!r})")
     if isinstance(source, (str, os.PathLike)):
         text = str(source)
         if text.startswith("random:"):
@@ -122,16 +153,23 @@ def load_batches(source, inputs: list[InputSpec], batch_size: int, *, batch_axes
 def _read_path(path: Path, inputs: list[InputSpec], images: ImageOptions | None, axes) -> dict[str, np.ndarray]:
     if not path.exists():
         raise UserError(f"calibration data not found: {path}")
+    names = [spec.name for spec in inputs]
     if path.is_file():
         if path.suffix != ".npz":
             raise UserError(f"calibration file must be a .npz archive or a folder (got {path})")
-        return _read_npz(path)
+        return _read_npz(path, names)
+    if not path.is_dir():
+        raise UserError(f"calibration data {path} is neither a regular file nor a folder")
     files = sorted(p for p in path.iterdir() if p.is_file())
     npz = [p for p in files if p.suffix == ".npz"]
     npy = [p for p in files if p.suffix == ".npy"]
     pictures = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    kinds = [kind for kind, group in ((".npz", npz), (".npy", npy), ("image", pictures)) if group]
+    if len(kinds) > 1:
+        raise UserError(f"calibration folder {path} holds {' and '.join(kinds)} files: keep one kind in it "
+                        "(nothing would say which ones were used)")
     if npz:
-        parts = [_read_npz(p) for p in npz]
+        parts = [_read_npz(p, names) for p in npz]
         keys = set(parts[0])
         for p, part in zip(npz, parts):
             if set(part) != keys:
@@ -142,7 +180,9 @@ def _read_path(path: Path, inputs: list[InputSpec], images: ImageOptions | None,
             raise UserError(f"a folder of .npy files only works for single-input models; this one has "
                             f"{len(inputs)} inputs: use .npz files named by input")
         spec = inputs[0]
-        arrays = [np.load(p, allow_pickle=False) for p in npy]
+        from .npyfile import read_npy
+
+        arrays = [read_npy(p) for p in npy]
         arrays = [a[None] if a.ndim == len(spec.dims) - 1 else a for a in arrays]  # one sample per file
         return {spec.name: _concat(arrays, 0, spec.name)}
     if pictures:
@@ -159,12 +199,11 @@ def _concat(arrays: list[np.ndarray], axis: int | None, name: str) -> np.ndarray
         raise UserError(f"calibration input {name!r}: files do not stack ({exc})") from None
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise UserError(f"cannot read calibration file {path}: {exc}") from None
+def _read_npz(path: Path, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a .npz (only those in ``names`` when given), each checked before reading."""
+    from .npyfile import read_npz
+
+    return read_npz(path, names)
 
 
 def _read_images(files: list[Path], inputs: list[InputSpec], opts: ImageOptions) -> dict[str, np.ndarray]:
@@ -224,6 +263,9 @@ def _random(text: str, inputs: list[InputSpec], shapes: Mapping[str, tuple[int, 
         if None in dims:
             raise UserError(f"model input {spec.name!r} has symbolic dims {_dims_text(spec.dims)}: "
                             f"give --input-shape {spec.name}:" + "x".join("1" if d is None else str(d) for d in spec.dims))
+        from .npyfile import check_claim
+
+        check_claim(int(np.prod(dims, dtype=object)) * spec.dtype.itemsize, f"--calib {text} for input {spec.name!r}")
         if spec.dtype.kind == "f":
             arrays[spec.name] = rng.standard_normal(dims).astype(spec.dtype)
         elif spec.dtype.kind in "iu":
@@ -259,10 +301,14 @@ def _split(arrays: dict[str, np.ndarray], inputs: list[InputSpec], batch_size: i
     fixed = {spec.dims[axes[spec.name]] for spec in batched if len(spec.dims) > axes[spec.name]
              and spec.dims[axes[spec.name]] is not None}
     if fixed:  # a fixed batch dim (often 1): feed batches of exactly that size
+        if len(fixed) > 1:
+            raise UserError(f"{where}: the model's inputs fix different batch sizes {sorted(fixed)}")
         batch_size = fixed.pop()
+        if n % batch_size:
+            if n < batch_size:
+                raise UserError(f"{where}: the model takes batches of exactly {batch_size} but {n} samples were given")
+            warn(f"{where}: the model takes batches of exactly {batch_size}: using {n - n % batch_size} of the {n} samples")
         n -= n % batch_size
-        if n == 0:
-            raise UserError(f"{where}: the model takes batches of {batch_size} but fewer samples were given")
     batches = []
     for i in range(0, n, batch_size):
         batch = {}

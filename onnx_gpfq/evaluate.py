@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .calib import load_batches, model_inputs
-from .errors import UserError
+from .errors import UserError, first_line
 from .graph import load_model
 
 
@@ -39,6 +40,16 @@ class Thresholds:
     min_agreement: float | None = None
     min_sqnr: float | None = None
 
+    def check(self) -> None:
+        """Every limit finite and in its range (NaN would pass every comparison)."""
+        for option, value, low, high in (("--min-accuracy", self.min_accuracy, 0.0, 1.0),
+                                         ("--max-accuracy-drop", self.max_accuracy_drop, -100.0, 100.0),
+                                         ("--min-agreement", self.min_agreement, 0.0, 1.0),
+                                         ("--min-sqnr", self.min_sqnr, -1000.0, 1000.0)):
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                          and low <= value <= high):
+                raise UserError(f"{option} must be a number in [{low:g}, {high:g}] (got {value!r})")
+
 
 def _session(path: str, threads: int = 0):
     from . import runtime
@@ -46,33 +57,72 @@ def _session(path: str, threads: int = 0):
     try:  # spinning as deployed: latency is what this measures
         return runtime.session(path, threads, optimization="all", spinning=True)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"onnxruntime cannot load {path}: {first}") from None
+        raise UserError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
 
 
-def _read_data(path: str) -> dict[str, np.ndarray]:
+def _read_data(path: str, names: list[str]) -> dict[str, np.ndarray]:
+    from .npyfile import read_npz
+
     if not os.path.exists(path):
         raise UserError(f"data file not found: {path}")
+    if not os.path.isfile(path):
+        raise UserError(f"data file {path} is not a regular file")
+    return read_npz(Path(path), names + ["labels"], what="data file")
+
+
+def _labels(labels: np.ndarray, n: int, path: str) -> np.ndarray:
+    """Class indices, one per sample: integer labels as they are, valid one-hot rows (N, C) by argmax."""
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        onehot = np.isin(labels, (0, 1)).all() and (labels.sum(axis=1) == 1).all()
+        if not onehot:
+            raise UserError(f"{path}: 'labels' has shape {labels.shape} but its rows are not one-hot: "
+                            "give class indices (N,) or one-hot rows (N, C)")
+        labels = labels.argmax(axis=1)
+    labels = labels.reshape(-1) if labels.ndim == 2 and labels.shape[1] == 1 else labels
+    if labels.ndim != 1:
+        raise UserError(f"{path}: 'labels' must be class indices (N,) or one-hot (N, C) (got shape {labels.shape})")
+    if labels.dtype.kind not in "iu" and not (labels.dtype.kind in "fb" and np.all(np.mod(labels, 1) == 0)):
+        raise UserError(f"{path}: 'labels' must hold integer class indices (got dtype {labels.dtype})")
+    if labels.shape[0] != n:
+        raise UserError(f"{path}: 'labels' holds {labels.shape[0]} entries for {n} samples")
+    return labels.astype(np.int64)
+
+
+def _run(session, name: str, batch, path: str) -> np.ndarray:
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        return session.run([name], batch)[0]
     except Exception as exc:
-        raise UserError(f"cannot read data file {path}: {exc}") from None
+        if type(exc).__module__.startswith("onnxruntime"):
+            raise UserError(f"onnxruntime cannot run {path} on the data: {first_line(exc)}") from None
+        raise
 
 
 def evaluate(float_model: str, quantized: list[str], data: str, batch_size: int = 64, repeats: int = 3) -> list[ModelMetrics]:
     """Metrics for the float model (first) and each quantized model, on the same batches."""
+    if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
+        raise UserError(f"--batch-size must be a positive integer (got {batch_size!r})")
     paths = [str(float_model)] + [str(q) for q in quantized]
-    for p in paths:
-        load_model(p)  # clear errors for missing / non-ONNX files
-    arrays = _read_data(str(data))
+    models = [load_model(p) for p in paths]  # clear errors for missing / non-ONNX files
+    inputs = model_inputs(models[0])
+    for path, model in zip(paths[1:], models[1:]):
+        other = model_inputs(model)
+        if [s.name for s in other] != [s.name for s in inputs]:
+            raise UserError(f"{path} takes inputs {[s.name for s in other]}, the float model {[s.name for s in inputs]}")
+    del models
+    arrays = _read_data(str(data), [s.name for s in inputs])
     labels = arrays.pop("labels", None)
-    inputs = model_inputs(load_model(paths[0]))
-    batches = load_batches({k: v for k, v in arrays.items()}, inputs, batch_size)
+    batches = load_batches(arrays, inputs, batch_size)
+    if labels is not None:
+        samples = [a.shape[0] for s in inputs if (a := arrays[s.name]).ndim and s.dims]
+        labels = _labels(labels, samples[0] if samples else 1, str(data))
     sessions = [_session(p) for p in paths]
     names = [s.get_outputs()[0].name for s in sessions]
 
-    outputs = [np.concatenate([s.run([n], b)[0] for b in batches]) for s, n in zip(sessions, names)]
+    outputs = [np.concatenate([_run(s, n, b, p) for b in batches]) for s, n, p in zip(sessions, names, paths)]
+    for path, out in zip(paths[1:], outputs[1:]):
+        if out.shape != outputs[0].shape:
+            raise UserError(f"{path}'s first output has shape {out.shape}, the float model's {outputs[0].shape}: "
+                            "the models do not compute the same thing")
     latencies = _latencies(sessions, names, batches, repeats)
     ref = outputs[0].astype(np.float64)
     ref_top1 = ref.reshape(ref.shape[0], -1, ref.shape[-1]).argmax(-1) if ref.ndim > 1 else None
@@ -83,7 +133,7 @@ def evaluate(float_model: str, quantized: list[str], data: str, batch_size: int 
         accuracy = None
         if labels is not None and top1 is not None:
             n = top1.shape[0]
-            accuracy = float(np.mean(top1.reshape(n, -1)[:, 0] == labels.reshape(-1)[:n]))
+            accuracy = float(np.mean(top1.reshape(n, -1)[:, 0] == labels[:n]))
         agreement = float(np.mean(top1 == ref_top1)) if top1 is not None else float("nan")
         sqnr = None
         if i > 0:

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .checks import _load_external_data, check_model, check_runs, check_tensor_sizes  # noqa: F401 (check_runs: quantize)
 from .errors import UserError
 
 MIN_OPSET = 13  # per-channel (axis) DequantizeLinear
@@ -37,26 +38,29 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     if not model.graph.node:
         raise UserError(f"{path} is not a valid ONNX model (its graph has no nodes)")
     _load_external_data(model, path.parent)
+    check_tensor_sizes(model, str(path))
     return model
 
 
-def _load_external_data(model: onnx.ModelProto, base: Path) -> None:
-    """Load tensors stored outside the .onnx file, refusing locations outside the model's folder."""
-    from onnx.external_data_helper import _get_all_tensors, load_external_data_for_tensor, uses_external_data
-
-    root = base.resolve()
-    for tensor in _get_all_tensors(model):
-        if not uses_external_data(tensor):
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (root / location).resolve()
-        if os.path.isabs(location) or (root not in target.parents and target != root):
-            raise UserError(f"external data location {location!r} of tensor {tensor.name!r} points outside the model's folder")
-        if not target.is_file():
-            raise UserError(f"external data file {location!r} of tensor {tensor.name!r} not found next to the model")
-        load_external_data_for_tensor(tensor, str(root))
-        tensor.data_location = onnx.TensorProto.DEFAULT
-        del tensor.external_data[:]
+def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose top-level Constant nodes holding a tensor are initializers (what onnxruntime's
+    optimiser does), so that readers of quantization parameters find them in one place."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    kept = []
+    for node in graph.node:
+        value = next((a for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None and len(node.output) == 1:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return copy
 
 
 def opset_version(model: onnx.ModelProto) -> int:
@@ -66,8 +70,9 @@ def opset_version(model: onnx.ModelProto) -> int:
     return 0
 
 
-def normalise(model: onnx.ModelProto, min_opset: int = MIN_OPSET) -> onnx.ModelProto:
-    """Return a normalised copy of ``model`` (the input is never modified), at opset >= min_opset."""
+def normalise(model: onnx.ModelProto, min_opset: int = MIN_OPSET, source: str | os.PathLike | None = None) -> onnx.ModelProto:
+    """Return a normalised copy of ``model`` (the input is never modified), at opset >= min_opset.
+    ``source``: the user's file, named in error messages (default: "the model")."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     model = copy
@@ -85,8 +90,9 @@ def normalise(model: onnx.ModelProto, min_opset: int = MIN_OPSET) -> onnx.ModelP
             model = _without_weights(model, lambda m: onnx.version_converter.convert_version(m, min_opset))
         except Exception as exc:
             raise UserError(f"cannot upgrade the model from opset {opset_version(model)} to {min_opset}: {exc}") from None
-    model = _ort_basic_optimise(model)
+    model = _ort_basic_optimise(model, str(source) if source is not None else "the model")
     _name_nodes(model.graph)
+    check_model(model, str(source) if source is not None else "the model")  # after the upgrade: at opset >= 13
     try:
         model = _without_weights(model, onnx.shape_inference.infer_shapes)
     except Exception:
@@ -129,31 +135,37 @@ def _without_weights(model: onnx.ModelProto, transform) -> onnx.ModelProto:
     return result
 
 
-def _float16_to_float32(model: onnx.ModelProto) -> None:
-    """Compute in float32 inside a float16 model, keeping its float16 inputs and outputs.
+# float16 and float64 models compute in float32 inside (the quantized kernels are float32 / int8)
+LOW = (onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 
-    float16 initializers, Constant values and Cast targets become float32; each float16 graph input
-    gets a Cast to float32 and each float16 graph output a Cast back, so the model's interface
+
+def _float16_to_float32(model: onnx.ModelProto) -> None:
+    """Compute in float32 inside a float16 (or float64) model, keeping its inputs and outputs.
+
+    float16/float64 initializers, Constant values and Cast targets become float32; each such graph
+    input gets a Cast to float32 and each such graph output a Cast back, so the model's interface
     (what callers feed and read) does not change.
     """
-    F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    F32 = onnx.TensorProto.FLOAT
     graph = model.graph
-    io = [v for v in list(graph.input) + list(graph.output) if v.type.tensor_type.elem_type == F16]
-    if not io and not any(t.data_type == F16 for t in graph.initializer) and not _has_f16_nodes(graph):
+    io = [v for v in list(graph.input) + list(graph.output) if v.type.tensor_type.elem_type in LOW]
+    if not io and not any(t.data_type in LOW for t in graph.initializer) and not _has_f16_nodes(graph):
         return
     _convert_graph_f16(graph)
     del graph.value_info[:]
     casts_in, casts_out = [], []
     for value in graph.input:
-        if value.type.tensor_type.elem_type == F16:
+        if value.type.tensor_type.elem_type in LOW:
             inner = f"{value.name}_float32"
             _rename_uses(graph, value.name, inner)
             casts_in.append(onnx.helper.make_node("Cast", [value.name], [inner], name=f"{value.name}_to_float32", to=F32))
     for value in graph.output:
-        if value.type.tensor_type.elem_type == F16:
+        kind = value.type.tensor_type.elem_type
+        if kind in LOW:
             inner = f"{value.name}_float32"
             _rename_uses(graph, value.name, inner, outputs_too=True)
-            casts_out.append(onnx.helper.make_node("Cast", [inner], [value.name], name=f"{value.name}_to_float16", to=F16))
+            back = "float16" if kind == onnx.TensorProto.FLOAT16 else "float64"
+            casts_out.append(onnx.helper.make_node("Cast", [inner], [value.name], name=f"{value.name}_to_{back}", to=kind))
     nodes = casts_in + list(graph.node) + casts_out
     del graph.node[:]
     graph.node.extend(nodes)
@@ -162,28 +174,28 @@ def _float16_to_float32(model: onnx.ModelProto) -> None:
 def _has_f16_nodes(graph: onnx.GraphProto) -> bool:
     for node in graph.node:
         for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == onnx.TensorProto.FLOAT16:
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in LOW:
                 return True
-            if node.op_type == "Cast" and attr.name == "to" and attr.i == onnx.TensorProto.FLOAT16:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i in LOW:
                 return True
     return False
 
 
 def _convert_graph_f16(graph: onnx.GraphProto) -> None:
-    F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    F32 = onnx.TensorProto.FLOAT
     for i, t in enumerate(graph.initializer):
-        if t.data_type == F16:
+        if t.data_type in LOW:
             graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
     for node in graph.node:
         for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == F16:
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in LOW:
                 attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float32), attr.t.name))
-            elif node.op_type in ("Cast", "CastLike") and attr.name == "to" and attr.i == F16:
+            elif node.op_type in ("Cast", "CastLike") and attr.name == "to" and attr.i in LOW:
                 attr.i = F32
             for sub in _subgraphs(attr):
                 _convert_graph_f16(sub)
                 for v in list(sub.input) + list(sub.output):
-                    if v.type.tensor_type.elem_type == F16:
+                    if v.type.tensor_type.elem_type in LOW:
                         v.type.tensor_type.elem_type = F32
                 del sub.value_info[:]
 
@@ -202,7 +214,7 @@ def _rename_uses(graph: onnx.GraphProto, old: str, new: str, outputs_too: bool =
                 _rename_uses(sub, old, new)
 
 
-def _ort_basic_optimise(model: onnx.ModelProto) -> onnx.ModelProto:
+def _ort_basic_optimise(model: onnx.ModelProto, name: str = "the model") -> onnx.ModelProto:
     """Constant folding, Constant nodes -> initializers, Conv+BatchNormalization fusion."""
     from . import runtime
 
@@ -221,8 +233,9 @@ def _ort_basic_optimise(model: onnx.ModelProto) -> onnx.ModelProto:
         try:
             runtime.session(src, optimization="basic", spinning=True, optimized_model_path=dst, config=config)
         except Exception as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"onnxruntime cannot load the model: {message}") from None
+            from .errors import first_line
+
+            raise UserError(f"onnxruntime cannot load {name}: {first_line(exc, {tmp: name, src: name})}") from None
         optimised = onnx.load(dst)
     # onnxruntime drops the model-level metadata it does not use: keep the user's.
     optimised.producer_name, optimised.producer_version = model.producer_name, model.producer_version
@@ -307,22 +320,6 @@ def _outer_names(graph: onnx.GraphProto) -> list[str]:
     return outer
 
 
-def check_output_path(output: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:
-    """Refuse an output path that would overwrite an input or cannot be written, before any work."""
-    out = Path(output)
-    for src in inputs:
-        if isinstance(src, (str, os.PathLike)) and Path(src).exists() and out.resolve() == Path(src).resolve():
-            raise UserError(f"output path {out} is the same as an input file: choose another name")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"output folder {parent} is not writable")
-    if out.is_dir():
-        raise UserError(f"output path {out} is a folder")
-    return out
-
-
 PROTOBUF_LIMIT = 2**31 - 2**24  # a serialised ModelProto must stay under 2 GiB; keep a margin
 
 
@@ -338,55 +335,5 @@ def serialize(model: onnx.ModelProto) -> bytes | None:
     return data if len(data) <= PROTOBUF_LIMIT else None
 
 
-def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool = False) -> None:
-    """Write atomically: a temporary file in the same folder, renamed into place when complete.
-
-    A crash, an interrupt or a full disk leaves no partial output and no temporary file. Models
-    over 2 GiB (or with ``external_data``) store their tensors in ``OUTPUT.data`` beside the model.
-    """
-    out = Path(output)
-    data = None if external_data else serialize(model)
-    if data is not None:
-        _write_atomic(out, data)
-        return
-    folder = out.parent if str(out.parent) else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder))
-    try:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        location = f"{out.name}.data"
-        onnx.save(copy, str(tmp / out.name), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=location, size_threshold=1024)
-        if (tmp / location).exists():
-            os.replace(tmp / location, folder / location)
-        os.replace(tmp / out.name, out)
-    except OSError as exc:
-        raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
-    finally:
-        for leftover in tmp.iterdir():
-            leftover.unlink()
-        tmp.rmdir()
-
-
-def write_text(output: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (see ``save_model``)."""
-    _write_atomic(Path(output), text.encode())
-
-
-def _write_atomic(out: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # what open() would give, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
-        raise
+# writing lives in outputs.py; these names stay importable from here
+from .outputs import check_output_path, save_model, write_outputs, write_text  # noqa: E402,F401

@@ -1,113 +1,27 @@
-"""All options of a quantization run: one frozen dataclass, validated once, passed down.
+"""All options of a quantization run: one frozen dataclass, declared once, validated once, passed down.
 
-Per-layer control: ``LayerRule``s (from ``--config FILE``) override the weight options of the
-layers whose node name matches a glob or whose op type equals ``match``; rules apply in order, a
-later rule overriding an earlier one. A rule (or ``--exclude`` entry) that matches no layer is an
-error, so a typo never passes silently.
+Each field that the command line sets carries its flag, help and check in its metadata
+(``opt(...)``); ``add_arguments`` generates the argparse options from them and ``__post_init__``
+is the one place values are checked (command line, config rules and Python API alike). Choices are
+the Enums of ``choices.py``. Per-layer control: ``LayerRule``s from ``--config`` (``config.py``);
+a rule (or ``--exclude`` entry) that matches no layer is an error, so a typo never passes silently.
 """
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
-import json
-import sys
-from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
+from dataclasses import dataclass, fields, replace
 
 from .calib import ImageOptions
+from .choices import (ACT_BITS, ACT_CALIBRATIONS, C_RANGE, FLAG, GRANULARITIES, METHODS, POSITIVE,  # noqa: F401
+                      SCALE_RULES, WEIGHT_BITS, WEIGHT_FORMATS, Check, check_choice, choice, is_int, is_number, opt,
+                      parse_act_bits, parse_batch_axis, parse_input_shape, parse_size, parse_sparsity,
+                      parse_weight_bits)  # the parsers and choice tuples stay importable from here
+from .config import RULE_KEYS, RULE_TYPES, LayerRule, load_config  # noqa: F401
 from .errors import UserError
-from .formats import FORMATS
 from .core import Alphabet, QuantSpec, Sparsity
 from .cpu import TARGETS
-
-WEIGHT_BITS = ("2", "3", "4", "5", "6", "7", "8", "ternary")
-METHODS = ("gpfq", "rtn")
-GRANULARITIES = ("channel", "tensor", "block")
-SCALE_RULES = ("search", "fixed")
-WEIGHT_FORMATS = tuple(FORMATS)  # the registry in formats/
-ACT_BITS = (8, 16, None)
-ACT_CALIBRATIONS = ("minmax", "percentile", "mse")
-
-
-def parse_weight_bits(value: str | int) -> int | str:
-    """'4' -> 4, 'ternary' -> 'ternary'; anything else is a UserError."""
-    text = str(value).strip().lower()
-    if text not in WEIGHT_BITS:
-        raise UserError(f"--weight-bits must be one of {', '.join(WEIGHT_BITS)} (got {value!r})")
-    return text if text == "ternary" else int(text)
-
-
-def parse_sparsity(value: str | None) -> Sparsity | None:
-    """'soft:0.01' / 'hard:0.01' -> Sparsity; None or 'none' -> None."""
-    if value is None or str(value).lower() == "none":
-        return None
-    kind, _, lam = str(value).partition(":")
-    try:
-        lam_value = float(lam)
-    except ValueError:
-        lam_value = -1.0
-    if kind not in ("soft", "hard") or not lam_value >= 0:
-        raise UserError(f"--sparsity must look like soft:LAMBDA or hard:LAMBDA with LAMBDA >= 0 (got {value!r})")
-    return Sparsity(kind, lam_value)
-
-
-def parse_size(value: str) -> int | None:
-    """'512M' / '2G' / '1500000' -> bytes; 'none' -> None (no limit)."""
-    text = str(value).strip().upper()
-    if text == "NONE":
-        return None
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    factor = units.get(text[-1:], 1)
-    number = text[:-1] if text[-1:] in units else text
-    try:
-        size = float(number) * factor
-    except ValueError:
-        raise UserError(f"--memory-budget must be a size like 512M or 2G, or none (got {value!r})") from None
-    if size < 0:
-        raise UserError(f"--memory-budget must not be negative (got {value!r})")
-    return int(size)
-
-
-def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
-    """'input:1x3x224x224' -> ('input', (1, 3, 224, 224))."""
-    name, _, dims = str(value).rpartition(":")
-    try:
-        shape = tuple(int(d) for d in dims.lower().split("x")) if dims else ()
-    except ValueError:
-        shape = ()
-    if not name or not shape or min(shape) < 1:
-        raise UserError(f"--input-shape must look like NAME:1x3x224x224 (got {value!r})")
-    return name, shape
-
-
-def parse_batch_axis(value: str) -> tuple[str, int | None]:
-    """'state:1' -> ('state', 1); 'sample_rate:none' -> ('sample_rate', None)."""
-    name, _, axis = str(value).rpartition(":")
-    if not name or not (axis.lower() == "none" or axis.isdigit()):
-        raise UserError(f"--batch-axis must look like NAME:AXIS or NAME:none (got {value!r})")
-    return name, None if axis.lower() == "none" else int(axis)
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise UserError(f"{name} must be one of {', '.join(str(c) for c in choices)} (got {value!r})")
-
-
-@dataclass(frozen=True)
-class LayerRule:
-    """Overrides for the layers matching ``match`` (a node-name glob, or an op type). None = keep."""
-
-    match: str
-    weight_bits: int | str | None = None
-    method: str | None = None
-    granularity: str | None = None
-    block_size: int | None = None
-    scale_rule: str | None = None
-    c: float | None = None
-    exclude: bool = False
-
-    def matches(self, node: str, op_type: str) -> bool:
-        return self.match == op_type or fnmatch.fnmatchcase(node, self.match)
 
 
 @dataclass(frozen=True)
@@ -149,76 +63,136 @@ class Options:
     images: preprocessing when the calibration source is a folder of images.
     threads: at most this many threads for onnxruntime, numba and BLAS (0: every core); the output
       does not depend on it.
-    target: the CPUs whose onnxruntime int8 kernels must compute the model exactly (onnx_gpfq.cpu.TARGETS):
-      "any" (default) keeps 8-bit codes within the pair bound of x86's saturating AVX2 kernels;
-      "x86-vnni", "arm64" and "reference" leave them unconstrained.
+    Text is accepted where the command line gives text: weight_bits "4", act_bits "none",
+    sparsity "soft:0.01", memory_budget "512M", batch_axes ["state:1"], input_shapes ["x:1x3x8x8"].
     """
 
-    weight_bits: int | str = 4
-    act_bits: int | None = 8
-    method: str = "gpfq"
-    seed: int = 0
-    granularity: str = "channel"
-    block_size: int = 32
-    scale_rule: str = "search"
-    c: float = 1.0
-    c_grid: tuple[float, ...] | None = None  # None: the core's default grid
-    full_search: bool = False  # one pass per C of the grid on every layer (default: coarse to fine on large layers)
-    sparsity: Sparsity | None = None
-    bias_correction: bool = False
-    full_range: bool = False
-    weight_format: str = "int8"
-    act_symmetric: bool = False
-    act_calibration: str = "minmax"
-    percentile: float = 99.99
-    batch_size: int = 32
-    max_patches: int = 256
-    max_rows: int = 4096
-    memory_budget: int | None = 1 << 30
-    exclude: tuple[str, ...] = field(default_factory=tuple)
-    rules: tuple[LayerRule, ...] = field(default_factory=tuple)
-    batch_axes: tuple[tuple[str, int | None], ...] = ()
-    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
-    images: ImageOptions | None = None
-    threads: int = 0
-    target: str = "any"
-    quiet: bool = False
+    weight_bits: int | str = opt(4, "weight bit width; ternary = levels {-1,0,1} x step", metavar="{2..8,ternary}")
+    act_bits: int | None = opt(8, "activation bits (asymmetric uint8/uint16 unless --act-symmetric), or none for "
+                               "weight-only (16 needs opset 21, the model is upgraded)", metavar="{8,16,none}")
+    method: str = opt("gpfq", "gpfq: greedy path-following with error feedback; rtn: round to nearest, the baseline",
+                      check=choice(METHODS))
+    seed: int = opt(0, "seed for patch subsampling", kind=int,
+                    check=Check("int", low=0, high=2**63 - 1, text="a non-negative integer below 2^63"))
+    granularity: str = opt("channel", "one weight step per output channel, per layer, or per block of --block-size "
+                           "fan-in rows (block: MatMul/Gemm layers; Conv layers stay per channel)",
+                           check=choice(GRANULARITIES))
+    block_size: int = opt(32, "fan-in rows per block for --granularity block", kind=int, check=POSITIVE)
+    scale_rule: str = opt("search", "step = C * max|w| / K; search: C minimising each channel's exact output error; "
+                          "fixed: C given by --c", check=choice(SCALE_RULES))
+    c: float = opt(1.0, "C for --scale-rule fixed", kind=float,
+                   check=Check("number", low=C_RANGE[0], high=C_RANGE[1],
+                               text=f"> 0: a number in [{C_RANGE[0]:g}, {C_RANGE[1]:g}]"))
+    c_grid: tuple[float, ...] | None = opt(None, "", cli=False)  # None: the core's default grid
+    full_search: bool = opt(False, "--scale-rule search: one pass per C of the grid (12) on every layer, also on large "
+                            "layers where the default goes coarse to fine (6)", action="store_true", check=FLAG)
+    sparsity: Sparsity | None = opt(None, "sparsity-promoting thresholding with absolute threshold LAMBDA",
+                                    metavar="{soft,hard}:LAMBDA", shown="off")
+    bias_correction: bool = opt(False, "add the mean output shift back to each bias", action="store_true", check=FLAG)
+    full_range: bool = opt(False, "use the full two's-complement range [-2^(b-1), 2^(b-1)-1]", action="store_true",
+                           check=FLAG)
+    weight_format: str = opt("int8", "int8: codes in int8 containers, runs on int8 kernels; int4: packed INT4 with "
+                             "opset-21 DequantizeLinear; matmulnbits: 2-D MatMul weights as com.microsoft MatMulNBits "
+                             "(4-bit, block-wise)", check=choice(WEIGHT_FORMATS))
+    act_symmetric: bool = opt(False, "symmetric int8/int16 activations (zero point 0)", action="store_true", check=FLAG)
+    act_calibration: str = opt("minmax", "activation range: full min-max, clipped at --percentile, or the clip "
+                               "minimising the quantization MSE", check=choice(ACT_CALIBRATIONS))
+    percentile: float = opt(99.99, "percentile for --act-calibration percentile", kind=float,
+                            check=Check("number", low=50.0, high=100.0, text="in (50, 100]"))
+    batch_size: int = opt(32, "calibration samples per onnxruntime run", kind=int, check=POSITIVE)
+    max_patches: int = opt(256, "rows of X sampled per calibration sample and layer (conv patches, tokens)", kind=int,
+                           check=POSITIVE)
+    max_rows: int = opt(4096, "rows of X per layer over all calibration samples; beyond it fewer patches per sample, "
+                        "then a seeded subset", kind=int, check=POSITIVE)
+    memory_budget: int | None = opt(1 << 30, "captured activations kept in memory (e.g. 512M, 2G, none); beyond it "
+                                    "they spill to .npy files in a temporary folder (read back one batch at a time, "
+                                    "always removed)", metavar="SIZE", cli_default="1G")
+    exclude: tuple[str, ...] = opt((), "leave nodes in float: a node-name glob or an op type (repeatable)",
+                                   metavar="GLOB|OP", repeat=True)
+    rules: tuple[LayerRule, ...] = opt((), "", cli=False)
+    batch_axes: tuple[tuple[str, int | None], ...] = opt(
+        (), "the axis samples are stacked on for input NAME (default 0), or NAME:none for an input with no batch axis "
+        "(fed whole to every run, e.g. a sample rate) (repeatable)", flag="--batch-axis", metavar="NAME:AXIS", repeat=True)
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = opt(
+        (), "shape for random data where the model's is symbolic, e.g. input:1x3x224x224 (repeatable)",
+        flag="--input-shape", metavar="NAME:DIMS", repeat=True)
+    images: ImageOptions | None = opt(None, "", cli=False)
+    threads: int = opt(0, "at most N threads for onnxruntime, numba and BLAS; the output does not depend on it "
+                       "(0: every core)", kind=int, metavar="N",
+                       check=Check("int", low=0, high=4096, text="a non-negative integer (0: every core)"))
+    target: str = opt("any", "CPUs whose onnxruntime int8 kernels must compute the model exactly: 'any' keeps 8-bit "
+                      "weight codes within the pair bound of x86's saturating AVX2 kernels (no VNNI); 'x86-vnni', "
+                      "'arm64', 'reference' (the QDQ math) leave them unconstrained", check=choice(tuple(TARGETS)))
+    quiet: bool = opt(False, "no progress bar and no report table", action="store_true", check=FLAG)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "weight_bits", parse_weight_bits(self.weight_bits))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
-        object.__setattr__(self, "rules", tuple(self.rules))
-        if isinstance(self.act_bits, str):
-            text = self.act_bits.strip().lower()
-            object.__setattr__(self, "act_bits", None if text == "none" else int(text) if text.isdigit() else text)
-        if self.act_bits not in ACT_BITS:
-            raise UserError(f"--act-bits must be 8, 16 or none (got {self.act_bits!r})")
-        _check_choice("--method", self.method, METHODS)
-        _check_choice("--granularity", self.granularity, GRANULARITIES)
-        _check_choice("--scale-rule", self.scale_rule, SCALE_RULES)
-        _check_choice("--weight-format", self.weight_format, WEIGHT_FORMATS)
-        _check_choice("--act-calibration", self.act_calibration, ACT_CALIBRATIONS)
-        _check_choice("--target", self.target, tuple(TARGETS))
-        if not (isinstance(self.seed, int) and self.seed >= 0):
-            raise UserError(f"--seed must be a non-negative integer (got {self.seed!r})")
-        if not self.c > 0:
-            raise UserError(f"the step-size constant C must be > 0 (got {self.c!r})")
-        if not 50.0 < self.percentile <= 100.0:
+        put = object.__setattr__
+        put(self, "weight_bits", parse_weight_bits(self.weight_bits))
+        put(self, "act_bits", parse_act_bits(self.act_bits))
+        if self.sparsity is None or isinstance(self.sparsity, str):
+            put(self, "sparsity", parse_sparsity(self.sparsity))
+        if isinstance(self.memory_budget, str):
+            put(self, "memory_budget", parse_size(self.memory_budget))
+        put(self, "exclude", tuple(self.exclude))
+        put(self, "rules", tuple(self.rules))
+        put(self, "batch_axes", tuple(parse_batch_axis(v) if isinstance(v, str) else v for v in self.batch_axes))
+        put(self, "input_shapes", tuple(parse_input_shape(v) if isinstance(v, str) else v for v in self.input_shapes))
+        for f in fields(self):
+            check, value = f.metadata.get("check"), getattr(self, f.name)
+            if check is not None and not check.ok(value):
+                name = "the step-size constant C" if f.name == "c" else _flag(f)
+                if check.kind == "choice":
+                    check_choice(name, value, check.choices)
+                raise UserError(f"{name} must be {check.text} (got {value!r})")
+        if self.c_grid is not None and not all(is_number(c) and C_RANGE[0] <= c <= C_RANGE[1] for c in self.c_grid):
+            raise UserError(f"every C of c_grid must be a number in [{C_RANGE[0]:g}, {C_RANGE[1]:g}] (got {self.c_grid!r})")
+        if self.percentile == 50.0:
             raise UserError(f"--percentile must be in (50, 100] (got {self.percentile!r})")
-        for name in ("batch_size", "max_patches", "max_rows", "block_size"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise UserError(f"--{name.replace('_', '-')} must be a positive integer (got {value!r})")
-        if not (isinstance(self.threads, int) and not isinstance(self.threads, bool) and self.threads >= 0):
-            raise UserError(f"--threads must be a non-negative integer (0: every core) (got {self.threads!r})")
-        if self.memory_budget is not None and not (isinstance(self.memory_budget, int) and self.memory_budget >= 0):
+        if self.memory_budget is not None and not (is_int(self.memory_budget) and self.memory_budget >= 0):
             raise UserError(f"--memory-budget must be a size like 512M or 2G (got {self.memory_budget!r})")
         if self.full_range and self.weight_bits == "ternary":
             raise UserError("--full-range does not apply to ternary weights")
         if self.sparsity is not None and not isinstance(self.sparsity, Sparsity):
             raise UserError("sparsity must be a Sparsity (use parse_sparsity('soft:0.01'))")
+        if self.images is not None and not isinstance(self.images, ImageOptions):
+            raise UserError("images must be an ImageOptions")
         for rule in self.rules:
             self._layer_options(rule_overrides=(rule,))  # validates each rule's values
+
+    # --- the command line, generated from the fields ----------------------------------------
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One argparse option per field with a command-line declaration (and the image options)."""
+        for owner in (cls, ImageOptions):
+            for f in fields(owner):
+                spec = f.metadata.get("cli")
+                if not spec:
+                    continue
+                check = f.metadata.get("check")
+                kwargs = {"help": spec["help"]}
+                if spec["action"]:
+                    kwargs["action"] = spec["action"]
+                else:
+                    if spec["repeat"]:
+                        kwargs.update(action="append", default=[])
+                    else:
+                        kwargs["default"] = spec["cli_default"]
+                        if spec["shown"] != "":
+                            kwargs["help"] += f" (default: {spec['shown'] or spec['cli_default']})"
+                    if spec["kind"]:
+                        kwargs["type"] = spec["kind"]
+                    metavar = spec["metavar"] or (f"{{{','.join(check.choices)}}}" if check and check.kind == "choice" else None)
+                    if metavar:
+                        kwargs["metavar"] = metavar
+                parser.add_argument(_flag(f, owner), dest=_dest(f, owner), **kwargs)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **more) -> "Options":
+        """The Options of a parsed command line; ``more`` adds or extends fields (exclude, rules)."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if f.metadata.get("cli")}
+        values["exclude"] = tuple(values["exclude"]) + tuple(more.pop("exclude", ()))
+        images = {f.name: getattr(args, _dest(f, ImageOptions)) for f in fields(ImageOptions) if f.metadata.get("cli")}
+        return cls(**values, images=ImageOptions(**images), **more)
 
     # --- per layer --------------------------------------------------------------------------
     def _layer_options(self, rule_overrides=()) -> LayerOptions:
@@ -232,13 +206,13 @@ class Options:
         except UserError as exc:
             raise UserError(f"{exc}{where}") from None
         for name, value, choices in (("method", layer.method, METHODS), ("granularity", layer.granularity, GRANULARITIES),
-                                     ("scale_rule", layer.scale_rule, SCALE_RULES)):
+                                     ("scale_rule", layer.scale_rule, SCALE_RULES)):  # per rule: the same choices
             if value not in choices:
                 raise UserError(f"{name} must be one of {', '.join(choices)} (got {value!r}){where}")
-        if not (isinstance(layer.block_size, int) and layer.block_size >= 1):
+        if not (is_int(layer.block_size) and 1 <= layer.block_size < 2**31):
             raise UserError(f"block_size must be a positive integer (got {layer.block_size!r}){where}")
-        if not (isinstance(layer.c, (int, float)) and layer.c > 0):
-            raise UserError(f"c must be a number > 0 (got {layer.c!r}){where}")
+        if not (is_number(layer.c) and C_RANGE[0] <= layer.c <= C_RANGE[1]):
+            raise UserError(f"c must be a number > 0 in [{C_RANGE[0]:g}, {C_RANGE[1]:g}] (got {layer.c!r}){where}")
         return replace(layer, weight_bits=bits)
 
     def layer(self, node: str, op_type: str) -> LayerOptions:
@@ -277,57 +251,12 @@ class Options:
             bias_correction=self.bias_correction,
         )
 
-    @property
-    def alphabet(self) -> Alphabet:
-        return Alphabet.from_bits(self.weight_bits, full_range=self.full_range)
+
+def _flag(f, owner=None) -> str:
+    spec = f.metadata.get("cli") or {}
+    prefix = "--image-" if owner is ImageOptions else "--"
+    return spec.get("flag") or prefix + f.name.replace("_", "-")
 
 
-RULE_KEYS = {f.name for f in fields(LayerRule)}
-
-
-def load_config(path: str | Path) -> tuple[tuple[LayerRule, ...], tuple[str, ...]]:
-    """Read a JSON or TOML config: ``{"exclude": [globs], "layers": [{"match": ..., overrides}]}``.
-
-    Returns (rules, exclude). Bad syntax, unknown keys or bad values are a UserError.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix.lower() == ".toml":
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # pragma: no cover - Python 3.10
-            import tomli as tomllib
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise UserError(f"config file {path} is not valid TOML: {exc}") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"config file {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold an object with 'layers' and/or 'exclude'")
-    unknown = set(data) - {"layers", "exclude"}
-    if unknown:
-        raise UserError(f"config file {path}: unknown key(s) {', '.join(sorted(unknown))} (allowed: layers, exclude)")
-    exclude = data.get("exclude", [])
-    if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
-        raise UserError(f"config file {path}: 'exclude' must be a list of strings")
-    rules = []
-    layers = data.get("layers", [])
-    if not isinstance(layers, list):
-        raise UserError(f"config file {path}: 'layers' must be a list of objects")
-    for i, entry in enumerate(layers):
-        if not isinstance(entry, dict) or not isinstance(entry.get("match"), str):
-            raise UserError(f"config file {path}: layers[{i}] must be an object with a string 'match'")
-        bad = set(entry) - RULE_KEYS
-        if bad:
-            raise UserError(f"config file {path}: layers[{i}] has unknown key(s) {', '.join(sorted(bad))} "
-                            f"(allowed: {', '.join(sorted(RULE_KEYS))})")
-        if "weight_bits" in entry:
-            entry = dict(entry, weight_bits=parse_weight_bits(entry["weight_bits"]))
-        rules.append(LayerRule(**entry))
-    return tuple(rules), tuple(exclude)
+def _dest(f, owner=None) -> str:
+    return ("image_" if owner is ImageOptions else "") + f.name

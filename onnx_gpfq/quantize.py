@@ -18,12 +18,12 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from . import core, cpu, rewrite, runtime
+from . import core, cpu, rewrite, runtime, steps
 from ._threads import blas_workers_sleep, limit as limit_threads
 from .calib import load_batches, model_inputs
 from .capture import Spill, Stream, inputs
 from .errors import UserError
-from .graph import GraphIndex, load_model, normalise, save_model, serialize
+from .graph import GraphIndex, check_runs, load_model, normalise, save_model, serialize
 from .options import Options
 from .activations import activation_tensors, calibrate
 from .ops import OPS, Layer, Skipped, find_targets
@@ -140,10 +140,12 @@ def quantize(model, calibration, options: Options | None = None, **kwargs) -> tu
 
 def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Report]:
     start = time.perf_counter()
-    base = normalise(load_model(model), min_opset=required_opset(options))
+    source = model if isinstance(model, (str, os.PathLike)) else None  # named in onnxruntime's load errors
+    base = normalise(load_model(model), min_opset=required_opset(options), source=source)
     graph = base.graph
     batches = load_batches(calibration, model_inputs(base), options.batch_size, batch_axes=dict(options.batch_axes),
                            input_shapes=dict(options.input_shapes), images=options.images, seed=options.seed)
+    check_runs(base, batches[0], str(source) if source is not None else "the model", options.threads)
 
     targets, skipped = find_targets(graph)
     options.check_patterns([(t.node, t.op_type) for t in targets])
@@ -153,6 +155,7 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
     if not targets:
         raise UserError(f"nothing to quantize: the model has no {'/'.join(OPS)} layer with a constant weight"
                         + (f" ({len(skipped)} left in float: {skipped[0].reason})" if skipped else ""))
+    steps.check_weights_finite(targets, GraphIndex(graph))
     plans = {t.node: plan_layer(t, options) for t in targets}
     add_domains(base, plans)
 
@@ -227,9 +230,13 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
 
             bias = _corrected_bias(t, index, result) if options.bias_correction else None
             block = plan.block_size
+            scale = onnx_scale(t, result.scale, spec.granularity)
+            if not block and t.x in acts and (bias is not None or t.b):  # zero channels: keep the int32 bias exact
+                scale = steps.zero_channel_steps(result.codes, scale, bias if bias is not None else index.array(t.b),
+                                                 acts[t.x].scale)
+            steps.check_steps(t.node, scale, result.C)
             layers[t.node] = by_weight[t.w] = QuantizedLayer(
-                t, t.from_matrix(result.codes).astype(np.int8), onnx_scale(t, result.scale, spec.granularity), bias, block,
-                plan.fmt)
+                t, t.from_matrix(result.codes).astype(np.int8), scale, bias, block, plan.fmt)
             report.layers.append(LayerReport(
                 t.node, t.op_type, t.w_shape, bits, spec.granularity + (f":{block}" if block else ""), spec.scale_rule,
                 float(np.median(result.C)), float(result.rel_error), float(result.rel_error_rtn), float(result.sparsity),
