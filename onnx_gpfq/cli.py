@@ -123,19 +123,24 @@ def _json_default(value):
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluate import Thresholds, check_thresholds, evaluate
+    from .evaluate import Thresholds, check_thresholds, evaluate, kernel_warnings
 
     thresholds = Thresholds(args.min_accuracy, args.max_accuracy_drop, args.min_agreement, args.min_sqnr)
     thresholds.check()
     metrics = evaluate(args.float_model, args.models, args.data, batch_size=args.batch_size)
     if args.json:
-        print(json.dumps({"models": [_finite(vars(m)) for m in metrics]}))
+        print(json.dumps({"models": [_finite(vars(m) | {"kernel_loss_db": m.kernel_loss_db}) for m in metrics]}))
     else:
-        print(f"{'model':40s} {'accuracy':>9s} {'agree':>7s} {'SQNR dB':>8s} {'ms/batch':>9s} {'speedup':>8s} {'size KiB':>9s}")
+        print(f"{'model':40s} {'accuracy':>9s} {'agree':>7s} {'SQNR dB':>8s} {'ref dB':>7s} {'ms/batch':>9s} {'speedup':>8s} "
+              f"{'size KiB':>9s}")
         for m in metrics:
             acc = "-" if m.accuracy is None else f"{m.accuracy:.4f}"
             sqnr = "-" if m.sqnr_db is None else f"{m.sqnr_db:.2f}"
-            print(f"{m.path[-40:]:40s} {acc:>9s} {m.agreement:7.4f} {sqnr:>8s} {m.latency_ms:9.3f} {m.speedup:8.2f} {m.size_bytes / 1024:9.1f}")
+            ref = "-" if m.sqnr_reference_db is None else f"{m.sqnr_reference_db:.2f}"
+            print(f"{m.path[-40:]:40s} {acc:>9s} {m.agreement:7.4f} {sqnr:>8s} {ref:>7s} {m.latency_ms:9.3f} {m.speedup:8.2f} "
+                  f"{m.size_bytes / 1024:9.1f}")
+    for line in kernel_warnings(metrics):
+        print(f"onnx-gpfq: warning: {line}", file=sys.stderr)
     reason = check_thresholds(metrics, thresholds)
     if reason:
         print(f"onnx-gpfq: threshold failed: {reason}", file=sys.stderr)
@@ -168,6 +173,11 @@ def _cmd_inspect(args) -> int:
           f"(integer_kernel_fraction {info['integer_kernel_fraction']:.2f})")
     if info["float_layers"]:
         print("not on integer kernels: " + ", ".join(info["float_layers"]))
+    print(f"this CPU: {info['int8_path_text']}; target {info['target'] or 'not recorded'}")
+    if info["saturating_layers"]:
+        print(f"{len(info['saturating_layers'])} layers have 8-bit codes beyond the pair bound of x86's AVX2 int8 kernels "
+              "(wrong outputs on CPUs without VNNI; quantize with --target any): "
+              + ", ".join(info["saturating_layers"][:5]) + (" ..." if len(info["saturating_layers"]) > 5 else ""))
     return 0
 
 

@@ -29,6 +29,15 @@ class ModelMetrics:
     latency_ms: float
     size_bytes: int
     speedup: float  # float latency / this latency
+    # SQNR of the QDQ model's own math (onnxruntime with graph optimisations off: no integer kernels);
+    # sqnr_reference_db - sqnr_db is what this CPU's integer kernels lose (saturation, see onnx_gpfq.cpu)
+    sqnr_reference_db: float | None = None
+
+    @property
+    def kernel_loss_db(self) -> float | None:
+        if self.sqnr_db is None or self.sqnr_reference_db is None:
+            return None
+        return self.sqnr_reference_db - self.sqnr_db
 
 
 @dataclass(frozen=True)
@@ -51,11 +60,14 @@ class Thresholds:
                 raise UserError(f"{option} must be a number in [{low:g}, {high:g}] (got {value!r})")
 
 
-def _session(path: str, threads: int = 0):
+KERNEL_LOSS_WARN_DB = 0.5  # evaluate warns when this CPU's integer kernels lose more than this
+
+
+def _session(path: str, threads: int = 0, optimization: str = "all"):
     from . import runtime
 
     try:  # spinning as deployed: latency is what this measures
-        return runtime.session(path, threads, optimization="all", spinning=True)
+        return runtime.session(path, threads, optimization=optimization, spinning=True)
     except Exception as exc:
         raise UserError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
 
@@ -135,13 +147,30 @@ def evaluate(float_model: str, quantized: list[str], data: str, batch_size: int 
             n = top1.shape[0]
             accuracy = float(np.mean(top1.reshape(n, -1)[:, 0] == labels[:n]))
         agreement = float(np.mean(top1 == ref_top1)) if top1 is not None else float("nan")
-        sqnr = None
+        sqnr = sqnr_ref = None
         if i > 0:
-            noise = float(np.sum((ref - out) ** 2))
-            sqnr = float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref ** 2) / noise))
+            sqnr = _sqnr(ref, out)
+            reference = _session(path, optimization="disable")
+            sqnr_ref = _sqnr(ref, np.concatenate([_run(reference, names[i], b, path) for b in batches]).astype(np.float64))
         metrics.append(ModelMetrics(path, accuracy, agreement, sqnr, latencies[i], os.path.getsize(path),
-                                    latencies[0] / latencies[i] if latencies[i] > 0 else float("nan")))
+                                    latencies[0] / latencies[i] if latencies[i] > 0 else float("nan"), sqnr_ref))
     return metrics
+
+
+def _sqnr(ref: np.ndarray, out: np.ndarray) -> float:
+    """10 log10(sum ref^2 / sum (ref - out)^2) in dB (inf when equal)."""
+    noise = float(np.sum((ref - out) ** 2))
+    return float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref ** 2) / noise))
+
+
+def kernel_warnings(metrics: list[ModelMetrics]) -> list[str]:
+    """One line per model whose deployed SQNR is more than KERNEL_LOSS_WARN_DB below its QDQ reference."""
+    from .cpu import int8_path_text
+
+    return [f"{m.path}: this CPU's integer kernels lose {m.kernel_loss_db:.1f} dB against the model's QDQ reference "
+            f"({m.sqnr_db:.1f} vs {m.sqnr_reference_db:.1f} dB; {int8_path_text()}); quantize it with --target any"
+            for m in metrics if m.kernel_loss_db is not None and np.isfinite(m.kernel_loss_db)
+            and m.kernel_loss_db > KERNEL_LOSS_WARN_DB]
 
 
 def _latencies(sessions, names, batches, repeats: int) -> list[float]:

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import runtime
+from . import cpu, runtime
 from .formats import FORMATS
 from .graph import consumers
 from .ops import OPS
@@ -97,6 +97,36 @@ def optimised_ops(model: onnx.ModelProto) -> list[onnx.NodeProto]:
         return list(onnx.load(dst).graph.node)
 
 
+def kernel_codes(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Per int8 Conv / Gemm / MatMul layer: its weight codes (K, N), rows in the order onnxruntime's int8
+    kernel reduces the fan-in (Conv: (kernel..., channel) per group; see onnx_gpfq.cpu)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    out = {}
+    for node in model.graph.node:
+        src = dq.get(node.input[1]) if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 else None
+        if src is None or inits[src.input[0]].data_type != onnx.TensorProto.INT8:
+            continue
+        codes = numpy_helper.to_array(inits[src.input[0]]).astype(np.int64)
+        if node.op_type == "Conv":  # (O, C/g, *k) -> rows in the kernel's (k..., c) order
+            codes = codes.transpose(0, *range(2, codes.ndim), 1).reshape(codes.shape[0], -1).T
+        elif node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+            codes = codes.T  # (N, K) -> (K, N)
+        out[node.name] = codes
+    return out
+
+
+def pair_sums(model: onnx.ModelProto) -> dict[str, int]:
+    """Per int8 layer: the largest |q_2j| + |q_2j+1| over the pairs of its fan-in that onnxruntime's AVX2 int8
+    kernels add in int16 (within cpu.PAIR_BOUND no activation can saturate them)."""
+    sums = {}
+    for node, codes in kernel_codes(model).items():
+        q = np.abs(codes)
+        k = q.shape[0] - q.shape[0] % 2
+        sums[node] = int((q[0:k:2] + q[1:k:2]).max()) if k else int(q.max(initial=0))
+    return sums
+
+
 def inspect(model: onnx.ModelProto, path: str | None = None) -> dict:
     """Per-layer summary, sizes, and the fraction of quantized layers that run as integer kernels."""
     layers = quantized_layers(model)
@@ -106,7 +136,13 @@ def inspect(model: onnx.ModelProto, path: str | None = None) -> dict:
     # A layer runs on an integer kernel when its integer weight feeds one directly.
     on_integer = [layer for layer in layers if layer.weight in integer_users]
     weight_bytes = sum(_nbytes(t) for t in model.graph.initializer)
+    sums = pair_sums(model)
     return {
+        "int8_path": cpu.int8_path(),
+        "int8_path_text": cpu.int8_path_text(),
+        "target": {p.key: p.value for p in model.metadata_props}.get("onnx_gpfq.target"),
+        # layers some x86 CPU without VNNI saturates on (codes beyond the pair bound), whatever this CPU is
+        "saturating_layers": sorted(node for node, s in sums.items() if s > cpu.PAIR_BOUND),
         "path": path,
         "model_bytes": os.path.getsize(path) if path else model.ByteSize(),
         "initializer_bytes": weight_bytes,

@@ -11,36 +11,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 from onnx_gpfq import cpu, quantize
 from onnx_gpfq.errors import UserError
+from onnx_gpfq.inspection import inspect, kernel_codes
 
 HERE = Path(__file__).resolve().parent
 MODELS = HERE.parent / "models"
 CALIB = str(MODELS / "digits_calib.npz")
-
-
-def _layer_codes(model: onnx.ModelProto):
-    """(node, codes in the int8 kernel's reduction order: (N1, K)) for every Conv/Gemm/MatMul with int8 codes."""
-    inits = {t.name: t for t in model.graph.initializer}
-    dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    for node in model.graph.node:
-        src = dq.get(node.input[1]) if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 else None
-        if src is None or src.input[0] not in inits:
-            continue
-        codes = numpy_helper.to_array(inits[src.input[0]]).astype(np.int64)
-        if node.op_type == "Conv":  # (O, C/g, *k) -> per output channel, (k..., c) order
-            yield node.name, codes.transpose(0, *range(2, codes.ndim), 1).reshape(codes.shape[0], -1)
-        elif node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
-            yield node.name, codes  # (N, K)
-        else:
-            yield node.name, codes.T  # (K, N) -> (N, K)
-
-
-def _pair_sums(codes_nk: np.ndarray) -> np.ndarray:
-    k = codes_nk.shape[1] - codes_nk.shape[1] % 2
-    return np.abs(codes_nk[:, 0:k:2]) + np.abs(codes_nk[:, 1:k:2])
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +33,15 @@ def w8a8():
 @pytest.mark.parametrize("name", ["digits_cnn", "digits_vit"])
 def test_any_keeps_every_pair_within_the_bound_and_reference_does_not(w8a8, name):
     model, report = w8a8[name, "any"]
-    layers = list(_layer_codes(model))
+    layers = kernel_codes(model)
     assert len(layers) == len(report.layers) == report.bounded_layers
-    assert all(_pair_sums(codes).max() <= cpu.PAIR_BOUND for _, codes in layers)
+    assert all(cpu.pairs_within_bound(codes, cpu.PAIR_BOUND) for codes in layers.values())
+    info = inspect(model)
+    assert info["saturating_layers"] == [] and info["target"] == "any"
     # the unconstrained codes do break it: the bound is what keeps the kernels exact
     free, free_report = w8a8[name, "reference"]
     assert free_report.bounded_layers == 0
-    assert max(_pair_sums(codes).max() for _, codes in _layer_codes(free)) > cpu.PAIR_BOUND
+    assert inspect(free)["saturating_layers"]
 
 
 def test_target_is_recorded_in_the_model_and_the_report(w8a8):
@@ -75,9 +55,9 @@ def test_target_is_recorded_in_the_model_and_the_report(w8a8):
 def test_bounded_codes_compute_exactly_in_the_saturating_kernel_model(w8a8):
     """Every bounded layer's codes times any uint8 activations: the AVX2 model equals the exact product."""
     rng = np.random.default_rng(0)
-    for _, codes in _layer_codes(w8a8["digits_cnn", "any"][0]):
-        a = np.concatenate([np.full((1, codes.shape[1]), 255), rng.integers(0, 256, (15, codes.shape[1]))]).astype(np.uint8)
-        assert np.array_equal(cpu.saturating_u8s8_matmul(a, codes.T), a.astype(np.int64) @ codes.T)
+    for codes in kernel_codes(w8a8["digits_cnn", "any"][0]).values():
+        a = np.concatenate([np.full((1, codes.shape[0]), 255), rng.integers(0, 256, (15, codes.shape[0]))]).astype(np.uint8)
+        assert np.array_equal(cpu.saturating_u8s8_matmul(a, codes), a.astype(np.int64) @ codes)
 
 
 def test_low_bits_and_weight_only_are_unconstrained():
@@ -92,26 +72,44 @@ def test_unknown_target_is_a_user_error():
         quantize(str(MODELS / "digits_mlp.onnx"), CALIB, target="x86")
 
 
-def _deployed(float_model, *quantized):
+def _evaluate_on_avx2(tmp_path, *quantized):
+    """`onnx-gpfq evaluate --json` on digits_cnn, run as an AVX2 CPU without VNNI runs it (qemu): (result, stderr)."""
     qemu = shutil.which("qemu-x86_64")
     if qemu is None or platform.machine() != "x86_64":
         pytest.skip("needs qemu-user on x86_64 (apt-get install qemu-user; .ci/run installs it)")
-    run = subprocess.run([qemu, "-cpu", "Haswell", sys.executable, str(HERE / "deployed_sqnr.py"), str(float_model),
-                          str(MODELS / "digits_test.npz"), *map(str, quantized)],
-                         capture_output=True, text=True, env=dict(os.environ), timeout=900)
+    with np.load(MODELS / "digits_test.npz") as data:  # emulation is slow: 128 samples
+        np.savez(tmp_path / "test128.npz", **{k: data[k][:128] for k in data.files})
+    run = subprocess.run([qemu, "-cpu", "Haswell", sys.executable, "-m", "onnx_gpfq.cli", "evaluate",
+                          str(MODELS / "digits_cnn.onnx"), *map(str, quantized), "--data", str(tmp_path / "test128.npz"),
+                          "--json"], capture_output=True, text=True, env=dict(os.environ), timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return {m["path"]: m for m in json.loads(run.stdout)["models"]}, run.stderr
 
 
 def test_any_is_exact_on_an_avx2_cpu_without_vnni_where_unconstrained_codes_are_not(w8a8, tmp_path):
     """As onnxruntime runs them on an AVX2 CPU (qemu), W8A8 'any' models keep their QDQ reference SQNR
-    (within 0.5 dB); the unconstrained ones lose more than 5 dB to saturation."""
+    (within 0.5 dB); the unconstrained ones lose more than 5 dB to saturation, and evaluate warns about them."""
     paths = {}
     for (name, target), (model, _) in w8a8.items():
         if name == "digits_cnn":
             paths[target] = tmp_path / f"{name}.{target}.onnx"
             onnx.save(model, paths[target])
-    sqnr = _deployed(MODELS / "digits_cnn.onnx", paths["any"], paths["reference"])
-    bounded, free = sqnr[str(paths["any"])], sqnr[str(paths["reference"])]
-    assert bounded["reference"] - bounded["deployed"] <= 0.5, bounded
-    assert free["reference"] - free["deployed"] > 5.0, free
+    metrics, stderr = _evaluate_on_avx2(tmp_path, paths["any"], paths["reference"])
+    bounded, free = metrics[str(paths["any"])], metrics[str(paths["reference"])]
+    assert bounded["kernel_loss_db"] <= 0.5, bounded
+    assert free["kernel_loss_db"] > 5.0, free
+    warnings = [line for line in stderr.splitlines() if line.startswith("onnx-gpfq: warning:")]
+    assert len(warnings) == 1 and str(paths["reference"]) in warnings[0] and "--target any" in warnings[0]
+
+
+def test_evaluate_reports_the_reference_beside_the_deployed_sqnr(w8a8, tmp_path):
+    """On any CPU, an 'any' model runs as its QDQ reference computes it: no kernel loss, no warning."""
+    from onnx_gpfq.evaluate import evaluate, kernel_warnings
+
+    path = tmp_path / "cnn.any.onnx"
+    onnx.save(w8a8["digits_cnn", "any"][0], path)
+    float_metrics, metrics = evaluate(str(MODELS / "digits_cnn.onnx"), [str(path)], str(MODELS / "digits_test.npz"),
+                                      repeats=1)
+    assert float_metrics.sqnr_reference_db is None and float_metrics.kernel_loss_db is None
+    assert metrics.sqnr_reference_db > 30 and abs(metrics.kernel_loss_db) <= 0.5
+    assert kernel_warnings([float_metrics, metrics]) == []
