@@ -26,7 +26,7 @@ from .errors import UserError
 from .graph import GraphIndex, load_model, normalise, save_model, serialize
 from .options import Options
 from .activations import activation_tensors, calibrate
-from .ops import OPS, Layer, Skipped, find_targets
+from .ops import OPS, Layer, Skipped, find_targets, model_weight_bytes
 from .plan import LayerPlan, add_domains, onnx_scale, plan_layer, required_opset
 from .rewrite import ActQuant, QuantizedLayer, read_name
 
@@ -55,12 +55,21 @@ class Report:
     layers: list[LayerReport] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     activations: int = 0  # activation tensors with QDQ
-    float_weight_bytes: int = 0
+    float_weight_bytes: int = 0  # float bytes of the weights quantized
     quant_weight_bytes: int = 0
+    model_weight_bytes: int = 0  # every weight of the model (``ops.model_weight_bytes``), quantized or not
     calibration_samples: int = 0
     spilled_bytes: int = 0  # frontier activations written to disk beyond the memory budget
     seconds: float = 0.0
     options: dict = field(default_factory=dict)
+
+    @property
+    def weight_fraction(self) -> float:
+        """Fraction of the model's weight bytes quantized: the float bytes of the quantized
+        weights over all float initializer bytes that weight-carrying ops (the registered layers,
+        LSTM, GRU, RNN, Attention, Einsum, ..., inside subgraphs too) read as weights, biases and
+        other vectors excepted (``ops.model_weight_bytes``). 1.0 for a model without weights."""
+        return self.float_weight_bytes / self.model_weight_bytes if self.model_weight_bytes else 1.0
 
     def table(self) -> str:
         """The report as a text table (one row per layer, then totals)."""
@@ -75,7 +84,7 @@ class Report:
         ratio = self.float_weight_bytes / max(self.quant_weight_bytes, 1)
         lines.append(f"{len(self.layers)} layers quantized, {len(self.skipped)} left in float, {self.activations} activation "
                      f"tensors quantized; weights {self.float_weight_bytes / 1024:.1f} KiB -> {self.quant_weight_bytes / 1024:.1f} KiB "
-                     f"({ratio:.1f}x); {self.calibration_samples} calibration samples; {self.seconds:.1f} s")
+                     f"({ratio:.1f}x), {self.weight_fraction:.1%} of the model's weight bytes quantized; {self.calibration_samples} calibration samples; {self.seconds:.1f} s")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -85,6 +94,8 @@ class Report:
             "activation_tensors_quantized": self.activations,
             "float_weight_bytes": self.float_weight_bytes,
             "quant_weight_bytes": self.quant_weight_bytes,
+            "model_weight_bytes": self.model_weight_bytes,
+            "weight_fraction_quantized": self.weight_fraction,
             "calibration_samples": self.calibration_samples,
             "spilled_bytes": self.spilled_bytes,
             "seconds": self.seconds,
@@ -135,7 +146,7 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
     if not targets:
         raise UserError(f"nothing to quantize: the model has no {'/'.join(OPS)} layer with a constant weight"
                         + (f" ({len(skipped)} left in float: {skipped[0].reason})" if skipped else ""))
-    plans = {t.node: plan_layer(t, options) for t in targets}
+    plans = {t.key: plan_layer(t, options) for t in targets}
     add_domains(base, plans)
 
     report = Report(skipped=skipped, calibration_samples=sum(next(iter(b.values())).shape[0] for b in batches),
@@ -160,7 +171,7 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
     """Layer by layer in topological order: capture X and X~, run GPFQ, rewrite; the output model."""
     graph = base.graph
     index = GraphIndex(graph)
-    weight_only = {t.node for t in targets if plans[t.node].weight_only}
+    weight_only = {t.node for t in targets if plans[t.key].weight_only or not t.INT8_KERNEL}
     quant_acts = activation_tensors(graph, targets, weight_only) if options.act_bits else set()
     acts: dict[str, ActQuant] = {}
     layers: dict[str, QuantizedLayer] = {}
@@ -172,39 +183,45 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
         for k, t in enumerate(targets):
             progress.set_postfix_str(t.node[-40:], refresh=False)
             layer_start = time.perf_counter()
-            plan = plans[t.node]
+            plan = plans[t.key]
             spec = plan.spec
             bits = str(options.layer(t.node, t.op_type).weight_bits)
             if t.w in by_weight:  # a weight shared by several nodes: quantized once, at its first use
                 first = by_weight[t.w]
-                layers[t.node] = QuantizedLayer(t, first.codes, first.scale, None, first.block_size, first.fmt)
-                report.layers.append(LayerReport(t.node, t.op_type, t.w_shape, bits, spec.granularity, spec.scale_rule,
+                layers[t.key] = QuantizedLayer(t, first.codes, first.scale, None, first.block_size, first.fmt)
+                report.layers.append(LayerReport(t.key, t.op_type, t.graph_shape or t.w_shape, bits, spec.granularity, spec.scale_rule,
                                                  float("nan"), float("nan"), float("nan"), float(np.mean(first.codes == 0)),
                                                  f"shared with {first.target.node}", 0, 0.0))
                 progress.update()
                 continue
-            float_stream.advance(list(graph.node), index.initializers, [t.x], quant_acts)
+            extra = [e for e in t.extra_inputs if e and e not in index.initializers]
+            float_stream.advance(list(graph.node), index.initializers, [t.x, *extra], quant_acts)
             _observe_new(quant_acts, acts, float_stream, options)
             nodes_q, inits_q = rewrite.apply(graph, layers, acts)
             x_tilde = t.x if t.node in weight_only else read_name(t.x, acts, index.graph_outputs)
-            quant_stream.advance(nodes_q, inits_q, [x_tilde])
+            quant_stream.advance(nodes_q, inits_q, [x_tilde, *extra])
+            if t.OWN_OUTPUT is None:
+                xs, xts = float_stream.values[t.x], quant_stream.values[x_tilde]
+            else:  # rows from the node's own output: run it once more, W quantized in the X~ network
+                xs = _own_output(float_stream, list(graph.node), index.initializers, t)
+                xts = _own_output(quant_stream, nodes_q, inits_q, t)
 
             W = t.to_matrix(index.array(t.w).astype(np.float64))
             moments = moments_cache.get(t.patch_key)
             if moments is None:
                 shared = k + 1 < len(targets) and targets[k + 1].patch_key == t.patch_key
-                moments = _accumulate(t, float_stream.values[t.x], quant_stream.values[x_tilde], W, spec, options, k,
-                                      may_project=not shared)
+                moments = _accumulate(t, xs, xts, W, spec, options, k, may_project=not shared,
+                                      extras=(_extras(float_stream, index, t), _extras(quant_stream, index, t)))
                 moments_cache = {t.patch_key: moments}  # consecutive layers reading the same rows share them
             result = gpfq.quantize_layer(W, moments, spec)
 
             bias = _corrected_bias(t, index, result) if options.bias_correction else None
             block = plan.block_size
-            layers[t.node] = by_weight[t.w] = QuantizedLayer(
+            layers[t.key] = by_weight[t.w] = QuantizedLayer(
                 t, t.from_matrix(result.codes).astype(np.int8), onnx_scale(t, result.scale, spec.granularity), bias, block,
                 plan.fmt)
             report.layers.append(LayerReport(
-                t.node, t.op_type, t.w_shape, bits, spec.granularity + (f":{block}" if block else ""), spec.scale_rule,
+                t.key, t.op_type, t.graph_shape or t.w_shape, bits, spec.granularity + (f":{block}" if block else ""), spec.scale_rule,
                 float(np.median(result.C)), float(result.rel_error), float(result.rel_error_rtn), float(result.sparsity),
                 result.form, int(moments.m), time.perf_counter() - layer_start))
             progress.update()
@@ -220,7 +237,9 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
 
     nodes, inits = rewrite.apply(graph, layers, acts)
     report.activations = len(acts)
-    report.float_weight_bytes = sum(_tensor_bytes(index.initializers[w]) for w in by_weight)
+    model_weights = model_weight_bytes(graph)
+    report.model_weight_bytes = sum(model_weights.values())
+    report.float_weight_bytes = sum(model_weights.get(w, _tensor_bytes(index.initializers[w])) for w in by_weight)
     report.quant_weight_bytes = sum(q.fmt.stored_bytes(q.codes) for q in by_weight.values())
     return rewrite.build_model(base, nodes, inits)
 
@@ -236,8 +255,30 @@ def _jsonable(options: Options) -> dict:
     return {k: conv(v) for k, v in vars(options).items()}
 
 
+def _own_output(stream: Stream, nodes: list[onnx.NodeProto], inits: dict, t: Layer) -> list[np.ndarray]:
+    """Output ``t.OWN_OUTPUT`` of the target's own node over all batches, computed from the
+    stream's frontier without running the node for good (its weights are not all quantized yet)."""
+    nodes = list(nodes)
+    i = next(i for i, n in enumerate(nodes) if n.name == t.node)
+    node = onnx.NodeProto()
+    node.CopyFrom(nodes[i])
+    name = node.output[t.OWN_OUTPUT] or f"{t.node}_output_{t.OWN_OUTPUT}"
+    node.output[t.OWN_OUTPUT] = name
+    nodes[i] = node
+    return stream.peek(nodes, inits, name)
+
+
+def _extras(stream: Stream, index: GraphIndex, t: Layer):
+    """Batch -> the values of ``t.extra_inputs`` (None for an absent input, constants as they are)."""
+    def at(b: int) -> list:
+        return [None if not e else index.array(e) if e in index.initializers else stream.values[e][b]
+                for e in t.extra_inputs]
+
+    return at
+
+
 def _accumulate(t: Layer, xs, xts, W: np.ndarray, spec: gpfq.QuantSpec, options: Options, k: int,
-                may_project: bool) -> gpfq.Moments:
+                may_project: bool, extras=None) -> gpfq.Moments:
     """The Moments of layer ``t`` (weights W (g, N0, N1g)) over all calibration batches, same
     rows in both streams. Where X~ still equals X (nothing quantized upstream) the rows are
     passed once; Moments are projected on W where that is cheaper and no other layer reads them."""
@@ -256,12 +297,12 @@ def _accumulate(t: Layer, xs, xts, W: np.ndarray, spec: gpfq.QuantSpec, options:
             x, xt = xs[b], xts[b]
             same = np.array_equal(x, xt)
 
-        def rows_of(a):
-            r = t.rows(a, pos)
+        def rows_of(a, stream):
+            r = t.rows(a, pos, *(extras[stream](b) if extras else ()))
             return r[:, idx] if len(idx) < r.shape[1] else r
 
-        rows = rows_of(x)
-        moments.update(rows, rows if same else rows_of(xt))
+        rows = rows_of(x, 0)
+        moments.update(rows, rows if same else rows_of(xt, 1))
     return moments
 
 
