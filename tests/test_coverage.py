@@ -227,3 +227,27 @@ def test_left_in_float_and_weight_fraction():
     last = report.table().splitlines()[-1]
     assert f"{4 * 8 * 4 * 9 / total:.1%} of the model's weight bytes quantized" in last
     assert sum("left in float:" in line for line in report.table().splitlines()) == 2
+
+
+def test_matmul_with_the_constant_first():
+    """Y = W X, W constant: quantized as Y^T = X^T W^T; the codes equal the reference's on the
+    columns of X (weight-only: X~ = X), with the output's steps."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((32, 24)) / 5).astype(np.float32)
+    model = h.make_model(h.make_graph(
+        [h.make_node("MatMul", ["w", "x"], ["y"], name="mm")], "m",
+        [h.make_tensor_value_info("x", TP.FLOAT, ["N", 24, 10])], [h.make_tensor_value_info("y", TP.FLOAT, ["N", 32, 10])],
+        [nh.from_array(w, "w")]), opset_imports=[h.make_opsetid("", 17)])
+    feed = {"x": rng.standard_normal((16, 24, 10)).astype(np.float32)}
+    quant, report = onnx_gpfq.quantize(model, [feed], weight_bits=4, scale_rule="fixed", c=1.0, quiet=True)
+    onnx.checker.check_model(quant, full_check=True)
+    assert [(r.node, r.weight_shape) for r in report.layers] == [("mm", (32, 24))] and not report.skipped
+    qi = {t.name: nh.to_array(t) for t in quant.graph.initializer}
+    X = feed["x"].transpose(0, 2, 1).reshape(1, -1, 24).astype(np.float64)
+    scale = np.broadcast_to(qi["w_scale"].astype(np.float64)[None, None, :], (1, 24, 32))
+    codes, _ = ref.gpfq_layer(X, X, w.T[None].astype(np.float64), scale, -7, 7)
+    np.testing.assert_array_equal(codes[0].T, qi["w_quantized"])
+    assert 10 * np.log10(1 / report.layers[0].rel_error) > 15
+    y, yq = run(model, feed)[0], run(quant, feed)[0]
+    np.testing.assert_allclose(10 * np.log10((y ** 2).sum() / ((y - yq) ** 2).sum()),
+                               10 * np.log10(1 / report.layers[0].rel_error), atol=0.05)

@@ -22,6 +22,7 @@ from .gemm import Gemm
 from .gru import GRU
 from .lstm import LSTM
 from .matmul import MatMul
+from .matmul_left import MatMulLeft
 from .rnn import RNN
 
 OPS: dict[str, type[Layer]] = {
@@ -33,6 +34,9 @@ OPS: dict[str, type[Layer]] = {
     "GRU": GRU,
     "RNN": RNN,
 }
+
+# The layer class of an op whose constant is its first operand (the second an activation).
+CONSTANT_FIRST: dict[str, type[Layer]] = {"MatMul": MatMulLeft}
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 
@@ -148,9 +152,12 @@ def _target(node: onnx.NodeProto, index: GraphIndex) -> Layer | str:
     inputs = list(node.input) + [""] * 3
     x, w = inputs[0], inputs[cls.WEIGHT_INPUT]
     if not w or not index.is_constant(w):
-        if x and index.is_constant(x):
+        if x and index.is_constant(x) and node.op_type in CONSTANT_FIRST and w:
+            cls, (w, x) = CONSTANT_FIRST[node.op_type], (x, w)
+        elif x and index.is_constant(x):
             return "the constant operand is the first input (only weight-as-second-input is supported)"
-        return "no constant weight (both operands are activations)"
+        else:
+            return "no constant weight (both operands are activations)"
     if index.is_constant(x):
         return "both operands are constant"
     weight = index.initializers[w]
