@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-axis", action="append", default=[], metavar="NAME:AXIS",
                    help="the axis samples are stacked on for input NAME (default 0), or NAME:none for an input "
                    "with no batch axis (fed whole to every run, e.g. a sample rate) (repeatable)")
+    q.add_argument("--fix-input", action="append", default=[], metavar="NAME=VALUE",
+                   help="specialise the model for this input value (a number, or V1,V2,... for a small 1-D input) "
+                   "before quantizing: Ifs it decides are inlined, and the input leaves the output model's "
+                   "interface (repeatable; also 'fix_inputs' in --config)")
     q.add_argument("--image-size", metavar="HxW", help="images: size fed to the model (default: the model's fixed H, W)")
     q.add_argument("--image-resize", choices=["crop", "stretch"], default="crop",
                    help="images: resize the shorter side and center-crop, or stretch (default: crop)")
@@ -151,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_quantize(args) -> int:
     from .graph import check_output_path, save_model
     from .calib import ImageOptions
-    from .options import Options, load_config, parse_batch_axis, parse_input_shape, parse_size, parse_sparsity
+    from .options import (Options, load_config, load_config_fix_inputs, parse_batch_axis, parse_input_shape, parse_size,
+                          parse_sparsity)
+    from .specialise import parse_fix_input
     from .quantize import quantize
 
     check_output_path(args.output, [args.model] + ([args.calib] if not args.calib.startswith("random:") else []))
@@ -171,6 +177,8 @@ def _cmd_quantize(args) -> int:
         exclude=tuple(args.exclude) + config_exclude, rules=rules, quiet=args.quiet, images=images,
         batch_axes=tuple(parse_batch_axis(v) for v in args.batch_axis),
         input_shapes=tuple(parse_input_shape(v) for v in args.input_shape),
+        fix_inputs=dict((load_config_fix_inputs(args.config) if args.config else ())
+                        + tuple(parse_fix_input(v) for v in args.fix_input)),  # the command line wins
     )
     model, report = quantize(args.model, args.calib, options)
     save_model(model, args.output, external_data=args.external_data)

@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+import numpy as np
+
 from .calib import ImageOptions
 from .errors import UserError
 from .formats import FORMATS
@@ -145,6 +147,8 @@ class Options:
     exclude: node-name globs or op types left in float. rules: per-layer overrides (--config).
     batch_axes: (input, axis) pairs for inputs whose samples are not stacked on axis 0 (axis None:
       no batch axis, fed whole to every run). input_shapes: (input, dims) for random data.
+    fix_inputs: (input, values) pairs: the graph is specialised for these values before anything
+      else and the inputs leave its interface (``specialise.fix_inputs``).
     images: preprocessing when the calibration source is a folder of images.
     threads: at most this many threads for onnxruntime, numba and BLAS (0: every core); the output
       does not depend on it.
@@ -175,6 +179,7 @@ class Options:
     rules: tuple[LayerRule, ...] = field(default_factory=tuple)
     batch_axes: tuple[tuple[str, int | None], ...] = ()
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    fix_inputs: tuple[tuple[str, tuple[float, ...]], ...] = ()  # also a {name: value} dict
     images: ImageOptions | None = None
     threads: int = 0
     quiet: bool = False
@@ -183,6 +188,7 @@ class Options:
         object.__setattr__(self, "weight_bits", parse_weight_bits(self.weight_bits))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "rules", tuple(self.rules))
+        object.__setattr__(self, "fix_inputs", parse_fix_inputs(self.fix_inputs))
         if isinstance(self.act_bits, str):
             text = self.act_bits.strip().lower()
             object.__setattr__(self, "act_bits", None if text == "none" else int(text) if text.isdigit() else text)
@@ -282,9 +288,33 @@ RULE_KEYS = {f.name for f in fields(LayerRule)}
 def load_config(path: str | Path) -> tuple[tuple[LayerRule, ...], tuple[str, ...]]:
     """Read a JSON or TOML config: ``{"exclude": [globs], "layers": [{"match": ..., overrides}]}``.
 
-    Returns (rules, exclude). Bad syntax, unknown keys or bad values are a UserError.
+    Returns (rules, exclude). Bad syntax, unknown keys or bad values are a UserError. The config's
+    ``fix_inputs`` table ({name: value}) is read by ``load_config_fix_inputs``.
     """
     path = Path(path)
+    data = _read_config(path)
+    exclude = data.get("exclude", [])
+    if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
+        raise UserError(f"config file {path}: 'exclude' must be a list of strings")
+    rules = []
+    layers = data.get("layers", [])
+    if not isinstance(layers, list):
+        raise UserError(f"config file {path}: 'layers' must be a list of objects")
+    for i, entry in enumerate(layers):
+        if not isinstance(entry, dict) or not isinstance(entry.get("match"), str):
+            raise UserError(f"config file {path}: layers[{i}] must be an object with a string 'match'")
+        bad = set(entry) - RULE_KEYS
+        if bad:
+            raise UserError(f"config file {path}: layers[{i}] has unknown key(s) {', '.join(sorted(bad))} "
+                            f"(allowed: {', '.join(sorted(RULE_KEYS))})")
+        if "weight_bits" in entry:
+            entry = dict(entry, weight_bits=parse_weight_bits(entry["weight_bits"]))
+        rules.append(LayerRule(**entry))
+    return tuple(rules), tuple(exclude)
+
+
+def _read_config(path: Path) -> dict:
+    """The config file's top-level object (JSON, or TOML by suffix), its keys checked."""
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -304,24 +334,31 @@ def load_config(path: str | Path) -> tuple[tuple[LayerRule, ...], tuple[str, ...
             raise UserError(f"config file {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold an object with 'layers' and/or 'exclude'")
-    unknown = set(data) - {"layers", "exclude"}
+    unknown = set(data) - {"layers", "exclude", "fix_inputs"}
     if unknown:
-        raise UserError(f"config file {path}: unknown key(s) {', '.join(sorted(unknown))} (allowed: layers, exclude)")
-    exclude = data.get("exclude", [])
-    if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
-        raise UserError(f"config file {path}: 'exclude' must be a list of strings")
-    rules = []
-    layers = data.get("layers", [])
-    if not isinstance(layers, list):
-        raise UserError(f"config file {path}: 'layers' must be a list of objects")
-    for i, entry in enumerate(layers):
-        if not isinstance(entry, dict) or not isinstance(entry.get("match"), str):
-            raise UserError(f"config file {path}: layers[{i}] must be an object with a string 'match'")
-        bad = set(entry) - RULE_KEYS
-        if bad:
-            raise UserError(f"config file {path}: layers[{i}] has unknown key(s) {', '.join(sorted(bad))} "
-                            f"(allowed: {', '.join(sorted(RULE_KEYS))})")
-        if "weight_bits" in entry:
-            entry = dict(entry, weight_bits=parse_weight_bits(entry["weight_bits"]))
-        rules.append(LayerRule(**entry))
-    return tuple(rules), tuple(exclude)
+        raise UserError(f"config file {path}: unknown key(s) {', '.join(sorted(unknown))} "
+                        "(allowed: layers, exclude, fix_inputs)")
+    return data
+
+
+def load_config_fix_inputs(path: str | Path) -> tuple[tuple[str, tuple[float, ...]], ...]:
+    """The config's ``fix_inputs = {sr = 16000}`` as ``Options.fix_inputs`` pairs."""
+    fixed = _read_config(Path(path)).get("fix_inputs", {})
+    if not isinstance(fixed, dict):
+        raise UserError(f"config file {path}: 'fix_inputs' must be a table of input name = value")
+    return parse_fix_inputs(fixed)
+
+
+def parse_fix_inputs(values) -> tuple[tuple[str, tuple[float, ...]], ...]:
+    """{name: scalar or list} or (name, value) pairs -> ((name, (values...)), ...), sorted by name."""
+    pairs = values.items() if isinstance(values, dict) else values
+    out = {}
+    for name, value in pairs:
+        try:
+            flat = tuple(float(v) for v in np.asarray(value, dtype=np.float64).reshape(-1))
+        except (TypeError, ValueError):
+            raise UserError(f"fix_inputs[{name!r}] must be a number or a list of numbers (got {value!r})") from None
+        if not flat:
+            raise UserError(f"fix_inputs[{name!r}] is empty")
+        out[str(name)] = flat
+    return tuple(sorted(out.items()))

@@ -29,6 +29,7 @@ from .activations import activation_tensors, calibrate
 from .ops import OPS, Layer, Skipped, find_targets, model_weight_bytes
 from .plan import LayerPlan, add_domains, onnx_scale, plan_layer, required_opset
 from .rewrite import ActQuant, QuantizedLayer, read_name
+from .specialise import fix_inputs
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class Report:
     spilled_bytes: int = 0  # frontier activations written to disk beyond the memory budget
     seconds: float = 0.0
     options: dict = field(default_factory=dict)
+    fixed_inputs: dict = field(default_factory=dict)  # --fix-input: name -> value, removed from the interface
+    inlined_ifs: list = field(default_factory=list)  # If nodes replaced by the branch the fixed inputs take
 
     @property
     def weight_fraction(self) -> float:
@@ -82,6 +85,10 @@ class Report:
         for s in self.skipped:
             lines.append(f"{s.node[-32:]:32s} {s.op_type:6s} left in float: {s.reason}")
         ratio = self.float_weight_bytes / max(self.quant_weight_bytes, 1)
+        if self.fixed_inputs:
+            fixed = ", ".join(f"{k}={v}" for k, v in self.fixed_inputs.items())
+            lines.append(f"inputs fixed: {fixed} (removed from the model's inputs); {len(self.inlined_ifs)} If node(s) "
+                         "inlined")
         lines.append(f"{len(self.layers)} layers quantized, {len(self.skipped)} left in float, {self.activations} activation "
                      f"tensors quantized; weights {self.float_weight_bytes / 1024:.1f} KiB -> {self.quant_weight_bytes / 1024:.1f} KiB "
                      f"({ratio:.1f}x), {self.weight_fraction:.1%} of the model's weight bytes quantized; {self.calibration_samples} calibration samples; {self.seconds:.1f} s")
@@ -100,6 +107,8 @@ class Report:
             "spilled_bytes": self.spilled_bytes,
             "seconds": self.seconds,
             "options": self.options,
+            "fixed_inputs": self.fixed_inputs,
+            "inlined_ifs": self.inlined_ifs,
         }
 
 
@@ -133,7 +142,8 @@ def quantize(model, calibration, options: Options | None = None, **kwargs) -> tu
 
 def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Report]:
     start = time.perf_counter()
-    base = normalise(load_model(model), min_opset=required_opset(options))
+    model, specialised = fix_inputs(load_model(model), options.fix_inputs)
+    base = normalise(model, min_opset=required_opset(options))
     graph = base.graph
     batches = load_batches(calibration, model_inputs(base), options.batch_size, batch_axes=dict(options.batch_axes),
                            input_shapes=dict(options.input_shapes), images=options.images, seed=options.seed)
@@ -150,7 +160,7 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
     add_domains(base, plans)
 
     report = Report(skipped=skipped, calibration_samples=sum(next(iter(b.values())).shape[0] for b in batches),
-                    options=_jsonable(options))
+                    options=_jsonable(options), fixed_inputs=specialised.fixed, inlined_ifs=specialised.inlined)
     with tempfile.TemporaryDirectory(prefix="onnx_gpfq_spill_") as spill_dir:
         spill = Spill(options.memory_budget, spill_dir)
         first_batch = {name: np.array(a) for name, a in batches[0].items()}  # its own copy, not a view

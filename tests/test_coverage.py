@@ -251,3 +251,88 @@ def test_matmul_with_the_constant_first():
     y, yq = run(model, feed)[0], run(quant, feed)[0]
     np.testing.assert_allclose(10 * np.log10((y ** 2).sum() / ((y - yq) ** 2).sum()),
                                10 * np.log10(1 / report.layers[0].rel_error), atol=0.05)
+
+
+def silero_like(seed=0, L=64):
+    """An If on a scalar ``sr`` (16 kHz / 8 kHz) choosing between two branches, each with a Conv,
+    an LSTM and a Gemm; then a second If on a shape test (the input's length is static)."""
+    rng = np.random.default_rng(seed)
+    f = lambda name, *s: nh.from_array((rng.standard_normal(s) / np.sqrt(np.prod(s[1:]))).astype(np.float32), name)  # noqa: E731
+
+    def branch(tag, stride):
+        inits = [f(f"{tag}_conv_w", 8, 1, 3), f(f"{tag}_W", 1, 64, 8), f(f"{tag}_R", 1, 64, 16), f(f"{tag}_B", 1, 128),
+                 f(f"{tag}_fc_w", 16, 4), nh.from_array(np.array([0], np.int64), f"{tag}_axes")]
+        nodes = [h.make_node("Conv", ["x", f"{tag}_conv_w"], [f"{tag}_c"], name=f"{tag}_conv", pads=[1, 1], strides=[stride]),
+                 h.make_node("Relu", [f"{tag}_c"], [f"{tag}_r"], name=f"{tag}_relu"),
+                 h.make_node("Transpose", [f"{tag}_r"], [f"{tag}_seq"], name=f"{tag}_tr", perm=[2, 0, 1]),
+                 h.make_node("LSTM", [f"{tag}_seq", f"{tag}_W", f"{tag}_R", f"{tag}_B"], ["", f"{tag}_h"],
+                             name=f"{tag}_lstm", hidden_size=16),
+                 h.make_node("Squeeze", [f"{tag}_h", f"{tag}_axes"], [f"{tag}_feat"], name=f"{tag}_sq"),
+                 h.make_node("Gemm", [f"{tag}_feat", f"{tag}_fc_w"], [f"{tag}_out"], name=f"{tag}_fc")]
+        return h.make_graph(nodes, tag, [], [h.make_tensor_value_info(f"{tag}_out", TP.FLOAT, None)], initializer=inits)
+
+    inits = [nh.from_array(np.array(16000, np.int64), "k16"), nh.from_array(np.array([2], np.int64), "two"),
+             nh.from_array(np.array([L], np.int64), "len"), nh.from_array(np.float32(1.5), "scale")]
+    nodes = [h.make_node("Equal", ["sr", "k16"], ["is16"], name="eq"),
+             h.make_node("If", ["is16"], ["y"], name="sr_if", then_branch=branch("b16", 1), else_branch=branch("b8", 2)),
+             h.make_node("Shape", ["x"], ["xs"], name="shape"),
+             h.make_node("Gather", ["xs", "two"], ["xl"], name="gather", axis=0),
+             h.make_node("Equal", ["xl", "len"], ["full"], name="eq_len"),
+             h.make_node("Squeeze", ["full"], ["full_s"], name="sq"),
+             h.make_node("If", ["full_s"], ["out"], name="len_if",
+                         then_branch=h.make_graph([h.make_node("Mul", ["y", "scale"], ["t"], name="mul")], "t", [],
+                                                  [h.make_tensor_value_info("t", TP.FLOAT, None)]),
+                         else_branch=h.make_graph([h.make_node("Identity", ["y"], ["e"], name="id")], "e", [],
+                                                  [h.make_tensor_value_info("e", TP.FLOAT, None)]))]
+    g = h.make_graph(nodes, "silero_like", [h.make_tensor_value_info("x", TP.FLOAT, ["N", 1, L]),
+                                            h.make_tensor_value_info("sr", TP.INT64, [])],
+                     [h.make_tensor_value_info("out", TP.FLOAT, ["N", 4])], initializer=inits)
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+
+def test_fix_input_inlines_the_branch_taken():
+    model = silero_like()
+    onnx.checker.check_model(model, full_check=True)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 1, 64)).astype(np.float32)
+    with pytest.raises(onnx_gpfq.errors.UserError, match="nothing to quantize"):
+        onnx_gpfq.quantize(model, [{"x": x, "sr": np.array(16000)}], quiet=True)
+    quant, report = onnx_gpfq.quantize(model, [{"x": x}], fix_inputs={"sr": 16000}, weight_bits=4, quiet=True)
+    onnx.checker.check_model(quant, full_check=True)
+    assert [i.name for i in quant.graph.input] == ["x"]
+    assert not any(n.op_type == "If" for n in quant.graph.node)
+    assert sorted(r.node for r in report.layers) == ["sr_if/b16_conv", "sr_if/b16_fc", "sr_if/b16_lstm:R",
+                                                     "sr_if/b16_lstm:W"]
+    assert report.weight_fraction == 1.0 and not report.skipped
+    assert report.fixed_inputs == {"sr": 16000} and report.inlined_ifs == ["sr_if", "len_if"]
+    assert "inputs fixed: sr=16000" in report.table()
+    want = run(model, {"x": x, "sr": np.array(16000)})[0]
+    got = run(quant, {"x": x})[0]
+    assert 10 * np.log10((want ** 2).sum() / ((want - got) ** 2).sum()) > 15
+    # the other rate takes the other branch
+    _, report8 = onnx_gpfq.quantize(model, [{"x": x}], fix_inputs={"sr": 8000}, weight_bits=4, quiet=True)
+    assert sorted(r.node for r in report8.layers)[0] == "sr_if/b8_conv"
+
+
+def test_without_fix_input_branch_layers_are_listed():
+    _, skipped = find_targets(silero_like().graph)
+    assert sorted(s.node for s in skipped) == sorted(f"{t}_{k}" for t in ("b16", "b8") for k in ("conv", "lstm", "fc"))
+    assert all("--fix-input" in s.reason for s in skipped)
+
+
+def test_fix_input_errors(tmp_path, capsys):
+    from onnx_gpfq.cli import main
+
+    path = tmp_path / "m.onnx"
+    onnx.save(silero_like(), str(path))
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((4, 1, 64)).astype(np.float32))
+    for bad, message in (("sr", "must look like NAME=VALUE"), ("nope=1", "not a model input"), ("sr=abc", "must look like"),
+                         ("sr=1,2", "the input is a scalar")):
+        argv = ["quantize", str(path), "-o", str(tmp_path / "o.onnx"), "--calib", str(tmp_path / "c.npz"), "--fix-input", bad]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "o.onnx").exists()
+    assert main(["quantize", str(path), "-o", str(tmp_path / "o.onnx"), "--calib", str(tmp_path / "c.npz"), "--fix-input",
+                 "sr=16000", "--quiet"]) == 0
+    assert [i.name for i in onnx.load(str(tmp_path / "o.onnx")).graph.input] == ["x"]
