@@ -336,3 +336,45 @@ def test_fix_input_errors(tmp_path, capsys):
     assert main(["quantize", str(path), "-o", str(tmp_path / "o.onnx"), "--calib", str(tmp_path / "c.npz"), "--fix-input",
                  "sr=16000", "--quiet"]) == 0
     assert [i.name for i in onnx.load(str(tmp_path / "o.onnx")).graph.input] == ["x"]
+
+
+def test_fix_input_from_the_config(tmp_path):
+    from onnx_gpfq.cli import main
+
+    path = tmp_path / "m.onnx"
+    onnx.save(silero_like(), str(path))
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((4, 1, 64)).astype(np.float32))
+    (tmp_path / "cfg.toml").write_text("fix_inputs = {sr = 8000}\n")
+    argv = ["quantize", str(path), "-o", str(tmp_path / "o.onnx"), "--calib", str(tmp_path / "c.npz"), "--quiet",
+            "--config", str(tmp_path / "cfg.toml"), "--report", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    import json
+
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["fixed_inputs"] == {"sr": 8000} and report["weight_fraction_quantized"] == 1.0
+    assert sorted(r["node"] for r in report["layers"])[0] == "sr_if/b8_conv"
+    assert main(argv + ["--fix-input", "sr=16000"]) == 0  # the command line overrides the config
+    assert json.loads((tmp_path / "r.json").read_text())["fixed_inputs"] == {"sr": 16000}
+
+
+@pytest.mark.parametrize("op", sorted(GATES))
+def test_recurrent_targets_have_a_consistent_view(op):
+    """The protocol checks tests/test_targets.py makes for the one-weight ops, on W and R."""
+    model = recurrent_model(op, bidir=True, head=False)
+    targets, skipped = find_targets(model.graph)
+    assert [type(t).__name__ for t in targets] == [op, f"{op}Hidden"] and not skipped
+    index = GraphIndex(model.graph)
+    x = data(n=3)["x"]
+    y = np.zeros((T, 2, 3, H), np.float32)
+    for t, a in zip(targets, (x, y)):
+        w = index.array(t.w)
+        W = t.to_matrix(w)
+        assert W.shape == (2, w.shape[2], w.shape[1])
+        np.testing.assert_array_equal(t.from_matrix(W).reshape(w.shape), w)
+        assert t.n_out == W.shape[0] * W.shape[2] and t.fan_in == W.shape[1]
+        rows = t.rows(a, None)
+        assert rows.shape == (2, t.samples(a.shape) * t.rows_per_sample(a.shape), W.shape[1])
+        pos = t.positions(a.shape, 5, np.random.default_rng(0))
+        assert t.rows(a, pos).shape == (2, 3 * 5, W.shape[1])
+        np.testing.assert_array_equal(np.sort(t.kernel_order()), np.arange(W.shape[1]))
+        assert not t.INT8_KERNEL
