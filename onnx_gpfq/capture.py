@@ -169,7 +169,25 @@ class Stream:
         self._prune(nodes, keep=set(needed) | set(produced_collect))
         return produced_collect
 
-    def _run(self, segment: list[onnx.NodeProto], inits: dict[str, onnx.TensorProto], outputs: list[str]) -> dict[str, Batches]:
+    def peek(self, nodes: list[onnx.NodeProto], inits: dict[str, onnx.TensorProto], name: str) -> list[np.ndarray]:
+        """Tensor ``name`` over all batches, computed from the frontier by the nodes not yet run
+        that it needs, without recording them as run or keeping anything (in memory, not spilled)."""
+        producer = producers(nodes)
+        selected: dict[str, onnx.NodeProto] = {}
+        stack = [name]
+        while stack:
+            node = producer.get(stack.pop())
+            if node is None or node.name in selected or node.name in self.done:
+                continue
+            selected[node.name] = node
+            stack.extend(n for n in node_inputs(node) if n not in self.values and n not in inits)
+        segment = [n for n in nodes if n.name in selected]
+        results = self._run(segment, inits, [name], Spill())
+        return list(results[name])
+
+    def _run(self, segment: list[onnx.NodeProto], inits: dict[str, onnx.TensorProto], outputs: list[str],
+             spill: Spill | None = None) -> dict[str, Batches]:
+        spill = spill or self.spill
         produced = {o for n in segment for o in n.output}
         reads: list[str] = []
         for n in segment:
@@ -190,7 +208,7 @@ class Stream:
         for b in range(self.n_batches):
             arrays = session.run(outputs, {name: self.values[name][b] for name in feeds})
             for name, array in zip(outputs, arrays):
-                results[name].append(self.spill.keep(array))
+                results[name].append(spill.keep(array))
         return results
 
     def _prune(self, nodes: list[onnx.NodeProto], keep: set[str]) -> None:

@@ -116,12 +116,25 @@ def check_model(model: onnx.ModelProto, name: str = "the model") -> None:
     del graph.initializer[:]
     graph.initializer.extend(kept)
     light.ir_version = max(light.ir_version, 4)
+    _infer_output_shapes(light)
     try:
         onnx.checker.check_model(light.SerializeToString(), full_check=True)
     except Exception as exc:  # ValidationError, InferenceError and friends
         from .errors import first_line
 
         raise UserError(f"{name} is not a valid ONNX model: {first_line(exc)}") from None
+
+
+def _infer_output_shapes(model: onnx.ModelProto) -> None:
+    """Graph outputs declared without a shape (which onnx's checker requires of graph outputs, and onnxruntime
+    does not) are checked as value_info of the same type: everything else about them is still checked."""
+    missing = [o for o in model.graph.output if o.type.HasField("tensor_type") and not o.type.tensor_type.HasField("shape")]
+    if not missing:
+        return
+    kept = [o for o in model.graph.output if o not in missing]
+    model.graph.value_info.extend(missing)
+    del model.graph.output[:]
+    model.graph.output.extend(kept)
 
 
 def check_runs(model: onnx.ModelProto, batch: dict, name: str = "the model", threads: int = 0) -> None:

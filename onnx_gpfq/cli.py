@@ -78,13 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_quantize(args) -> int:
-    from .options import Options, load_config
+    from .options import Options, load_config, load_config_fix_inputs
     from .outputs import write_outputs
     from .quantize import quantize
 
     _check_planned_files(args)
     rules, config_exclude = load_config(args.config) if args.config else ((), ())
-    options = Options.from_args(args, exclude=config_exclude, rules=rules)
+    options = Options.from_args(args, exclude=config_exclude, rules=rules,
+                                fix_inputs=load_config_fix_inputs(args.config) if args.config else ())
     model, report = quantize(args.model, args.calib, options)
     outputs = [(args.output, model, args.external_data)]
     if args.report:

@@ -43,37 +43,14 @@ RULE_KEYS = {f.name for f in fields(LayerRule)}
 
 
 def load_config(path: str | Path) -> tuple[tuple[LayerRule, ...], tuple[str, ...]]:
-    """Read a JSON or TOML config: ``{"exclude": [globs], "layers": [{"match": ..., overrides}]}``.
+    """Read a JSON or TOML config: ``{"exclude": [globs], "layers": [{"match": ..., overrides}],
+    "fix_inputs": {name: value}}``.
 
-    Returns (rules, exclude). Bad syntax, unknown keys or bad values are a UserError.
+    Returns (rules, exclude); ``fix_inputs`` is read by ``load_config_fix_inputs``. Bad syntax, unknown
+    keys or bad values are a UserError.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found (or not a regular file): {path}")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix.lower() == ".toml":
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # pragma: no cover - Python 3.10
-            import tomli as tomllib
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise UserError(f"config file {path} is not valid TOML: {exc}") from None
-        except RecursionError:
-            raise UserError(f"config file {path} is nested too deeply") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"config file {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-        except RecursionError:
-            raise UserError(f"config file {path} is nested too deeply") from None
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold an object with 'layers' and/or 'exclude'")
-    unknown = set(data) - {"layers", "exclude"}
-    if unknown:
-        raise UserError(f"config file {path}: unknown key(s) {', '.join(sorted(unknown))} (allowed: layers, exclude)")
+    data = _read_config(path)
     exclude = data.get("exclude", [])
     if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
         raise UserError(f"config file {path}: 'exclude' must be a list of strings")
@@ -97,3 +74,45 @@ def load_config(path: str | Path) -> tuple[tuple[LayerRule, ...], tuple[str, ...
             entry = dict(entry, weight_bits=parse_weight_bits(entry["weight_bits"]))
         rules.append(LayerRule(**entry))
     return tuple(rules), tuple(exclude)
+
+
+def load_config_fix_inputs(path: str | Path) -> tuple[tuple[str, tuple[float, ...]], ...]:
+    """The config's ``fix_inputs = {sr = 16000}`` as ``Options.fix_inputs`` pairs."""
+    from .specialise import parse_fix_inputs
+
+    fixed = _read_config(Path(path)).get("fix_inputs", {})
+    if not isinstance(fixed, dict) or not all(type(v) in (int, float, list) for v in fixed.values()):
+        raise UserError(f"config file {path}: 'fix_inputs' must be a table of input name = number (or list of numbers)")
+    return parse_fix_inputs(fixed)
+
+
+def _read_config(path: Path) -> dict:
+    """The config file's top-level object (JSON or TOML), its keys checked."""
+    if not path.is_file():
+        raise UserError(f"config file not found (or not a regular file): {path}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() == ".toml":
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - Python 3.10
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+        except RecursionError:
+            raise UserError(f"config file {path} is nested too deeply") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"config file {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        except RecursionError:
+            raise UserError(f"config file {path} is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold an object with 'layers' and/or 'exclude'")
+    unknown = set(data) - {"layers", "exclude", "fix_inputs"}
+    if unknown:
+        raise UserError(f"config file {path}: unknown key(s) {', '.join(sorted(unknown))} "
+                        "(allowed: layers, exclude, fix_inputs)")
+    return data

@@ -18,8 +18,9 @@ from .choices import (ACT_BITS, ACT_CALIBRATIONS, C_RANGE, FLAG, GRANULARITIES, 
                       SCALE_RULES, WEIGHT_BITS, WEIGHT_FORMATS, Check, check_choice, choice, is_int, is_number, opt,
                       parse_act_bits, parse_batch_axis, parse_input_shape, parse_size, parse_sparsity,
                       parse_weight_bits)  # the parsers and choice tuples stay importable from here
-from .config import RULE_KEYS, RULE_TYPES, LayerRule, load_config  # noqa: F401
+from .config import RULE_KEYS, RULE_TYPES, LayerRule, load_config, load_config_fix_inputs  # noqa: F401
 from .errors import UserError
+from .specialise import parse_fix_inputs
 from .core import Alphabet, QuantSpec, Sparsity
 from .cpu import TARGETS
 
@@ -120,6 +121,10 @@ class Options:
     threads: int = opt(0, "at most N threads for onnxruntime, numba and BLAS; the output does not depend on it "
                        "(0: every core)", kind=int, metavar="N",
                        check=Check("int", low=0, high=4096, text="a non-negative integer (0: every core)"))
+    fix_inputs: tuple[tuple[str, tuple[float, ...]], ...] = opt(
+        (), "specialise the model for this input value (a number, or V1,V2,... for a small 1-D input) before "
+        "quantizing: Ifs it decides are inlined, and the input leaves the output model's interface (repeatable; "
+        "also 'fix_inputs' in --config)", flag="--fix-input", metavar="NAME=VALUE", repeat=True)
     target: str = opt("any", "CPUs whose onnxruntime int8 kernels must compute the model exactly: 'any' keeps 8-bit "
                       "weight codes within the pair bound of x86's saturating AVX2 kernels (no VNNI); 'x86-vnni', "
                       "'arm64', 'reference' (the QDQ math) leave them unconstrained", check=choice(tuple(TARGETS)))
@@ -137,6 +142,7 @@ class Options:
         put(self, "rules", tuple(self.rules))
         put(self, "batch_axes", tuple(parse_batch_axis(v) if isinstance(v, str) else v for v in self.batch_axes))
         put(self, "input_shapes", tuple(parse_input_shape(v) if isinstance(v, str) else v for v in self.input_shapes))
+        put(self, "fix_inputs", parse_fix_inputs(self.fix_inputs))
         for f in fields(self):
             check, value = f.metadata.get("check"), getattr(self, f.name)
             if check is not None and not check.ok(value):
@@ -191,6 +197,7 @@ class Options:
         """The Options of a parsed command line; ``more`` adds or extends fields (exclude, rules)."""
         values = {f.name: getattr(args, f.name) for f in fields(cls) if f.metadata.get("cli")}
         values["exclude"] = tuple(values["exclude"]) + tuple(more.pop("exclude", ()))
+        values["fix_inputs"] = tuple(more.pop("fix_inputs", ())) + tuple(values["fix_inputs"])  # the command line wins
         images = {f.name: getattr(args, _dest(f, ImageOptions)) for f in fields(ImageOptions) if f.metadata.get("cli")}
         return cls(**values, images=ImageOptions(**images), **more)
 

@@ -26,9 +26,10 @@ from .errors import UserError
 from .graph import GraphIndex, check_runs, load_model, normalise, save_model, serialize
 from .options import Options
 from .activations import activation_tensors, calibrate
-from .ops import OPS, Layer, Skipped, find_targets
+from .ops import OPS, Layer, Skipped, find_targets, model_weight_bytes
 from .plan import LayerPlan, add_domains, onnx_scale, plan_layer, required_opset
 from .rewrite import ActQuant, QuantizedLayer, read_name
+from .specialise import fix_inputs
 
 
 @dataclass(frozen=True)
@@ -55,14 +56,25 @@ class Report:
     layers: list[LayerReport] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     activations: int = 0  # activation tensors with QDQ
-    float_weight_bytes: int = 0
+    float_weight_bytes: int = 0  # float bytes of the weights quantized
     quant_weight_bytes: int = 0
+    model_weight_bytes: int = 0  # every weight of the model (``ops.model_weight_bytes``), quantized or not
     calibration_samples: int = 0
     spilled_bytes: int = 0  # frontier activations written to disk beyond the memory budget
     seconds: float = 0.0
     options: dict = field(default_factory=dict)
     target: str = "any"
     bounded_layers: int = 0  # layers whose 8-bit codes were kept within the target's pair bound
+    fixed_inputs: dict = field(default_factory=dict)  # --fix-input: name -> value, removed from the interface
+    inlined_ifs: list = field(default_factory=list)  # If nodes replaced by the branch the fixed inputs take
+
+    @property
+    def weight_fraction(self) -> float:
+        """Fraction of the model's weight bytes quantized: the float bytes of the quantized
+        weights over all float initializer bytes that weight-carrying ops (the registered layers,
+        LSTM, GRU, RNN, Attention, Einsum, ..., inside subgraphs too) read as weights, biases and
+        other vectors excepted (``ops.model_weight_bytes``). 1.0 for a model without weights."""
+        return self.float_weight_bytes / self.model_weight_bytes if self.model_weight_bytes else 1.0
 
     def table(self) -> str:
         """The report as a text table (one row per layer, then totals)."""
@@ -75,12 +87,16 @@ class Report:
         for s in self.skipped:
             lines.append(f"{s.node[-32:]:32s} {s.op_type:6s} left in float: {s.reason}")
         ratio = self.float_weight_bytes / max(self.quant_weight_bytes, 1)
-        lines.append(f"{len(self.layers)} layers quantized, {len(self.skipped)} left in float, {self.activations} activation "
-                     f"tensors quantized; weights {self.float_weight_bytes / 1024:.1f} KiB -> {self.quant_weight_bytes / 1024:.1f} KiB "
-                     f"({ratio:.1f}x); {self.calibration_samples} calibration samples; {self.seconds:.1f} s")
+        if self.fixed_inputs:
+            fixed = ", ".join(f"{k}={v}" for k, v in self.fixed_inputs.items())
+            lines.append(f"inputs fixed: {fixed} (removed from the model's inputs); {len(self.inlined_ifs)} If node(s) "
+                         "inlined")
         lines.append(f"target {self.target}: " + (f"{self.bounded_layers} layers' 8-bit codes kept within the pair bound "
                                                   f"|q_2j| + |q_2j+1| <= {cpu.PAIR_BOUND} of x86's AVX2 int8 kernels"
                                                   if self.bounded_layers else "no code constraint needed"))
+        lines.append(f"{len(self.layers)} layers quantized, {len(self.skipped)} left in float, {self.activations} activation "
+                     f"tensors quantized; weights {self.float_weight_bytes / 1024:.1f} KiB -> {self.quant_weight_bytes / 1024:.1f} KiB "
+                     f"({ratio:.1f}x), {self.weight_fraction:.1%} of the model's weight bytes quantized; {self.calibration_samples} calibration samples; {self.seconds:.1f} s")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -90,12 +106,16 @@ class Report:
             "activation_tensors_quantized": self.activations,
             "float_weight_bytes": self.float_weight_bytes,
             "quant_weight_bytes": self.quant_weight_bytes,
+            "model_weight_bytes": self.model_weight_bytes,
+            "weight_fraction_quantized": self.weight_fraction,
             "calibration_samples": self.calibration_samples,
             "spilled_bytes": self.spilled_bytes,
             "seconds": self.seconds,
             "target": self.target,
             "bounded_layers": self.bounded_layers,
             "options": self.options,
+            "fixed_inputs": self.fixed_inputs,
+            "inlined_ifs": self.inlined_ifs,
         }
 
 
@@ -141,7 +161,8 @@ def quantize(model, calibration, options: Options | None = None, **kwargs) -> tu
 def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Report]:
     start = time.perf_counter()
     source = model if isinstance(model, (str, os.PathLike)) else None  # named in onnxruntime's load errors
-    base = normalise(load_model(model), min_opset=required_opset(options), source=source)
+    model, specialised = fix_inputs(load_model(model), options.fix_inputs)
+    base = normalise(model, min_opset=required_opset(options), source=source)
     graph = base.graph
     batches = load_batches(calibration, model_inputs(base), options.batch_size, batch_axes=dict(options.batch_axes),
                            input_shapes=dict(options.input_shapes), images=options.images, seed=options.seed)
@@ -156,12 +177,12 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
         raise UserError(f"nothing to quantize: the model has no {'/'.join(OPS)} layer with a constant weight"
                         + (f" ({len(skipped)} left in float: {skipped[0].reason})" if skipped else ""))
     steps.check_weights_finite(targets, GraphIndex(graph))
-    plans = {t.node: plan_layer(t, options) for t in targets}
+    plans = {t.key: plan_layer(t, options) for t in targets}
     add_domains(base, plans)
 
     report = Report(skipped=skipped, calibration_samples=sum(next(iter(b.values())).shape[0] for b in batches),
-                    options=_jsonable(options), target=options.target,
-                    bounded_layers=sum(1 for plan in plans.values() if plan.spec.pair_bound))
+                    options=_jsonable(options), fixed_inputs=specialised.fixed, inlined_ifs=specialised.inlined,
+                    target=options.target, bounded_layers=sum(1 for plan in plans.values() if plan.spec.pair_bound))
     with tempfile.TemporaryDirectory(prefix="onnx_gpfq_spill_") as spill_dir:
         spill = Spill(options.memory_budget, spill_dir)
         first_batch = {name: np.array(a) for name, a in batches[0].items()}  # its own copy, not a view
@@ -183,7 +204,7 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
     """Layer by layer in topological order: capture X and X~, run GPFQ, rewrite; the output model."""
     graph = base.graph
     index = GraphIndex(graph)
-    weight_only = {t.node for t in targets if plans[t.node].weight_only}
+    weight_only = {t.node for t in targets if plans[t.key].weight_only or not t.INT8_KERNEL}
     quant_acts = activation_tensors(graph, targets, weight_only) if options.act_bits else set()
     acts: dict[str, ActQuant] = {}
     layers: dict[str, QuantizedLayer] = {}
@@ -195,22 +216,28 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
         for k, t in enumerate(targets):
             progress.set_postfix_str(t.node[-40:], refresh=False)
             layer_start = time.perf_counter()
-            plan = plans[t.node]
+            plan = plans[t.key]
             spec = plan.spec
             bits = str(options.layer(t.node, t.op_type).weight_bits)
             if t.w in by_weight:  # a weight shared by several nodes: quantized once, at its first use
                 first = by_weight[t.w]
-                layers[t.node] = QuantizedLayer(t, first.codes, first.scale, None, first.block_size, first.fmt)
-                report.layers.append(LayerReport(t.node, t.op_type, t.w_shape, bits, spec.granularity, spec.scale_rule,
+                layers[t.key] = QuantizedLayer(t, first.codes, first.scale, None, first.block_size, first.fmt)
+                report.layers.append(LayerReport(t.key, t.op_type, t.graph_shape or t.w_shape, bits, spec.granularity, spec.scale_rule,
                                                  float("nan"), float("nan"), float("nan"), float(np.mean(first.codes == 0)),
                                                  f"shared with {first.target.node}", 0, 0.0))
                 progress.update()
                 continue
-            float_stream.advance(list(graph.node), index.initializers, [t.x], quant_acts)
+            extra = [e for e in t.extra_inputs if e and e not in index.initializers]
+            float_stream.advance(list(graph.node), index.initializers, [t.x, *extra], quant_acts)
             _observe_new(quant_acts, acts, float_stream, options)
             nodes_q, inits_q = rewrite.apply(graph, layers, acts)
             x_tilde = t.x if t.node in weight_only else read_name(t.x, acts, index.graph_outputs)
-            quant_stream.advance(nodes_q, inits_q, [x_tilde])
+            quant_stream.advance(nodes_q, inits_q, [x_tilde, *extra])
+            if t.OWN_OUTPUT is None:
+                xs, xts = float_stream.values[t.x], quant_stream.values[x_tilde]
+            else:  # rows from the node's own output: run it once more, W quantized in the X~ network
+                xs = _own_output(float_stream, list(graph.node), index.initializers, t)
+                xts = _own_output(quant_stream, nodes_q, inits_q, t)
 
             W = t.to_matrix(index.array(t.w).astype(np.float64))
             # With a pair bound, GPFQ walks the fan-in in the order the int8 kernel adds it up in pairs.
@@ -221,8 +248,8 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
             moments = moments_cache.get(key)
             if moments is None:
                 shared = k + 1 < len(targets) and targets[k + 1].patch_key == t.patch_key
-                moments = _accumulate(t, float_stream.values[t.x], quant_stream.values[x_tilde], W, spec, options, k,
-                                      may_project=not shared, order=order)
+                moments = _accumulate(t, xs, xts, W, spec, options, k, may_project=not shared, order=order,
+                                      extras=(_extras(float_stream, index, t), _extras(quant_stream, index, t)))
                 moments_cache = {key: moments}  # consecutive layers reading the same rows share them
             result = core.quantize_layer(W, moments, spec)
             if order is not None:
@@ -235,10 +262,10 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
                 scale = steps.zero_channel_steps(result.codes, scale, bias if bias is not None else index.array(t.b),
                                                  acts[t.x].scale)
             steps.check_steps(t.node, scale, result.C)
-            layers[t.node] = by_weight[t.w] = QuantizedLayer(
+            layers[t.key] = by_weight[t.w] = QuantizedLayer(
                 t, t.from_matrix(result.codes).astype(np.int8), scale, bias, block, plan.fmt)
             report.layers.append(LayerReport(
-                t.node, t.op_type, t.w_shape, bits, spec.granularity + (f":{block}" if block else ""), spec.scale_rule,
+                t.key, t.op_type, t.graph_shape or t.w_shape, bits, spec.granularity + (f":{block}" if block else ""), spec.scale_rule,
                 float(np.median(result.C)), float(result.rel_error), float(result.rel_error_rtn), float(result.sparsity),
                 result.form, int(moments.m), time.perf_counter() - layer_start))
             progress.update()
@@ -254,7 +281,9 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
 
     nodes, inits = rewrite.apply(graph, layers, acts)
     report.activations = len(acts)
-    report.float_weight_bytes = sum(_tensor_bytes(index.initializers[w]) for w in by_weight)
+    model_weights = model_weight_bytes(graph)
+    report.model_weight_bytes = sum(model_weights.values())
+    report.float_weight_bytes = sum(model_weights.get(w, _tensor_bytes(index.initializers[w])) for w in by_weight)
     report.quant_weight_bytes = sum(q.fmt.stored_bytes(q.codes) for q in by_weight.values())
     return rewrite.build_model(base, nodes, inits)
 
@@ -276,8 +305,30 @@ def _kernel_order(t: Layer) -> np.ndarray | None:
     return None if np.array_equal(order, np.arange(order.size)) else order
 
 
+def _own_output(stream: Stream, nodes: list[onnx.NodeProto], inits: dict, t: Layer) -> list[np.ndarray]:
+    """Output ``t.OWN_OUTPUT`` of the target's own node over all batches, computed from the
+    stream's frontier without running the node for good (its weights are not all quantized yet)."""
+    nodes = list(nodes)
+    i = next(i for i, n in enumerate(nodes) if n.name == t.node)
+    node = onnx.NodeProto()
+    node.CopyFrom(nodes[i])
+    name = node.output[t.OWN_OUTPUT] or f"{t.node}_output_{t.OWN_OUTPUT}"
+    node.output[t.OWN_OUTPUT] = name
+    nodes[i] = node
+    return stream.peek(nodes, inits, name)
+
+
+def _extras(stream: Stream, index: GraphIndex, t: Layer):
+    """Batch -> the values of ``t.extra_inputs`` (None for an absent input, constants as they are)."""
+    def at(b: int) -> list:
+        return [None if not e else index.array(e) if e in index.initializers else stream.values[e][b]
+                for e in t.extra_inputs]
+
+    return at
+
+
 def _accumulate(t: Layer, xs, xts, W: np.ndarray, spec: core.QuantSpec, options: Options, k: int,
-                may_project: bool, order: np.ndarray | None = None) -> core.Moments:
+                may_project: bool, order: np.ndarray | None = None, extras=None) -> core.Moments:
     """The Moments of layer ``t`` (weights W (g, N0, N1g)) over all calibration batches, same
     rows in both streams. Where X~ still equals X (nothing quantized upstream) the rows are
     passed once; Moments are projected on W where that is cheaper and no other layer reads them.
@@ -297,13 +348,13 @@ def _accumulate(t: Layer, xs, xts, W: np.ndarray, spec: core.QuantSpec, options:
             x, xt = xs[b], xts[b]
             same = np.array_equal(x, xt)
 
-        def rows_of(a):
-            r = t.rows(a, pos)
+        def rows_of(a, stream):
+            r = t.rows(a, pos, *(extras[stream](b) if extras else ()))
             r = r[:, idx] if len(idx) < r.shape[1] else r
             return r if order is None else np.ascontiguousarray(r[..., order])
 
-        rows = rows_of(x)
-        moments.update(rows, rows if same else rows_of(xt))
+        rows = rows_of(x, 0)
+        moments.update(rows, rows if same else rows_of(xt, 1))
     return moments
 
 

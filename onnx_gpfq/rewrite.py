@@ -68,7 +68,7 @@ class QuantizedLayer:
         """Block-wise layers read their input in float: onnxruntime has no integer kernel for
         block-wise int8 weights (its optimiser even mis-fuses DQ(x), DQ_blocked(w) -> MatMul);
         some formats take a float input by design."""
-        return bool(self.block_size) or self.fmt.weight_only
+        return bool(self.block_size) or self.fmt.weight_only or not self.target.INT8_KERNEL
 
 
 def q_name(tensor: str) -> str:
@@ -183,22 +183,29 @@ def apply(
 ) -> tuple[list[onnx.NodeProto], dict[str, onnx.TensorProto]]:
     """Nodes (topological order) and initializers of ``graph`` with ``layers`` and ``acts`` quantized.
 
-    layers: keyed by node name; acts: keyed by tensor name. Unchanged initializers are shared with
-    ``graph`` (not copied).
+    layers: keyed by ``Layer.key`` (a node with several weights, LSTM W and R, has one layer per
+    weight: the last one's format emits the node, the others only their dequantized weight);
+    acts: keyed by tensor name. Unchanged initializers are shared with ``graph`` (not copied).
     """
+    by_node: dict[str, list[QuantizedLayer]] = {}
+    for q in layers.values():
+        by_node.setdefault(q.target.node, []).append(q)
     em = Emitter(acts, {o.name for o in graph.output}, {t.name: t for t in graph.initializer})
     for name in (i.name for i in graph.input if i.name not in em.inits):
         if name in acts:
             em.act_qdq(name)
     for node in graph.node:
-        layer = layers.get(node.name)
+        group = by_node.get(node.name)
         inputs = [read_name(n, acts, em.graph_outputs) for n in node.input]
         outputs = [em.produced_name(o) for o in node.output]
-        if layer is None:
+        if group is None:
             em.nodes.append(renamed(node, inputs, outputs))
         else:
+            layer = group[-1]
             if layer.weight_only:
                 inputs[0] = node.input[0]
+            for other in group[:-1]:
+                inputs[other.target.WEIGHT_INPUT] = other.fmt.weight_input(em, other)
             layer.fmt.emit(em, node, layer, inputs, outputs)
         for out in node.output:
             if out in acts:

@@ -36,7 +36,12 @@ class Layer:
     WEIGHT_INPUT: ClassVar[int] = 1  # index of the weight among the node's inputs
     BIAS_INPUT: ClassVar[int | None] = 2  # index of the bias input, None when the op has none
     QUANTIZE_OUTPUT: ClassVar[bool] = False  # give the output a QDQ pair (see activations.activation_tensors)
-    INT8_KERNEL: ClassVar[bool] = True  # onnxruntime's CPU provider runs the quantized op as an int8 kernel
+    # onnxruntime runs the layer on an int8 kernel when its input is quantized. False: it runs in
+    # float on the dequantized weights, so its input gets no QDQ (a weight-only layer) and
+    # constraints of the int8 kernels do not apply to it.
+    INT8_KERNEL: ClassVar[bool] = True
+    # The rows come from this output of the layer's own node (recurrent weights), None: from ``x``.
+    OWN_OUTPUT: ClassVar[int | None] = None
 
     node: str  # node name
     x: str  # activation input
@@ -60,6 +65,23 @@ class Layer:
     @property
     def op_type(self) -> str:
         return self.OP_TYPE
+
+    @property
+    def key(self) -> str:
+        """Identifies the target: the node name, unless a node has several weights (LSTM W and R)."""
+        return self.node
+
+    @property
+    def graph_shape(self) -> tuple[int, ...] | None:
+        """The shape the node reads its weight in when the codes are stored in another one
+        (``w_shape``): the dequantized weight is reshaped to it. None: the same."""
+        return None
+
+    @property
+    def extra_inputs(self) -> tuple[str, ...]:
+        """Further tensors ``rows`` reads after the layer input ("" for an absent one), e.g. the
+        sequence lengths of a recurrent layer."""
+        return ()
 
     # --- weights -----------------------------------------------------------------------------
     @property
@@ -109,9 +131,10 @@ class Layer:
         """Rows of X one sample yields: conv output positions, tokens, or 1."""
         raise NotImplementedError
 
-    def rows(self, x: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
+    def rows(self, x: np.ndarray, positions: np.ndarray | None, *extra) -> np.ndarray:
         """Layer input -> rows of X, shape (g, rows, N0), float32. positions: (N, P) row indices
-        to keep per sample (from ``positions``), or None for all."""
+        to keep per sample (from ``positions``), or None for all. extra: the ``extra_inputs``
+        (None for an absent one)."""
         raise NotImplementedError
 
     def positions(self, x_shape: tuple[int, ...], max_patches: int, rng: np.random.Generator) -> np.ndarray | None:

@@ -1,0 +1,5 @@
+"""GRU: W and R quantized per direction and gate unit (see ``_recurrent``)."""
+
+from ._recurrent import recurrent
+
+GRU = recurrent("GRU", 3)

@@ -1,0 +1,5 @@
+"""LSTM: W and R quantized per direction and gate unit (see ``_recurrent``)."""
+
+from ._recurrent import recurrent
+
+LSTM = recurrent("LSTM", 4)
