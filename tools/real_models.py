@@ -223,6 +223,15 @@ def bench_model(spec: specs.Spec, args, work: str) -> dict:
 
 # ---------------------------------------------------------------- main
 
+def write_section(results: dict) -> None:
+    with open(BENCHMARKS) as f:
+        text = f.read()
+    tmp_path = BENCHMARKS + ".tmp"
+    with open(tmp_path, "w") as f:
+        f.write(report.update_section(text, report.section(results)))
+    os.replace(tmp_path, BENCHMARKS)
+
+
 def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(specs.SPECS), help=f"comma-separated, of {', '.join(specs.SPECS)}")
@@ -239,6 +248,8 @@ def parse(argv):
     ap.add_argument("--workdir", help="where quantized models go (default a temporary folder)")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
     ap.add_argument("--update-benchmarks", action="store_true", help="write the '## Real models' section of BENCHMARKS.md")
+    ap.add_argument("--render", metavar="RESULTS.json", help="no run: the section from a saved run "
+                    "(the cache's results-last.json, or --json output); with --update-benchmarks, write it")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick and args.models == ",".join(specs.SPECS):
@@ -268,6 +279,18 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(f"real_models.py: error: {exc}", file=sys.stderr)
         return 2
+    if args.render:
+        try:
+            with open(args.render) as f:
+                results = json.load(f)
+            text = report.section(results)
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"real_models.py: error: --render {args.render}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
+        if args.update_benchmarks:
+            write_section(results)
+        print(text)
+        return 0
     if args.child:
         res = _child(json.load(open(args.child)))
         with open(args.child + ".out", "w") as f:
@@ -275,24 +298,29 @@ def main(argv=None) -> int:
         return 0
     started = time.time()
     results = {"command": "python tools/real_models.py " + " ".join(argv), "machine": common.machine() | report.cpu_flags(),
-               "seed": args.seed, "models": []}
+               "seed": args.seed, "models": [], "loadavg": [os.getloadavg()[0], None]}
     with tempfile.TemporaryDirectory(prefix="real-models-") as tmp:
         work = args.workdir or tmp
-        for name in args.models:
+        for k, name in enumerate(args.models):
             try:
                 results["models"].append(bench_model(specs.SPECS[name], args, work))
             except (fetch.FetchError, RuntimeError) as exc:
                 print(f"[{name}] skipped: {exc}", file=sys.stderr)
                 results["models"].append({"name": name, "error": str(exc), "rows": []})
-    results["seconds"] = time.time() - started
+            except Exception as exc:  # noqa: BLE001  (a bug in one model's harness must not lose the others)
+                import traceback  # noqa: PLC0415
+
+                traceback.print_exc()
+                results["models"].append({"name": name, "error": f"harness error {type(exc).__name__}: {exc}", "rows": []})
+            results["seconds"] = time.time() - started
+            results["loadavg"][1] = os.getloadavg()[0]
+            results["partial"] = None if k + 1 == len(args.models) else f"{k + 1} of {len(args.models)} models so far"
+            os.makedirs(args.cache, exist_ok=True)
+            with open(os.path.join(args.cache, "results-last.json"), "w") as f:  # for --render
+                json.dump(results, f, default=float)
+            if args.update_benchmarks:  # after every model, so an interrupted run leaves what it measured
+                write_section(results)
     if args.update_benchmarks:
-        with open(BENCHMARKS) as f:
-            text = f.read()
-        new = report.update_section(text, report.section(results))
-        tmp_path = BENCHMARKS + ".tmp"
-        with open(tmp_path, "w") as f:
-            f.write(new)
-        os.replace(tmp_path, BENCHMARKS)
         print(f"wrote the Real models section of {BENCHMARKS}", file=sys.stderr)
     if args.json:
         print(json.dumps(results, default=float))
