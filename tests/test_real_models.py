@@ -125,13 +125,14 @@ def test_yolox_decode_grid_and_strides():
     assert det["scores"][0] == pytest.approx(0.81)
 
 
-def test_ctc_decode_of_the_recogniser_output():
+def test_ctc_decode_of_the_recogniser_output(tmp_path, monkeypatch):
     spec = specs.SPECS["ocr"]
-    spec.extra["charset"] = ["", "a", "b", "c"]
+    monkeypatch.setitem(spec.extra, "charset", ["", "a", "b", "c"])
     logits = np.zeros((6, 1, 4), dtype=np.float32)
     for t, k in enumerate([1, 1, 0, 1, 3, 3]):
         logits[t, 0, k] = 5
-    assert specs.decode(spec, [logits], cache="unused") == "aac"
+    assert specs.decode(spec, [logits], cache=str(tmp_path)) == "aac"
+    assert os.listdir(tmp_path) == []  # the charset given, no wheel fetched
 
 
 # ---------------------------------------------------------------- weight fraction

@@ -68,6 +68,10 @@ class UsageError(Exception):
 def _child(job: dict) -> dict:
     import onnxruntime  # noqa: F401  (imported before the quantize call in both kinds)
 
+    # onnxruntime's quantizer writes scratch files (sym_shape_infer_temp.onnx, external-data files of
+    # its augmented model) into the working directory: keep them in the run's work folder
+    os.chdir(os.path.dirname(os.path.abspath(job["out"])))
+
     with np.load(job["calib"], allow_pickle=False) as d:
         arrays = {k: d[k] for k in d.files}
     out = {}

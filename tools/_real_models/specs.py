@@ -197,7 +197,9 @@ def _picodet(outs: list[np.ndarray]) -> dict:
 def decode(spec: Spec, outputs: list[np.ndarray], cache: str):
     """One sample's model outputs -> its prediction (text, detections, class, embedding)."""
     if spec.name == "ocr":
-        chars = spec.extra.setdefault("charset", charset(cache))
+        if "charset" not in spec.extra:  # read once from the wheel
+            spec.extra["charset"] = charset(cache)
+        chars = spec.extra["charset"]
         idx = metrics.ctc_greedy(outputs[0][:, 0, :].argmax(1))
         return "".join(chars[i] for i in idx if i < len(chars)).lower()
     if spec.name == "det":
