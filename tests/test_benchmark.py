@@ -96,3 +96,15 @@ def test_bench_quantize_repeat_reports_the_median_pair():
     proc = subprocess.run([sys.executable, "tools/bench_quantize.py", "models/digits_mlp.onnx", "--calib",
                            "models/digits_calib.npz", "--repeat", "0"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "--repeat must be >= 1" in proc.stderr
+
+
+def test_regenerating_keeps_the_sections_other_tools_write(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))
+    import benchmark
+
+    out = tmp_path / "B.md"
+    out.write_text("# Benchmarks\nold table\n<!-- real-models:begin -->\n## Real models\nrows\n<!-- real-models:end -->\n")
+    text = benchmark.keep_sections("# Benchmarks\nnew table\n", str(out))
+    assert text.startswith("# Benchmarks\nnew table\n") and "old table" not in text
+    assert "<!-- real-models:begin -->\n## Real models\nrows\n<!-- real-models:end -->\n" in text
+    assert benchmark.keep_sections("# new\n", str(tmp_path / "missing.md")) == "# new\n"

@@ -34,6 +34,7 @@ import datetime
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -490,6 +491,21 @@ def _findings(summ: list[dict]) -> list[str]:
 
 # ---------------------------------------------------------------- main
 
+SECTION = re.compile(r"<!-- ([a-z0-9-]+):begin -->\n.*?<!-- \1:end -->\n", re.S)
+
+
+def keep_sections(text: str, path: str) -> str:
+    """``text`` with the sections other tools write into the same file (``<!-- NAME:begin -->`` ...
+    ``<!-- NAME:end -->``, e.g. tools/real_models.py's and tools/peers.py's) carried over from it."""
+    try:
+        with open(path) as f:
+            old = f.read()
+    except OSError:
+        return text
+    kept = [m.group(0) for m in SECTION.finditer(old) if m.group(0) not in text]
+    return text.rstrip("\n") + "\n\n" + "\n".join(kept) if kept else text
+
+
 def _clean(obj):
     """JSON-safe: non-finite floats (an exact model's infinite SQNR) become None."""
     if isinstance(obj, float):
@@ -571,7 +587,7 @@ def main(argv=None) -> int:
     result["seconds"] = time.perf_counter() - start
     result["out"] = args.out
     with open(args.out, "w") as f:
-        f.write(markdown(result))
+        f.write(keep_sections(markdown(result), args.out))
     log(f"wrote {args.out} in {result['seconds']:.0f} s")
     if args.json:
         print(json.dumps(_clean(result)))
