@@ -20,6 +20,7 @@ from .choices import (ACT_BITS, ACT_CALIBRATIONS, C_RANGE, FLAG, GRANULARITIES, 
                       parse_weight_bits)  # the parsers and choice tuples stay importable from here
 from .config import RULE_KEYS, RULE_TYPES, LayerRule, load_config, load_config_fix_inputs  # noqa: F401
 from .errors import UserError
+from .formats import FORMATS
 from .specialise import parse_fix_inputs
 from .core import Alphabet, QuantSpec, Sparsity
 from .cpu import TARGETS
@@ -94,7 +95,7 @@ class Options:
                            check=FLAG)
     weight_format: str = opt("int8", "int8: codes in int8 containers, runs on int8 kernels; int4: packed INT4 with "
                              "opset-21 DequantizeLinear; matmulnbits: 2-D MatMul weights as com.microsoft MatMulNBits "
-                             "(4-bit, block-wise)", check=choice(WEIGHT_FORMATS))
+                             "(4-bit, block-wise)", check=Check("choice", FORMATS.keys()))  # the live registry
     act_symmetric: bool = opt(False, "symmetric int8/int16 activations (zero point 0)", action="store_true", check=FLAG)
     act_calibration: str = opt("minmax", "activation range: full min-max, clipped at --percentile, or the clip "
                                "minimising the quantization MSE", check=choice(ACT_CALIBRATIONS))

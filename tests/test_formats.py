@@ -259,7 +259,6 @@ def test_a_new_format_is_one_class_and_one_registry_entry(monkeypatch):
             return replace(spec, alphabet=Alphabet(max(spec.alphabet.lo, -64), min(spec.alphabet.hi, 63)))
 
     monkeypatch.setitem(formats.FORMATS, Bounded.name, Bounded())
-    monkeypatch.setattr(options, "WEIGHT_FORMATS", tuple(formats.FORMATS))  # the CLI's choices, read at import
     model, report = quantize(MODELS / "digits_mlp.onnx", CALIB, weight_bits=8, weight_format="int8_bounded", quiet=True)
     codes = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_quantized")
              and t.data_type == TensorProto.INT8]
