@@ -101,10 +101,22 @@ def test_table_formats_every_row():
 def test_prose_says_who_is_more_accurate_by_how_much_and_at_what_cost():
     text = "\n".join(report.prose(_rows()))
     better, worse = text.split("Where onnx-gpfq is more accurate")
-    assert "aimet-onnx seqmse is 0.4 points more accurate (99.4 against 99.0), at 30x our CPU seconds" in better
-    assert "aimet-onnx adaround is 1.0 points less accurate (98.0 against our 99.0), at 500x our CPU seconds" in worse
+    assert "aimet-onnx seqmse is 0.4 points better (99.4 against our 99.0), at 30x our CPU seconds" in better
+    assert "aimet-onnx adaround is 1.0 points worse (98.0 against our 99.0), at 500x our CPU seconds" in worse
     assert "amd-quark" not in text and "brevitas" not in text  # rows that did not run are not compared
     assert "nowhere" in "\n".join(report.prose(_rows()[:2]))
+
+
+def test_a_lower_is_better_metric_is_compared_the_right_way():
+    cer = lambda q, m, v: report.make_row("ocr", q, m, "W4A8", {"metric": v, "cpu_s": 1.0}, "cer", False)  # noqa: E731
+    rows = [cer("onnx-gpfq", "gpfq", 0.05), cer("aimet-onnx", "seqmse", 0.08)]
+    assert report.gain(rows[0], rows[1]) == pytest.approx(0.03)
+    acc = report.acceptance(rows)["ocr"]
+    assert acc["as_accurate_as_seqmse"] is True and acc["vs_seqmse_metric_delta"] == pytest.approx(0.03)
+    text = "\n".join(report.prose(rows))
+    assert "aimet-onnx seqmse is 0.030 cer worse (0.080 against our 0.050)" in text
+    doc = report.document(rows, {}, "c")
+    assert "vs SeqMSE +0.030 cer (met)" in report.section(doc)
 
 
 def test_section_is_regenerated_between_the_markers():

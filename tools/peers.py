@@ -14,7 +14,13 @@ requirements match. Peers, at their documented default settings:
   W4A8 is recorded as not possible when its ONNX config has no int4 spec (checked at run time);
 - Brevitas (``brevitas``) GPFQ on the digits models' PyTorch definitions (tools/train_digits.py)
   with the ONNX file's weights loaded into them (Brevitas has no ONNX import), exported as QCDQ ONNX;
-- onnx-gpfq (this repo, in the interpreter running this tool): ``onnx_gpfq.quantize`` defaults.
+- onnx-gpfq (this repo, in the interpreter running this tool): ``onnx_gpfq.quantize`` defaults
+  (numba's on-disk kernel cache is made valid by one untimed warm-up run first).
+
+Models: the digits models (models/digits_*.onnx; calibration models/digits_calib.npz, accuracy on
+models/digits_test.npz) and real models by the real-model suite's names (e.g. ocr, orientation): the
+model file, seeded calibration / evaluation data and the task metric are that suite's own functions
+(tools/_real_models, see tools/_peers/real.py); where it is not importable, the model's rows say so.
 
 Torch for AIMET and Brevitas: ``torch==2.13.0`` (the CPU wheel on this machine's disk), or the
 wheel given by --torch-wheel. Before installing, a ``pip install --dry-run --report`` must show
@@ -150,19 +156,24 @@ def digits_model(name: str) -> dict:
         x, labels = d["input"], d["labels"]
     return {"name": name, "path": os.path.join(REPO, "models", f"{name}.onnx"),
             "calib": os.path.join(REPO, "models", "digits_calib.npz"), "eval_inputs": {"input": x},
-            "metric_name": "accuracy", "torch_module": name,
-            "metric": lambda outs: float((outs[0].argmax(axis=1) == labels).mean())}
+            "metric_name": "accuracy", "higher_is_better": True, "torch_module": name, "per_sample": False,
+            "metric": lambda runs, _float_runs: float((runs[0][0].argmax(axis=1) == labels).mean())}
 
 
-def load_models(names: list[str]) -> list[dict]:
+def load_models(names: list[str], work: str) -> list[dict]:
+    """The models to run: the digits models, and real models from the real-model suite (or, where it
+    cannot give one, {"name", "unavailable": reason})."""
     out = []
     for name in names:
         if name in DIGITS:
             out.append(digits_model(name))
-        else:
-            from _peers import real
+            continue
+        from _peers import real
 
-            out.append(real.model(name))
+        try:
+            out.append(real.model(name, work=work))
+        except Exception as exc:  # noqa: BLE001  (reported as the model's rows)
+            out.append({"name": name, "unavailable": f"{type(exc).__name__}: {exc}"[:300]})
     return out
 
 
@@ -202,17 +213,17 @@ def run_child(python: str, job: dict, timeout: float) -> dict:
         return json.load(f) | figures
 
 
-def run_outputs(path: str, inputs: dict) -> list:
-    import numpy as np
+def run_outputs(path: str, inputs: dict, per_sample: bool) -> list[list]:
+    """Outputs of onnxruntime with default session options (as deployed): one list of outputs per run,
+    one run per sample when ``per_sample`` or when the model's batch is fixed, else one run for all."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])  # default options: as deployed
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
-    n = min(v.shape[0] for v in inputs.values())
+    n = min(len(v) for v in inputs.values())
     shape0 = sess.get_inputs()[0].shape[0]
-    step = shape0 if isinstance(shape0, int) and shape0 > 0 else n
-    parts = [sess.run(None, {k: inputs[k][i:i + step] for k in names}) for i in range(0, n, step)]
-    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+    step = 1 if per_sample else (shape0 if isinstance(shape0, int) and shape0 > 0 else n)
+    return [sess.run(None, {k: inputs[k][i:i + step] for k in names}) for i in range(0, n, step)]
 
 
 def integer_ops(path: str) -> dict:
@@ -225,9 +236,11 @@ def integer_ops(path: str) -> dict:
     return {"integer_ops": sum(op in INTEGER_KERNELS for op in ops), "float_compute_ops": sum(op in float_compute for op in ops)}
 
 
-def evaluate(model: dict, qpath: str, float_outs: list) -> dict:
-    outs = run_outputs(qpath, model["eval_inputs"])
-    return {"metric": model["metric"](outs), "sqnr_db": report.sqnr_db(float_outs, outs)} | integer_ops(qpath)
+def evaluate(model: dict, qpath: str, float_runs: list) -> dict:
+    runs = run_outputs(qpath, model["eval_inputs"], model["per_sample"])
+    flat = lambda rs: [o for r in rs for o in r]  # noqa: E731
+    return {"metric": model["metric"](runs, float_runs),
+            "sqnr_db": report.sqnr_db(flat(float_runs), flat(runs))} | integer_ops(qpath)
 
 
 def bench(models: list[dict], runs: list[tuple], cache: str, torch_wheel: str | None, results_path: str,
@@ -249,14 +262,20 @@ def bench(models: list[dict], runs: list[tuple], cache: str, torch_wheel: str | 
         log(f"onnx-gpfq warm-up (numba cache, untimed in the table): {res.get('wall_s')} s wall")
     rows = []
     for model in models:
-        float_outs = run_outputs(model["path"], model["eval_inputs"])
-        float_metric = model["metric"](float_outs)
-        rows.append(report.make_row(model["name"], "float", "-", "float", {"metric": float_metric},
-                                    model["metric_name"]))
+        if "unavailable" in model:
+            float_outs = float_metric = None
+            log(f"{model['name']}: {model['unavailable']}")
+        else:
+            float_outs = run_outputs(model["path"], model["eval_inputs"], model["per_sample"])
+            float_metric = model["metric"](float_outs, float_outs)
+            rows.append(report.make_row(model["name"], "float", "-", "float", {"metric": float_metric},
+                                        model["metric_name"], model["higher_is_better"]))
         for peer, method, wbits, abits in runs:
             bits = f"W{wbits}A{abits}"
             env = envs[peer]
-            if "reason" in env:
+            if "unavailable" in model:
+                res = {"unsupported": "model not available: " + model["unavailable"]}
+            elif "reason" in env:
                 res = {"unsupported": env["reason"]}
             else:
                 stem = os.path.join(work, f"{model['name']}-{peer}-{method}-{bits}")
@@ -274,7 +293,8 @@ def bench(models: list[dict], runs: list[tuple], cache: str, torch_wheel: str | 
                 res["versions"] = res.get("versions") or env["versions"]
             if res.get("traceback"):
                 log("  " + "\n  ".join(res["traceback"]))
-            row = report.make_row(model["name"], peer, method, bits, res, model["metric_name"])
+            row = report.make_row(model["name"], peer, method, bits, res, model.get("metric_name"),
+                                  model.get("higher_is_better", True))
             row["float_metric"] = float_metric
             rows.append(row)
             log("  " + json.dumps({k: row.get(k) for k in ("metric", "sqnr_db", "wall_s", "cpu_s", "peak_rss_mb",
@@ -290,6 +310,8 @@ def main(argv=None) -> int:
                     " and real models by name (tools/real_models.py)")
     ap.add_argument("--peers", default="onnx-gpfq,aimet-onnx,amd-quark,brevitas")
     ap.add_argument("--methods", default=None, help="only these methods (e.g. seqmse,gpfq)")
+    ap.add_argument("--bits", default=None, help="only these, e.g. W4A8")
+    ap.add_argument("--note", action="append", default=[], help="a line for the section's notes (repeatable)")
     ap.add_argument("--cache", default=DEFAULT_CACHE, help="where the peers' venvs live (outside the repo)")
     ap.add_argument("--torch-wheel", default=None, help="the torch 2.13.0 CPU wheel to install (default: pip's "
                     "torch==2.13.0 from the machine's local wheels)")
@@ -309,12 +331,16 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
         peers = args.peers.split(",")
         methods = set(args.methods.split(",")) if args.methods else None
-        runs = [r for r in RUNS if r[0] in peers and (methods is None or r[1] in methods)]
+        bits = set(args.bits.split(",")) if args.bits else None
+        runs = [r for r in RUNS if r[0] in peers and (methods is None or r[1] in methods)
+                and (bits is None or f"W{r[2]}A{r[3]}" in bits)]
         with tempfile.TemporaryDirectory(prefix="peers-") as work:
-            bench(load_models(args.models.split(",")), runs, os.path.expanduser(args.cache), args.torch_wheel,
+            bench(load_models(args.models.split(","), work), runs, os.path.expanduser(args.cache), args.torch_wheel,
                   results_path, args.timeout, not args.no_install, work)
     rows = report.load_rows(results_path)
     doc = report.document(rows, report.machine(), command)
+    if args.note:
+        doc["notes"] = args.note
     if not args.no_write:
         with open(args.out) as f:
             text = f.read()

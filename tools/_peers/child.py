@@ -127,6 +127,9 @@ def run_quark(job: dict, batches: list[dict]) -> dict:
 def run_brevitas(job: dict, batches: list[dict]) -> dict:
     import torch
 
+    if not job.get("torch_module"):
+        return {"unsupported": "Brevitas quantizes PyTorch modules and has no ONNX import; this tool has PyTorch "
+                               "definitions of the digits models only (tools/train_digits.py)"}
     sys.path.insert(0, job["tools_dir"])
     from _peers import torch_digits
 

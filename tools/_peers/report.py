@@ -22,7 +22,7 @@ RUNS = [  # (quantizer, method, weight bits, activation bits), in table order
     ("amd-quark", "adaround", 4, 8), ("amd-quark", "adaround", 8, 8), ("amd-quark", "ptq", 8, 8),
     ("brevitas", "gpfq", 4, 8), ("brevitas", "gpfq", 8, 8),
 ]
-ROW_KEYS = ("model", "quantizer", "method", "bits", "metric_name", "metric", "float_metric", "sqnr_db", "wall_s",
+ROW_KEYS = ("model", "quantizer", "method", "bits", "metric_name", "higher_is_better", "metric", "float_metric", "sqnr_db", "wall_s",
             "cpu_s", "process_wall_s", "process_cpu_s", "peak_rss_mb", "integer_ops", "float_compute_ops",
             "integer_kernels", "settings", "versions", "reason")
 
@@ -31,11 +31,13 @@ def row_key(row: dict) -> tuple:
     return (row["model"], row["quantizer"], row["method"], row["bits"])
 
 
-def make_row(model: str, quantizer: str, method: str, bits: str, res: dict, metric_name: str) -> dict:
+def make_row(model: str, quantizer: str, method: str, bits: str, res: dict, metric_name: str | None,
+             higher_is_better: bool = True) -> dict:
     """One table row from a child's result (or a float reference): every ROW_KEYS key, None where unknown."""
     row = {k: None for k in ROW_KEYS}
-    row.update(model=model, quantizer=quantizer, method=method, bits=bits, metric_name=metric_name)
-    for k in ROW_KEYS[5:]:
+    row.update(model=model, quantizer=quantizer, method=method, bits=bits, metric_name=metric_name,
+               higher_is_better=higher_is_better)
+    for k in ROW_KEYS[6:]:
         if k in res:
             row[k] = res[k]
     if res.get("unsupported"):
@@ -102,6 +104,18 @@ def _find(rows, model, quantizer, method, bits):
     return None
 
 
+def gain(row: dict, other: dict) -> float:
+    """How much better ``row``'s task metric is than ``other``'s (negative: worse), whichever way the metric runs."""
+    d = row["metric"] - other["metric"]
+    return d if row.get("higher_is_better") is not False else -d
+
+
+def _delta_text(row: dict, d: float) -> str:
+    if row.get("metric_name") == "accuracy":
+        return f"{d * 100:.1f} points"
+    return f"{d:.3f} {row.get('metric_name') or ''}".rstrip()
+
+
 def _ran(row) -> bool:
     return row is not None and row.get("metric") is not None and row.get("reason") is None
 
@@ -116,8 +130,8 @@ def acceptance(rows: list[dict]) -> dict:
         ada = _find(rows, model, "aimet-onnx", "adaround", "W4A8")
         entry = {}
         if _ran(ours) and _ran(seq):
-            entry["vs_seqmse_metric_delta"] = ours["metric"] - seq["metric"]
-            entry["as_accurate_as_seqmse"] = ours["metric"] >= seq["metric"]
+            entry["vs_seqmse_metric_delta"] = gain(ours, seq)  # positive: onnx-gpfq better
+            entry["as_accurate_as_seqmse"] = gain(ours, seq) >= 0
         if _ran(ours) and _ran(ada) and ours.get("cpu_s") and ada.get("cpu_s"):
             entry["adaround_cpu_speedup"] = ada["cpu_s"] / ours["cpu_s"]
             entry["adaround_wall_speedup"] = ada["wall_s"] / ours["wall_s"] if ours.get("wall_s") else None
@@ -175,17 +189,17 @@ def prose(rows: list[dict]) -> list[str]:
         ours = _find(rows, r["model"], "onnx-gpfq", "gpfq", r["bits"])
         if not _ran(ours):
             continue
-        delta = (r["metric"] - ours["metric"]) * (100 if r.get("metric_name") == "accuracy" else 1)
-        unit = " points" if r.get("metric_name") == "accuracy" else ""
+        delta = gain(r, ours)
         cost = (f"{r['cpu_s'] / ours['cpu_s']:.0f}x our CPU seconds ({r['cpu_s']:.1f} s against {ours['cpu_s']:.2f} s)"
                 if r.get("cpu_s") and ours.get("cpu_s") else "time not measured")
         what = f"{r['model']} {r['bits']}: {r['quantizer']} {r['method']}"
         if delta > 0:
-            better.append(f"- {what} is {delta:.1f}{unit} more accurate ({_metric(r)} against {_metric(ours)}), at {cost}.")
+            better.append(f"- {what} is {_delta_text(r, delta)} better ({_metric(r)} against our {_metric(ours)}), "
+                          f"at {cost}.")
         elif delta < 0:
-            worse.append(f"- {what} is {-delta:.1f}{unit} less accurate ({_metric(r)} against our {_metric(ours)}), "
+            worse.append(f"- {what} is {_delta_text(r, -delta)} worse ({_metric(r)} against our {_metric(ours)}), "
                          f"at {cost}.")
-    lines = ["Where a peer is more accurate than onnx-gpfq at the same bits:", ""]
+    lines = ["Where a peer is more accurate than onnx-gpfq at the same bits (task metric):", ""]
     lines += better or ["- nowhere in the rows above."]
     lines += ["", "Where onnx-gpfq is more accurate (ties are left out), and what the peer spends:", ""]
     lines += worse or ["- nowhere in the rows above."]
@@ -217,7 +231,9 @@ def section(doc: dict) -> str:
         for model, e in acc.items():
             parts = []
             if "as_accurate_as_seqmse" in e:
-                parts.append(f"vs SeqMSE {e['vs_seqmse_metric_delta'] * 100:+.1f} points "
+                ours = _find(doc["rows"], model, "onnx-gpfq", "gpfq", "W4A8")
+                sign = "+" if e["vs_seqmse_metric_delta"] >= 0 else "-"
+                parts.append(f"vs SeqMSE {sign}{_delta_text(ours, abs(e['vs_seqmse_metric_delta']))} "
                              f"({'met' if e['as_accurate_as_seqmse'] else '**not met**'})")
             if "adaround_cpu_speedup" in e:
                 parts.append(f"{e['adaround_cpu_speedup']:.0f}x fewer CPU seconds than AdaRound "
