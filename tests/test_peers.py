@@ -168,3 +168,15 @@ def test_requirements_pin_onnxruntime_and_torch(monkeypatch):
     assert peers.requirements("amd-quark", None)[-2:] == ["onnxruntime==1.2.3", "torch==2.13.0"]
     assert peers.requirements("brevitas", "/w/torch.whl")[-1] == "/w/torch.whl"
     assert all(not r.startswith("torch") for r in peers.requirements("aimet-onnx", None)[:-1])
+
+
+def test_document_orders_rows_and_makes_missing_float_rows():
+    rows = [_row(quantizer="aimet-onnx", method="seqmse", metric=0.99, float_metric=0.994),
+            _row(model="digits_mlp", metric=0.9, float_metric=0.95),
+            _row(metric=0.98, float_metric=0.994)]
+    doc = report.document(rows, {}, "c")
+    got = [(r["model"], r["quantizer"], r["metric"]) for r in doc["rows"]]
+    assert got == [("digits_cnn", "float", 0.994), ("digits_cnn", "onnx-gpfq", 0.98), ("digits_cnn", "aimet-onnx", 0.99),
+                   ("digits_mlp", "float", 0.95), ("digits_mlp", "onnx-gpfq", 0.9)]
+    saved = [_row(quantizer="float", method="-", bits="float", metric=0.5)] + rows[:1]
+    assert [r["metric"] for r in report.document(saved, {}, "c")["rows"]] == [0.5, 0.99]  # a saved float row wins

@@ -270,6 +270,8 @@ def bench(models: list[dict], runs: list[tuple], cache: str, torch_wheel: str | 
             float_metric = model["metric"](float_outs, float_outs)
             rows.append(report.make_row(model["name"], "float", "-", "float", {"metric": float_metric},
                                         model["metric_name"], model["higher_is_better"]))
+            with open(results_path, "a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
         for peer, method, wbits, abits in runs:
             bits = f"W{wbits}A{abits}"
             env = envs[peer]

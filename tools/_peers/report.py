@@ -141,8 +141,28 @@ def acceptance(rows: list[dict]) -> dict:
     return out
 
 
+def ordered(rows: list[dict]) -> list[dict]:
+    """Models in first-seen order, each with its float row first (made from the rows' float_metric where
+    no float row was saved), then the quantizers in RUNS order."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    out = []
+    order = {(q, m, f"W{w}A{a}"): i for i, (q, m, w, a) in enumerate(RUNS)}
+    for model in models:
+        mine = [r for r in rows if r["model"] == model]
+        floats = [r for r in mine if r["quantizer"] == "float"]
+        if not floats:
+            ref = next((r for r in mine if r.get("float_metric") is not None), None)
+            if ref is not None:
+                floats = [make_row(model, "float", "-", "float", {"metric": ref["float_metric"]},
+                                   ref.get("metric_name"), ref.get("higher_is_better", True))]
+        out += floats[:1] + sorted((r for r in mine if r["quantizer"] != "float"),
+                                   key=lambda r: order.get((r["quantizer"], r["method"], r["bits"]), len(order)))
+    return out
+
+
 def document(rows: list[dict], machine_info: dict, command: str) -> dict:
     """The JSON the tool prints (and the section is made from)."""
+    rows = ordered(rows)
     return {"schema": SCHEMA, "command": command, "machine": machine_info, "rows": rows,
             "acceptance": acceptance(rows)}
 
@@ -221,7 +241,8 @@ def section(doc: dict) -> str:
              "imports not counted); peak RSS: the child's ru_maxrss. Every result is evaluated the same way: "
              "onnxruntime, default session options (as deployed); SQNR of the outputs against the float model; "
              "integer kernels: the ops onnxruntime's optimiser writes (QLinear*/QGemm/MatMulInteger* against "
-             "float Conv/Gemm/MatMul left). Same calibration batches (32 samples each) for every quantizer.",
+             "float Conv/Gemm/MatMul left). The same calibration batches for every quantizer (32 samples each, or "
+             "the model's fixed batch).",
              "", "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + ".", ""]
     lines += table(doc["rows"])
     lines += [""] + prose(doc["rows"])
