@@ -32,7 +32,7 @@ def _rows():
              integer_ops=0, float_compute_ops=6),
         _row(quantizer="aimet-onnx", method="adaround", metric=0.98, sqnr_db=14.0, wall_s=300.0, cpu_s=200.0,
              integer_ops=0, float_compute_ops=6),
-        _row(quantizer="amd-quark", method="adaround", unsupported="no int4 spec"),
+        _row(quantizer="amd-quark", method="adaround", unsupported="no int4 spec", wall_s=3.0, cpu_s=2.0),
         _row(quantizer="brevitas", method="gpfq", error="RuntimeError: boom | bang"),
     ]
 
@@ -44,6 +44,7 @@ def test_make_row_has_every_key_and_the_reason():
     assert ok["integer_kernels"] is True and ok["reason"] is None
     assert _rows()[2]["integer_kernels"] is False  # integer ops counted: none
     assert cannot["reason"] == "cannot run: no int4 spec" and cannot["metric"] is None
+    assert cannot["wall_s"] is None and cannot["cpu_s"] is None  # it quantized nothing: no time in the table
     assert failed["reason"].startswith("failed: RuntimeError") and failed["integer_kernels"] is None
 
 

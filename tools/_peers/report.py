@@ -42,6 +42,7 @@ def make_row(model: str, quantizer: str, method: str, bits: str, res: dict, metr
             row[k] = res[k]
     if res.get("unsupported"):
         row["reason"] = "cannot run: " + res["unsupported"]
+        row["wall_s"] = row["cpu_s"] = None  # no quantization happened (the process figures stay)
     elif res.get("error"):
         row["reason"] = "failed: " + res["error"]
     if row["integer_ops"] is not None:
