@@ -181,3 +181,14 @@ def test_document_orders_rows_and_makes_missing_float_rows():
                    ("digits_mlp", "float", 0.95), ("digits_mlp", "onnx-gpfq", 0.9)]
     saved = [_row(quantizer="float", method="-", bits="float", metric=0.5)] + rows[:1]
     assert [r["metric"] for r in report.document(saved, {}, "c")["rows"]] == [0.5, 0.99]  # a saved float row wins
+
+
+def test_acceptance_bounds_the_speedup_when_adaround_timed_out():
+    rows = [_row(metric=0.99, cpu_s=1.5, wall_s=7.0),
+            _row(quantizer="aimet-onnx", method="adaround", error="timed out after 1500 s", process_cpu_s=300.0)]
+    acc = report.acceptance(rows)["digits_cnn"]
+    assert acc["adaround_cpu_speedup_at_least"] == pytest.approx(200.0) and acc["faster_20x_than_adaround"] is True
+    assert "adaround_cpu_speedup" not in acc
+    assert "at least 200x fewer CPU seconds than AdaRound" in report.section(report.document(rows, {}, "c"))
+    rows[1]["reason"] = "failed: RuntimeError"  # a crash bounds nothing
+    assert "digits_cnn" not in report.acceptance(rows)
