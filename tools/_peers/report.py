@@ -74,6 +74,8 @@ def load_rows(path: str) -> list[dict]:
         for line in f:
             if line.strip().startswith("{"):
                 row = json.loads(line)
+                if (row.get("reason") or "").startswith("cannot run"):
+                    row["wall_s"] = row["cpu_s"] = None  # rows saved before make_row blanked these
                 rows[row_key(row)] = row
     return list(rows.values())
 
