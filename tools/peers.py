@@ -190,7 +190,9 @@ def run_child(python: str, job: dict, timeout: float) -> dict:
     err_path = job["result"] + ".stderr"
     t0 = time.perf_counter()
     with open(err_path, "w") as err:
-        proc = subprocess.Popen([python, CHILD, job_path], cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+        # cwd: the job's own folder (AMD Quark writes quantized_info.csv into the working directory)
+        proc = subprocess.Popen([python, CHILD, job_path], cwd=os.path.dirname(os.path.abspath(job["result"])),
+                                stdout=subprocess.DEVNULL, stderr=err)
         killed = threading.Event()
         timer = threading.Timer(timeout, lambda: (killed.set(), proc.kill()))
         timer.start()
