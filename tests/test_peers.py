@@ -192,3 +192,16 @@ def test_acceptance_bounds_the_speedup_when_adaround_timed_out():
     assert "at least 200x fewer CPU seconds than AdaRound" in report.section(report.document(rows, {}, "c"))
     rows[1]["reason"] = "failed: RuntimeError"  # a crash bounds nothing
     assert "digits_cnn" not in report.acceptance(rows)
+
+
+def test_regeneration_keeps_the_hand_written_notes_and_benchmark_py_can_carry_the_section():
+    import re
+
+    doc = report.document(_rows(), {}, "c1")
+    first = report.replace_section("# B\n", report.section(doc))
+    noted = first.replace(report.END, report.NOTES + "\n\n- a note\n" + report.END)
+    again = report.replace_section(noted, report.section(report.document(_rows()[:2], {}, "c2")))
+    assert "`c2`" in again and "`c1`" not in again and again.count(report.NOTES) == 1
+    assert again.index("- a note") < again.index(report.END)
+    # tools/benchmark.py carries over sections of this form when it rewrites BENCHMARKS.md
+    assert re.search(r"<!-- ([a-z0-9-]+):begin -->\n.*?<!-- \1:end -->\n", again, re.S)
