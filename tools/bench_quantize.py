@@ -15,11 +15,13 @@ other's figures):
   ``quant_pre_process`` (symbolic shape inference + optimisation); the JSON's ``ort_preprocessing``
   says what it got.
 
-Seconds are wall clock (time.perf_counter) around the quantize call alone: interpreter start,
-imports (each child imports what its quantizer loads, onnxruntime included) and ORT's preprocessing
-are not counted (``ort_preprocess_seconds`` reports the latter;
-``ratio_incl_ort_preprocessing`` divides by ORT's quantize + preprocessing, the like-for-like figure
-since onnx-gpfq's own time includes its model normalisation). ``ratio`` is the target's figure.
+Seconds are wall clock (time.perf_counter) around the quantize call alone: interpreter start and
+imports (each child imports what its quantizer loads, onnxruntime included) are not counted.
+The headline, ``ratio_incl_ort_preprocessing``, is like for like: onnx-gpfq's time includes its own
+model normalisation (opset upgrade, optimisation, shape inference), so ORT's side counts the
+``quant_pre_process`` its documented flow requires before ``quantize_static``: gpfq seconds /
+(ORT quantize + ORT preprocessing seconds); ``ort_preprocess_seconds`` reports the latter. The old
+``ratio`` (gpfq / ORT's quantize call alone) is reported beside it.
 By default each call is the first in its process (numba's kernel cache load, or compilation when the
 cache is stale, lands on gpfq; onnxruntime's first-call costs on ORT); --warmup first runs each
 quantizer once, untimed, on the first calibration batch (its peak RSS then includes that run).
@@ -34,9 +36,9 @@ MODEL: a path, or ``light:NAME`` (tests/light_models.prepared(NAME), seeded rand
 times); gpfq is then also run at 1x, and the JSON adds ``gpfq_peak_rss_mb_1x`` and
 ``gpfq_rss_growth`` (peak at Kx / peak at 1x; the target is <= 1.3).
 --repeat N: the gpfq and ORT children run N times, each pair back to back (a shared machine's slow
-spells then slow both of a pair); the JSON reports the pair with the median gpfq/ORT ratio, plus
-``ratios`` and every run's seconds.
-Targets: ratio <= 3 at 1x; gpfq_rss_growth <= 1.3 at 8x.
+spells then slow both of a pair); the JSON reports the pair with the median headline ratio, plus
+``ratios_incl_ort_preprocessing``, ``ratios`` and every run's seconds.
+Targets: ratio_incl_ort_preprocessing <= 3 at 1x (``ratio_target_met``); gpfq_rss_growth <= 1.3 at 8x.
 """
 
 from __future__ import annotations
@@ -202,10 +204,18 @@ def _run_child(kind: str, model_path: str, calib_path: str, workdir: str, warmup
 
 # ---------------------------------------------------------------- parent
 
+def _ort_total(o: dict) -> float | None:
+    """ORT's quantize seconds plus the preprocessing its flow requires (the headline's denominator)."""
+    if o.get("seconds") is None:
+        return None
+    return o["seconds"] + ((o.get("preprocessing") or {}).get("preprocess_seconds") or 0.0)
+
+
 def _median_pair(runs: list[tuple[dict, dict]]) -> tuple[dict, dict, list[float]]:
-    """The (gpfq, ort) pair of the median gpfq/ort ratio (pairs run back to back, so a slow spell
-    of a shared machine slows both of a pair), and every pair's ratio."""
-    ratios = [g["seconds"] / o["seconds"] if g.get("seconds") is not None and o.get("seconds") else float("inf")
+    """The (gpfq, ort) pair of the median headline ratio, gpfq / (ORT quantize + ORT preprocessing)
+    (pairs run back to back, so a slow spell of a shared machine slows both of a pair), and every
+    pair's headline ratio."""
+    ratios = [g["seconds"] / _ort_total(o) if g.get("seconds") is not None and _ort_total(o) else float("inf")
               for g, o in runs]
     order = sorted(range(len(runs)), key=lambda i: ratios[i])
     return (*runs[order[(len(runs) - 1) // 2]], ratios)
@@ -221,16 +231,26 @@ def bench(model_spec: str, calib_spec: str, multiplier: int = 1, warmup: bool = 
         runs = [(_run_child("gpfq", model_path, calib_path, work, warmup, gpfq_options, trace_memory),
                  _run_child("ort", model_path, calib_path, work, warmup)) for _ in range(repeat)]
         g, o, ratios = _median_pair(runs)
-        result: dict = {"model": model_spec, "commit": common.package_commit(),
+        result: dict = {"model": model_spec,
+                        "ratio_incl_ort_preprocessing": None,  # the headline, first: filled in below
+                        "ratio": None,  # the old figure (ORT's quantize call alone), beside it
+                        "commit": common.package_commit(),
                         "calibration": calib_text, "samples": common.sample_count(arrays),
                         "samples_multiplier": multiplier, "warmup": warmup, "repeat": repeat,
                         "gpfq_options": {"weight_bits": 4, "act_bits": 8} | _parse_options(gpfq_options)}
         result["gpfq_seconds"] = g.get("seconds")
         result["ort_seconds"] = o.get("seconds")
         ok = result["gpfq_seconds"] is not None and result["ort_seconds"]
-        result["ratio"] = result["gpfq_seconds"] / result["ort_seconds"] if ok else None
+        pre = (o.get("preprocessing") or {}).get("preprocess_seconds")
+        # the headline (like for like): onnx-gpfq's time includes its own normalisation (opset upgrade,
+        # optimisation, shape inference); onnxruntime's includes the preprocessing its flow requires
+        result["ratio_incl_ort_preprocessing"] = (result["gpfq_seconds"] / (result["ort_seconds"] + pre)
+                                                  if ok and pre is not None else None)
+        result["ratio"] = result["gpfq_seconds"] / result["ort_seconds"] if ok else None  # ORT's quantize call alone
         if repeat > 1:  # every pair, in run order; the figures above are the median pair's
-            result["ratios"] = [round(r, 3) for r in ratios]
+            result["ratios_incl_ort_preprocessing"] = [round(r, 3) for r in ratios]
+            result["ratios"] = [round(g_["seconds"] / o_["seconds"], 3) if g_.get("seconds") is not None and o_.get("seconds")
+                                else float("inf") for g_, o_ in runs]
             result["gpfq_seconds_runs"] = [r[0].get("seconds") for r in runs]
             result["ort_seconds_runs"] = [r[1].get("seconds") for r in runs]
         result["gpfq_peak_rss_mb"] = g.get("peak_rss_mb")
@@ -241,11 +261,6 @@ def bench(model_spec: str, calib_spec: str, multiplier: int = 1, warmup: bool = 
         result["ort_rss_before_mb"] = o.get("rss_before_mb")
         result["ort_preprocessing"] = o.get("preprocessing")
         result["ort_preprocess_seconds"] = (o.get("preprocessing") or {}).get("preprocess_seconds")
-        # onnx-gpfq's time includes its own normalisation (opset upgrade, optimisation, shape
-        # inference); the comparable onnxruntime figure includes the preprocessing it needs
-        pre = result["ort_preprocess_seconds"]
-        result["ratio_incl_ort_preprocessing"] = (result["gpfq_seconds"] / (result["ort_seconds"] + pre)
-                                                  if ok and pre is not None else None)
         result["ort_batch_size"] = o.get("batch_size")
         commits = {r.get("commit") for r in (g, o)}
         result["child_commits"] = sorted(c for c in commits if c)  # more than one: the package changed mid-run
@@ -280,7 +295,8 @@ def bench(model_spec: str, calib_spec: str, multiplier: int = 1, warmup: bool = 
             if "error" in g1:
                 result["gpfq_1x_error"] = g1["error"]
         else:
-            result["ratio_target_met"] = result["ratio"] is not None and result["ratio"] <= RATIO_TARGET
+            headline = result["ratio_incl_ort_preprocessing"]
+            result["ratio_target_met"] = headline is not None and headline <= RATIO_TARGET
         for name, r in (("gpfq", g), ("ort", o)):
             if "error" in r:
                 result[f"{name}_error"] = r["error"]
@@ -299,7 +315,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gpfq-option", action="append", default=[], metavar="KEY=VALUE",
                     help="extra onnx_gpfq.quantize option for diagnosis, e.g. scale_rule=fixed (repeatable)")
     ap.add_argument("--repeat", type=int, default=1, metavar="N",
-                    help="run the pair of children N times (back to back) and report the pair of the median ratio")
+                    help="run the pair of children N times (back to back) and report the pair of the median headline ratio")
     ap.add_argument("--trace-memory", action="store_true",
                     help="record resident memory around every layer of the gpfq run (where the peak comes from)")
     ap.add_argument("--child", choices=["gpfq", "ort"], help=argparse.SUPPRESS)
