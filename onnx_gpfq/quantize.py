@@ -13,12 +13,12 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 import onnx
 
-from . import core, cpu, rewrite, runtime, steps
+from . import core, rewrite, runtime, steps
 from ._threads import blas_workers_sleep, limit as limit_threads
 from .calib import load_batches, model_inputs
 from .capture import Spill, Stream, inputs
@@ -28,95 +28,9 @@ from .options import Options
 from .activations import activation_tensors, calibrate
 from .ops import OPS, Layer, Skipped, find_targets, model_weight_bytes
 from .plan import LayerPlan, add_domains, onnx_scale, plan_layer, required_opset
+from .report import LayerReport, Report
 from .rewrite import ActQuant, QuantizedLayer, read_name
 from .specialise import fix_inputs
-
-
-@dataclass(frozen=True)
-class LayerReport:
-    """One row of the report. Errors are relative output errors ||XW - X~Q||^2 / ||XW||^2."""
-
-    node: str
-    op_type: str
-    weight_shape: tuple[int, ...]
-    bits: str
-    granularity: str
-    scale_rule: str
-    c: float  # median chosen C over output channels
-    rel_error: float
-    rel_error_rtn: float
-    sparsity: float
-    form: str  # "gram" | "residual" | "shared"
-    rows: int  # rows of X used (samples x patches)
-    seconds: float
-
-
-@dataclass
-class Report:
-    layers: list[LayerReport] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
-    activations: int = 0  # activation tensors with QDQ
-    float_weight_bytes: int = 0  # float bytes of the weights quantized
-    quant_weight_bytes: int = 0
-    model_weight_bytes: int = 0  # every weight of the model (``ops.model_weight_bytes``), quantized or not
-    calibration_samples: int = 0
-    spilled_bytes: int = 0  # frontier activations written to disk beyond the memory budget
-    seconds: float = 0.0
-    options: dict = field(default_factory=dict)
-    target: str = "any"
-    bounded_layers: int = 0  # layers whose 8-bit codes were kept within the target's pair bound
-    fixed_inputs: dict = field(default_factory=dict)  # --fix-input: name -> value, removed from the interface
-    inlined_ifs: list = field(default_factory=list)  # If nodes replaced by the branch the fixed inputs take
-
-    @property
-    def weight_fraction(self) -> float:
-        """Fraction of the model's weight bytes quantized: the float bytes of the quantized
-        weights over all float initializer bytes that weight-carrying ops (the registered layers,
-        LSTM, GRU, RNN, Attention, Einsum, ..., inside subgraphs too) read as weights, biases and
-        other vectors excepted (``ops.model_weight_bytes``). 1.0 for a model without weights."""
-        return self.float_weight_bytes / self.model_weight_bytes if self.model_weight_bytes else 1.0
-
-    def table(self) -> str:
-        """The report as a text table (one row per layer, then totals)."""
-        head = f"{'layer':32s} {'op':6s} {'weight':>16s} {'bits':>7s} {'gran':>7s} {'C':>5s} {'err gpfq':>9s} {'err rtn':>9s} {'zeros':>6s} {'form':>9s} {'rows':>7s} {'s':>6s}"
-        lines = [head, "-" * len(head)]
-        for r in self.layers:
-            shape = "x".join(str(d) for d in r.weight_shape)
-            lines.append(f"{r.node[-32:]:32s} {r.op_type:6s} {shape:>16s} {r.bits:>7s} {r.granularity:>7s} {r.c:5.2f} "
-                         f"{r.rel_error:9.2e} {r.rel_error_rtn:9.2e} {r.sparsity:6.1%} {r.form[:9]:>9s} {r.rows:7d} {r.seconds:6.2f}")
-        for s in self.skipped:
-            lines.append(f"{s.node[-32:]:32s} {s.op_type:6s} left in float: {s.reason}")
-        ratio = self.float_weight_bytes / max(self.quant_weight_bytes, 1)
-        if self.fixed_inputs:
-            fixed = ", ".join(f"{k}={v}" for k, v in self.fixed_inputs.items())
-            lines.append(f"inputs fixed: {fixed} (removed from the model's inputs); {len(self.inlined_ifs)} If node(s) "
-                         "inlined")
-        lines.append(f"target {self.target}: " + (f"{self.bounded_layers} layers' 8-bit codes kept within the pair bound "
-                                                  f"|q_2j| + |q_2j+1| <= {cpu.PAIR_BOUND} of x86's AVX2 int8 kernels"
-                                                  if self.bounded_layers else "no code constraint needed"))
-        lines.append(f"{len(self.layers)} layers quantized, {len(self.skipped)} left in float, {self.activations} activation "
-                     f"tensors quantized; weights {self.float_weight_bytes / 1024:.1f} KiB -> {self.quant_weight_bytes / 1024:.1f} KiB "
-                     f"({ratio:.1f}x), {self.weight_fraction:.1%} of the model's weight bytes quantized; {self.calibration_samples} calibration samples; {self.seconds:.1f} s")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        return {
-            "layers": [vars(layer) | {"weight_shape": list(layer.weight_shape)} for layer in self.layers],
-            "left_in_float": [vars(s) for s in self.skipped],
-            "activation_tensors_quantized": self.activations,
-            "float_weight_bytes": self.float_weight_bytes,
-            "quant_weight_bytes": self.quant_weight_bytes,
-            "model_weight_bytes": self.model_weight_bytes,
-            "weight_fraction_quantized": self.weight_fraction,
-            "calibration_samples": self.calibration_samples,
-            "spilled_bytes": self.spilled_bytes,
-            "seconds": self.seconds,
-            "target": self.target,
-            "bounded_layers": self.bounded_layers,
-            "options": self.options,
-            "fixed_inputs": self.fixed_inputs,
-            "inlined_ifs": self.inlined_ifs,
-        }
 
 
 TARGET_KEY = "onnx_gpfq.target"
