@@ -120,3 +120,20 @@ def test_regenerating_keeps_the_sections_other_tools_write(tmp_path, monkeypatch
     assert text.startswith("# Benchmarks\nnew table\n") and "old table" not in text
     assert "<!-- real-models:begin -->\n## Real models\nrows\n<!-- real-models:end -->\n" in text
     assert benchmark.keep_sections("# new\n", str(tmp_path / "missing.md")) == "# new\n"
+
+
+def test_target_check_section_is_replaced_in_place(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))
+    import target_check
+
+    row = {"model": "m", "variant": "W8A8 any", "bounded_layers": 2, "saturating_layers": 0, "int8_layers": 2,
+           "sqnr_reference_db": 30.0, "sqnr_deployed_db": 29.9, "sqnr_avx2_db": 29.8, "sqnr_reference_qemu_samples_db": 30.1}
+    result = {"machine": {"cpu": "cpu", "int8_path_text": "path", "onnxruntime": "1", "commit": "c"},
+              "command": "python tools/target_check.py", "evaluation_samples": 8, "rows": [row]}
+    text = target_check.markdown(result)
+    assert text.startswith(target_check.BEGIN) and "| m | W8A8 any | 30.00 | 29.90 | 29.80 | 30.10 | 0 / 2 |" in text
+    out = tmp_path / "B.md"
+    out.write_text(f"# B\n{target_check.BEGIN}\nold\n{target_check.END}\ntail\n")
+    target_check.update_benchmarks(text, str(out))
+    new = out.read_text()
+    assert "old" not in new and new.startswith("# B\n") and new.endswith("tail\n") and new.count(target_check.BEGIN) == 1
