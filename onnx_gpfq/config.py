@@ -96,19 +96,17 @@ def _read_config(path: Path) -> dict:
             import tomllib
         else:  # pragma: no cover - Python 3.10
             import tomli as tomllib
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise UserError(f"config file {path} is not valid TOML: {exc}") from None
-        except RecursionError:
-            raise UserError(f"config file {path} is nested too deeply") from None
+        parse, syntax_error = tomllib.loads, tomllib.TOMLDecodeError
+        describe = lambda exc: f"is not valid TOML: {exc}"  # noqa: E731
     else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"config file {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-        except RecursionError:
-            raise UserError(f"config file {path} is nested too deeply") from None
+        parse, syntax_error = json.loads, json.JSONDecodeError
+        describe = lambda exc: f"is not valid JSON: {exc.msg} at line {exc.lineno}"  # noqa: E731
+    try:
+        data = parse(text)
+    except syntax_error as exc:
+        raise UserError(f"config file {path} {describe(exc)}") from None
+    except RecursionError:
+        raise UserError(f"config file {path} is nested too deeply") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold an object with 'layers' and/or 'exclude'")
     unknown = set(data) - {"layers", "exclude", "fix_inputs"}
