@@ -55,8 +55,16 @@ def fingerprint() -> str:
     except OSError:
         pass
     isa = "+".join(f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags)
-    return (f"{platform.machine()} {isa} numpy={numpy.__version__} onnx={onnx.__version__} "
-            f"onnxruntime={onnxruntime.__version__} numba={numba.__version__}")
+    # The ISA flags alone do not decide the kernels: OpenBLAS picks its kernels by CPU model (an AMD EPYC
+    # with AVX-512 runs its Haswell ones) and numba compiles for LLVM's name of the host CPU, so two
+    # machines with the same flags gave different bytes. Both names go into the fingerprint.
+    import llvmlite.binding as llvm
+    from threadpoolctl import threadpool_info
+
+    blas = "+".join(sorted({f"{i.get('internal_api')}:{i.get('architecture')}" for i in threadpool_info()
+                            if i.get("user_api") == "blas"}))
+    return (f"{platform.machine()} {isa} llvm-cpu={llvm.get_host_cpu_name()} blas={blas} numpy={numpy.__version__} "
+            f"onnx={onnx.__version__} onnxruntime={onnxruntime.__version__} numba={numba.__version__}")
 
 
 def output_bytes(case: str) -> bytes:
