@@ -9,8 +9,9 @@ products in **int16 with saturation** before widening to int32:
 
 With 8-bit weight codes near +-127 and large activations the pair overflows and the layer's output is
 silently wrong (digits_cnn W8A8: 38.3 dB at the QDQ reference, 16.4 dB deployed on such a CPU).
-A pair can never saturate when |b[2j]| + |b[2j+1]| <= 128, since 255 * 128 = 32640 <= 32767: that is
-the bound ``PAIR_BOUND`` the ``any`` target puts on the codes (GPFQ enforces it as it walks the fan-in,
+Two codes of the same sign can never saturate when |b[2j]| + |b[2j+1]| <= 128, since 255 * 128 = 32640
+<= 32767; two of opposite signs partly cancel (at most 255 * 128 either way) and never saturate. That
+is the bound ``PAIR_BOUND`` the ``any`` target puts on the codes (``pair_reach``) (GPFQ enforces it as it walks the fan-in,
 see ``onnx_gpfq.core``). Signed int8 activations are shifted to uint8 by the kernels first, so they
 saturate the same way; depthwise convolutions too. VNNI (``vpdpbusd``), AMX and ARM64 (widening
 multiply-accumulate, ``sdot``/``udot``) accumulate in int32 and never saturate.
@@ -32,7 +33,7 @@ import numpy as np
 
 INT16_MAX = 32767
 UINT8_MAX = 255
-PAIR_BOUND = INT16_MAX // UINT8_MAX  # 128: |b0| + |b1| <= 128 keeps 255 * (|b0| + |b1|) within int16
+PAIR_BOUND = INT16_MAX // UINT8_MAX  # 128: same-sign |b0| + |b1| <= 128 keeps 255 * (|b0| + |b1|) within int16
 # Step constants added to the default search grid of a bounded layer: at C = 2 every code is within
 # +-64 (K / C = 63.5), so no pair reaches the bound and the search can always fall back to unclipped codes.
 BOUNDED_EXTRA_C = (1.6, 2.0)
@@ -87,11 +88,21 @@ def saturating_u8s8_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.clip(pairs, -INT16_MAX - 1, INT16_MAX).sum(axis=1, dtype=np.int32)
 
 
+def pair_reach(codes_k_order: np.ndarray) -> np.ndarray:
+    """max(q_2j+ + q_2j+1+, q_2j- + q_2j+1-) per pair of consecutive rows of codes (K, ...) (x+ = max(x, 0),
+    x- = max(-x, 0); an odd last row pairs with 0): times 255, the largest |a_2j q_2j + a_2j+1 q_2j+1| any
+    uint8 activations give, the int16 sum the AVX2 kernel must hold. Shape (ceil(K / 2), ...)."""
+    q = np.asarray(codes_k_order).astype(np.int64)
+    if q.shape[0] % 2:
+        q = np.concatenate([q, np.zeros((1,) + q.shape[1:], np.int64)])
+    pos, neg = np.maximum(q, 0), np.maximum(-q, 0)
+    return np.maximum(pos[0::2] + pos[1::2], neg[0::2] + neg[1::2])
+
+
 def pairs_within_bound(codes_k_order: np.ndarray, bound: int) -> bool:
-    """True when every pair of consecutive rows (2j, 2j+1) of codes (K, ...) has |q_2j| + |q_2j+1| <= bound."""
-    q = np.abs(np.asarray(codes_k_order).astype(np.int64))
-    k = q.shape[0] - q.shape[0] % 2
-    return bool((q[0:k:2] + q[1:k:2] <= bound).all())
+    """True when no pair of consecutive rows (2j, 2j+1) of codes (K, ...) has codes of one sign whose
+    magnitudes sum beyond ``bound`` (pair_reach <= bound)."""
+    return bool((pair_reach(codes_k_order) <= bound).all())
 
 
 def int8_path() -> str:

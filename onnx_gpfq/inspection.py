@@ -117,14 +117,9 @@ def kernel_codes(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def pair_sums(model: onnx.ModelProto) -> dict[str, int]:
-    """Per int8 layer: the largest |q_2j| + |q_2j+1| over the pairs of its fan-in that onnxruntime's AVX2 int8
-    kernels add in int16 (within cpu.PAIR_BOUND no activation can saturate them)."""
-    sums = {}
-    for node, codes in kernel_codes(model).items():
-        q = np.abs(codes)
-        k = q.shape[0] - q.shape[0] % 2
-        sums[node] = int((q[0:k:2] + q[1:k:2]).max()) if k else int(q.max(initial=0))
-    return sums
+    """Per int8 layer: the largest cpu.pair_reach over the pairs of its fan-in that onnxruntime's AVX2 int8
+    kernels add in int16 (same-sign |q_2j| + |q_2j+1|; within cpu.PAIR_BOUND no activation can saturate them)."""
+    return {node: int(cpu.pair_reach(codes).max(initial=0)) for node, codes in kernel_codes(model).items()}
 
 
 def inspect(model: onnx.ModelProto, path: str | None = None) -> dict:

@@ -69,7 +69,7 @@ class Report:
             lines.append(f"inputs fixed: {fixed} (removed from the model's inputs); {len(self.inlined_ifs)} If node(s) "
                          "inlined")
         lines.append(f"target {self.target}: " + (f"{self.bounded_layers} layers' 8-bit codes kept within the pair bound "
-                                                  f"|q_2j| + |q_2j+1| <= {cpu.PAIR_BOUND} of x86's AVX2 int8 kernels"
+                                                  f"(same-sign |q_2j| + |q_2j+1| <= {cpu.PAIR_BOUND}) of x86's AVX2 int8 kernels"
                                                   if self.bounded_layers else "no code constraint needed"))
         lines.append(f"{len(self.layers)} layers quantized, {len(self.skipped)} left in float, {self.activations} activation "
                      f"tensors quantized; weights {self.float_weight_bytes / 1024:.1f} KiB -> {self.quant_weight_bytes / 1024:.1f} KiB "

@@ -4,6 +4,8 @@ under ``qemu-x86_64 -cpu Haswell`` to see the AVX2 kernels of a CPU without VNNI
 - matmul: a QDQ MatMul with random uint8 activations and unbounded int8 codes; onnxruntime's output
   (MatMulIntegerToFloat, scales 1, zero points 0: the int32 accumulator itself) against the exact product
   and against onnx_gpfq.cpu.saturating_u8s8_matmul.
+- bounded: the same MatMul with the extreme codes the ``any`` target allows per pair (same sign summing to
+  128, opposite signs up to +-127/-128) and activations of 0 and 255: equal to the exact product.
 - conv: a QDQ Conv whose output channel n holds codes of 127 at two fan-in positions (i, j) and 0
   elsewhere, fed activations of 255: the channels whose output saturated are the pairs the kernel adds.
 """
@@ -53,6 +55,16 @@ def matmul_probe(m=8, k=37, n=16, seed=0):
             "equals_saturating_model": bool(np.array_equal(y, saturating_u8s8_matmul(a, b)))}
 
 
+def bounded_probe():
+    cols = [(127, -128), (-128, 127), (127, -127), (127, 1), (1, 127), (-127, -1), (64, 64), (-64, -64), (-128, 0),
+            (0, -128), (100, 28), (-100, -28)]
+    b = np.array(cols, np.int8).T  # (2, n)
+    a = np.array([[0, 0], [0, 255], [255, 0], [255, 255], [255, 128], [17, 255]], np.uint8)
+    layer = helper.make_node("MatMul", ["xd", "wd"], ["y"])
+    y = _session(_qdq_graph(layer, b, 1, list(a.shape))).run(None, {"x": a.astype(np.float32)})[0]
+    return {"equals_exact": bool(np.array_equal(y, a.astype(np.int64) @ b.astype(np.int64)))}
+
+
 def conv_probe(c=3, kernel=(3, 3), group=1):
     k = c * int(np.prod(kernel))
     combos = list(itertools.combinations(range(k), 2))
@@ -71,7 +83,7 @@ def conv_probe(c=3, kernel=(3, 3), group=1):
 
 
 if __name__ == "__main__":
-    probes = {"int8_path": int8_path(), "matmul": matmul_probe()}
+    probes = {"int8_path": int8_path(), "matmul": matmul_probe(), "bounded": bounded_probe()}
     for spec in sys.argv[1:]:  # "c:kh,kw:group"
         c, kernel, group = spec.split(":")
         probes[f"conv {spec}"] = conv_probe(int(c), tuple(int(v) for v in kernel.split(",")), int(group))

@@ -23,15 +23,26 @@ def test_saturating_model_is_exact_within_the_pair_bound_and_saturates_beyond():
     b = rng.integers(-127, 128, (51, 40)).astype(np.int8)
     exact = a.astype(np.int64) @ b.astype(np.int64)
     assert not np.array_equal(cpu.saturating_u8s8_matmul(a, b), exact)  # random full-range codes saturate
-    # clip the second code of each pair to the bound, as the 'any' target does
+    # clip the second code of each pair to the bound, as the 'any' target does: only a code of the first's sign
     bounded = b.astype(np.int32)
-    room = cpu.PAIR_BOUND - np.abs(bounded[0:50:2])
-    bounded[1:50:2] = np.clip(bounded[1:50:2], -room, room)
+    first = bounded[0:50:2]
+    bounded[1:50:2] = np.clip(bounded[1:50:2], -(cpu.PAIR_BOUND - np.maximum(-first, 0)), cpu.PAIR_BOUND - np.maximum(first, 0))
     assert cpu.pairs_within_bound(bounded, cpu.PAIR_BOUND)
+    assert (np.abs(bounded[0:50:2]) + np.abs(bounded[1:50:2]) > cpu.PAIR_BOUND).any()  # opposite signs stay free
     assert np.array_equal(cpu.saturating_u8s8_matmul(a, bounded), a.astype(np.int64) @ bounded)
-    worst = np.full((1, 2), 255, np.uint8)  # the bound is tight: 129 in a pair overflows
+    worst = np.full((1, 2), 255, np.uint8)  # the bound is tight: 129 of one sign in a pair overflows
     assert cpu.saturating_u8s8_matmul(worst, np.array([[64], [64]]))[0, 0] == 255 * 128
     assert cpu.saturating_u8s8_matmul(worst, np.array([[65], [64]]))[0, 0] == cpu.INT16_MAX
+    assert cpu.saturating_u8s8_matmul(worst, np.array([[-65], [-64]]))[0, 0] == -cpu.INT16_MAX - 1
+    for pair in ([127], [-128]), ([-128], [127]):  # opposite signs: at most 255 * 128 either way
+        assert cpu.saturating_u8s8_matmul(np.array([[255, 0], [0, 255], [255, 255]], np.uint8), np.array(pair)).tolist() \
+            == (np.array([[255, 0], [0, 255], [255, 255]]) @ np.array(pair)).tolist()
+
+
+def test_pair_reach_is_the_largest_same_sign_sum():
+    q = np.array([[127, 64, -3, 0, 5], [-128, 64, -125, 7, 0], [3, 1, 1, -1, 0]])
+    assert cpu.pair_reach(q).tolist() == [[128, 128, 128, 7, 5], [3, 1, 1, 1, 0]]
+    assert cpu.pairs_within_bound(q[:2], 128) and not cpu.pairs_within_bound(q[:2], 127)
 
 
 def test_pair_bound_applies_only_where_a_kernel_can_saturate():
@@ -72,6 +83,7 @@ def test_model_matches_onnxruntime_on_an_avx2_cpu_without_vnni():
     probes = _qemu_probe("3:3,3:1", "4:2,3:2", "1:3,3:4")
     assert probes["int8_path"] == "x86-avx2"
     assert probes["matmul"] == {"equals_exact": False, "equals_saturating_model": True}
+    assert probes["bounded"] == {"equals_exact": True}  # the codes the 'any' target allows never saturate
     for spec, found in probes.items():
         if not spec.startswith("conv"):
             continue

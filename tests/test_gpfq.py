@@ -675,7 +675,7 @@ def test_projection_pays_where_outputs_are_few():
 
 
 # ----------------------------------------------------------------------------------------------
-# Pair bound: |q_2j| + |q_2j+1| <= P on consecutive fan-in rows
+# Pair bound: same-sign |q_2j| + |q_2j+1| <= P on consecutive fan-in rows
 # ----------------------------------------------------------------------------------------------
 
 # (g, m, N0, N1g, granularity, group_size, sparsity, bits, P): odd and even N0, m on both sides of
@@ -694,9 +694,13 @@ PAIR_CASES = [
 
 
 def _pairs_ok(codes, P):
+    """codes (g, N0, N1): every code within [-P, P], and no two consecutive rows (2j, 2j+1) of one sign
+    whose magnitudes add up beyond P (an odd last row alone)."""
     n0 = codes.shape[1]
-    a = np.abs(codes.astype(np.int64))
-    return bool((a <= P).all() and (a[:, 0:n0 - 1:2] + a[:, 1::2] <= P).all())
+    q = codes.astype(np.int64)
+    pos, neg = np.maximum(q, 0), np.maximum(-q, 0)
+    return bool((np.abs(q) <= P).all() and (pos[:, 0:n0 - 1:2] + pos[:, 1::2] <= P).all()
+                and (neg[:, 0:n0 - 1:2] + neg[:, 1::2] <= P).all())
 
 
 @pytest.mark.parametrize("g,m,n0,n1,gran,gs,sp,bits,P", PAIR_CASES)
@@ -789,28 +793,31 @@ def test_pair_bound_that_never_binds_changes_nothing():
 
 
 def test_pair_bound_int8_codes_fit_the_saturating_kernel():
-    """8-bit codes with P = 128: every pair's worst-case sum 255 (|q_2j| + |q_2j+1|) fits in int16."""
+    """8-bit codes with P = 128: no uint8 activations make a pair's int16 sum saturate (the kernel model of
+    onnx_gpfq.cpu, checked against onnxruntime in test_cpu_kernels.py), while unbounded codes do."""
+    from onnx_gpfq import cpu
+
     rng = np.random.default_rng(3)
     X, Xt = correlated(rng, 1, 80, 64)
     W = rng.standard_t(3, (1, 64, 16))
     res = P_.quantize_layer(W, moments_of(X, Xt, "gram"), QuantSpec(Alphabet.from_bits(8), pair_bound=128))
-    a = np.abs(res.codes.astype(np.int64))
-    assert (255 * (a[:, 0::2] + a[:, 1::2]) <= 32767).all()
-    free = P_.quantize_layer(W, moments_of(X, Xt, "gram"), QuantSpec(Alphabet.from_bits(8)))
-    f = np.abs(free.codes.astype(np.int64))
-    assert (f[:, 0::2] + f[:, 1::2] > 128).any()  # without the bound some pair would saturate
+    q = res.codes[0].astype(np.int64)  # (K, N)
+    assert (255 * cpu.pair_reach(q) <= 32767).all()
+    a = np.vstack([np.full(64, 255), np.tile([255, 0], 32), np.tile([0, 255], 32),
+                   rng.integers(0, 256, (20, 64))]).astype(np.uint8)
+    assert np.array_equal(cpu.saturating_u8s8_matmul(a, q), a.astype(np.int64) @ q)
+    assert (np.abs(q[0::2]) + np.abs(q[1::2]) > 128).any()  # opposite-sign pairs beyond 128 are allowed
+    free = P_.quantize_layer(W, moments_of(X, Xt, "gram"), QuantSpec(Alphabet.from_bits(8))).codes[0].astype(np.int64)
+    assert (cpu.pair_reach(free) > 128).any()  # without the bound some pair would saturate
+    assert not np.array_equal(cpu.saturating_u8s8_matmul(a, free), a.astype(np.int64) @ free)
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.0, True, "128"])
-def test_pair_bound_validation(bad):
-    with pytest.raises(ValueError, match="pair_bound"):
-        QuantSpec(Alphabet.from_bits(8), pair_bound=bad)
-
-
-def test_pair_bound_pairs_rows_in_order_and_leaves_an_odd_last_row_unpaired():
-    """Rows (0, 1), (2, 3), ...: with every weight at level 5 and P = 6, the second row of each pair
-    gets 1 and the first rows (and an odd last row, which has no partner) keep 5."""
-    W = np.full((1, 5, 2), 5.0)
-    codes = P.rtn_codes(W, 1.0, Alphabet.from_bits(4), pair_bound=6)
-    np.testing.assert_array_equal(codes[0, :, 0], [5, 1, 5, 1, 5])
-    assert P.rtn_codes(W, 1.0, Alphabet.from_bits(4), pair_bound=4)[0, :, 0].tolist() == [4, 0, 4, 0, 4]
+def test_pair_range_narrows_only_the_side_of_the_first_codes_sign():
+    """The kernel adds a_2j q_2j + a_2j+1 q_2j+1 with a in 0..255: codes of opposite signs cancel, never
+    saturate, and stay free; one of the first code's sign may add up to P with it."""
+    assert ref.pair_range(0, [0], -127, 127, 128) == (-127, 127)
+    assert ref.pair_range(1, [127], -127, 127, 128) == (-127, 1)
+    assert ref.pair_range(1, [-100], -127, 127, 128) == (-28, 127)
+    assert ref.pair_range(1, [0], -127, 127, 128) == (-127, 127)
+    assert ref.pair_range(3, [0, 0, 5], -8, 7, 6) == (-6, 1)
+    assert ref.pair_range(2, [0, 0, 5], -8, 7, 6) == (-6, 6)

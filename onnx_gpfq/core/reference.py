@@ -10,9 +10,9 @@ so that at the end u = X w - Xt q, the error on the layer's output. A direct tra
 clarity, not speed (pure Python per decision); the fast forms (gram.py, residual.py, fused.py)
 are tested against it and must take the same decisions. The rounding rule and the pair bound are
 those of rounding.py, rewritten here without numba: a saturating int8 kernel (onnxruntime's u8s8
-path without VNNI) adds codes two at a time in int16, so consecutive rows (2j, 2j+1) may be
-bounded by |q_2j| + |q_2j+1| <= P: the second row of a pair then takes its level from
-[-(P - |q_2j|), P - |q_2j|].
+path without VNNI) adds products two at a time in int16, so consecutive rows (2j, 2j+1) may be
+bounded: codes of the same sign by |q_2j| + |q_2j+1| <= P (opposite signs cancel and never
+saturate). The second row of a pair then takes its level from [-(P - q_2j-), P - q_2j+].
 """
 
 from __future__ import annotations
@@ -47,12 +47,15 @@ def quant_level(z: float, delta: float, lo: int, hi: int, sparsity=None) -> int:
 
 
 def pair_range(t: int, codes, lo: int, hi: int, pair) -> tuple[int, int]:
-    """Levels allowed at fan-in row t under the pair bound |q_2j| + |q_2j+1| <= pair (None: [lo, hi]):
-    [-pair, pair] for the first row of a pair, [-(pair - |q_2j|), pair - |q_2j|] for the second."""
+    """Levels allowed at fan-in row t under the pair bound max(q_2j+ + q_2j+1+, q_2j- + q_2j+1-) <= pair
+    (x+ = max(x, 0), x- = max(-x, 0); None: [lo, hi]): [-pair, pair] for the first row of a pair; for
+    the second, a code of q_2j's sign may only add up to pair with it, one of the other sign is free."""
     if pair is None:
         return lo, hi
-    b = pair - abs(int(codes[t - 1])) if t % 2 == 1 else pair
-    return max(lo, -b), min(hi, b)
+    if t % 2 == 0:
+        return max(lo, -pair), min(hi, pair)
+    prev = int(codes[t - 1])
+    return max(lo, -(pair - max(-prev, 0))), min(hi, pair - max(prev, 0))
 
 
 def gpfq_neuron(X: np.ndarray, Xt: np.ndarray, w: np.ndarray, delta_rows: np.ndarray, lo: int, hi: int,

@@ -9,15 +9,18 @@ the rule (see spec.Sparsity): soft, q = Quant(sign(z) max(|z| - lam, 0)); hard, 
 The pair bound (QuantSpec.pair_bound = P). onnxruntime's default x86 int8 kernels without VNNI
 (AVX2 / AVX-512BW u8s8, built on vpmaddubsw) multiply uint8 activations by int8 weights and add
 the products two at a time into int16 *with saturation*: a_2j q_2j + a_2j+1 q_2j+1 must fit in
-int16 for every a in 0..255, i.e. 255 (|q_2j| + |q_2j+1|) <= 32767, so |q_2j| + |q_2j+1| <= 128.
+int16 for every a in 0..255. Two codes of the same sign reach 255 (|q_2j| + |q_2j+1|), so their
+magnitudes must sum to at most 128 (255 * 128 = 32640 <= 32767); codes of opposite signs partly
+cancel, reach at most 255 * max(|q_2j|, |q_2j+1|) <= 255 * 128, and never saturate. The bound is
+therefore max(q_2j+ + q_2j+1+, q_2j- + q_2j+1-) <= P (x+ = max(x, 0), x- = max(-x, 0)).
 Codes that break it are not an error there: the sum silently clips, and the deployed model is
 less accurate than its QDQ graph says. GPFQ walks the fan-in in order, so it enforces the bound
 as it goes: the first row of a pair takes its level from [-P, P], the second from
-[-(P - |q_2j|), P - |q_2j|] (both intersected with the alphabet), and the greedy step
-compensates what the narrowed range costs in the rows that follow. RTN clips the second row of
-each pair the same way. Pairs are rows (0, 1), (2, 3), ... of each group in the order the rows are
-given (the caller permutes them into the kernel's reduction order); with N0 odd the last row is
-unpaired (range [-P, P]).
+[-(P - q_2j-), P - q_2j+] (both intersected with the alphabet): only the side of q_2j's sign
+narrows, and the greedy step compensates what the narrowed range costs in the rows that follow.
+RTN clips the second row of each pair the same way. Pairs are rows (0, 1), (2, 3), ... of each
+group in the order the rows are given (the caller permutes them into the kernel's reduction
+order); with N0 odd the last row is unpaired (range [-P, P]).
 
 Every kernel (greedy_step in greedy.py, the fused residual kernel, quantize_array below) calls
 ``level`` and ``pair_limits``; numba inlines them, so the loops that call them with the plain rule
@@ -83,11 +86,13 @@ def level(z, d, lo, hi, mode, lam):
 def pair_limits(t, prev, lo, hi, pair):
     """Level range (lo', hi') of fan-in row t under the pair bound (pair <= 0: none, (lo, hi)).
     prev: the code chosen for row t - 1. First row of a pair: [-pair, pair]; second:
-    [-(pair - |prev|), pair - |prev|]; both intersected with [lo, hi]."""
+    [-(pair - max(-prev, 0)), pair - max(prev, 0)] (a code of prev's sign may only add up to pair
+    with it); both intersected with [lo, hi]."""
     if pair <= 0:
         return float(lo), float(hi)
-    b = pair - abs(prev) if t % 2 == 1 else pair
-    return float(max(lo, -b)), float(min(hi, b))
+    if t % 2 == 1:
+        return float(max(lo, -(pair - max(-prev, 0)))), float(min(hi, pair - max(prev, 0)))
+    return float(max(lo, -pair)), float(min(hi, pair))
 
 
 @njit(cache=True, error_model="numpy")

@@ -112,8 +112,8 @@ class QuantSpec:
       "auto" (default): "full" where a pass costs at most COARSE_SEARCH_FLOPS (g N0 N1 min(N0, m)
       multiply-adds), "coarse" on larger layers.
     pair_bound: None, or P >= 1: consecutive fan-in rows (2j, 2j+1), in the order W's rows are
-      given, get codes with |q_2j| + |q_2j+1| <= P (see onnx_gpfq.core.rounding), in GPFQ, in
-      RTN and in the step search's errors.
+      given, get codes whose same-sign magnitudes add up to at most P (|q_2j| + |q_2j+1| <= P when
+      both have one sign; see onnx_gpfq.core.rounding), in GPFQ, in RTN and in the step search's errors.
     """
 
     alphabet: Alphabet
