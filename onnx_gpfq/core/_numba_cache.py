@@ -50,3 +50,71 @@ def load_from_cache_without_refresh(namespace) -> None:
                 return _full(sig, target_context)
 
         cache.load_overload = load_overload
+
+
+# The compiled kernels the pipeline calls from Python, each with the one signature it calls it with
+# (float64 C arrays, int64 and float64 scalars), in the order a first layer reaches them. Kernels
+# inlined into these (level, greedy_step, ...) have no signature of their own.
+_F3, _I3 = "float64[:, :, ::1]", "int32[:, :, ::1]"
+_GREEDY = (f"({_F3}, int64, {_F3}, int64, {_F3}, int64, {_F3}, {_I3}, int64, {_F3}, int64, int64, int64, int64, "
+           "int64, int64, float64, int64, float64[::1], float64[:, ::1], int32[:, ::1])")
+PIPELINE_SIGNATURES = (
+    ("steps", "abs_max_blocks", f"({_F3}, int64, {_F3})"),
+    ("greedy", "tril_matmul_small", f"({_F3}, {_F3}, {_F3})"),
+    ("greedy", "_dead_threshold_into", f"({_F3}, float64, float64[::1])"),
+    ("greedy", "_greedy_block_one_column", _GREEDY),
+    ("greedy", "greedy_block", _GREEDY),
+    ("rounding", "quantize_array", f"({_F3}, {_F3}, int64, int64, int64, int64, float64, int64, {_I3})"),
+    ("fused", "residual_lanes", f"({_F3}, {_F3}, {_F3}, float64[:, ::1], float64[::1], float64[:, :, :, ::1], "
+                                f"float64[:, :, :, ::1], int64, int64, int64, int64, float64, int64, int64, boolean, "
+                                f"{_I3}, {_F3}, {_F3}, float64[:, ::1])"),
+)
+
+
+def prepare_kernels(modules: dict) -> None:
+    """Have every kernel of PIPELINE_SIGNATURES ready: loaded from numba's disk cache (a few ms each)
+    or, on the first run after an install (an empty cache), compiled (seconds each) and cached.
+    ``modules``: the kernel modules by name (fused, greedy, rounding, steps). Already present:
+    nothing happens. numba's compiler lock makes this safe beside calls of the same kernels: a
+    call waits for the compilation under way, then runs the compiled code (the same machine code
+    as a compilation at the call: the same bits)."""
+    from numba.core.sigutils import normalize_signature
+
+    for module, name, signature in PIPELINE_SIGNATURES:
+        # as a tuple of types, the key a call compiles and caches under (a string is another key)
+        modules[module].__dict__[name].compile(tuple(normalize_signature(signature)[0]))
+
+
+class KernelWarmup:
+    """``prepare_kernels`` on a background thread for the duration of a ``with`` block: the
+    pipeline starts it before loading the model, so loading, normalising and the first capture
+    (onnxruntime and LLVM's passes release the GIL) overlap numba's loading or compiling, instead
+    of all of it landing in the first layer's GPFQ call. The block's exit waits for the thread
+    (no thread outlives a quantize call) and re-raises nothing: a kernel that failed here is
+    compiled again, as before, where it is called (and fails there with numba's own error).
+    ONNX_GPFQ_NUMBA_WARMUP=0 turns it off."""
+
+    def __init__(self, modules: dict):
+        import os
+        import threading
+
+        self.thread = None
+        if os.environ.get("ONNX_GPFQ_NUMBA_WARMUP", "1") != "0":
+            self.thread = threading.Thread(target=self._run, args=(modules,), name="onnx_gpfq-kernels", daemon=True)
+
+    @staticmethod
+    def _run(modules: dict) -> None:
+        try:
+            prepare_kernels(modules)
+        except Exception:  # noqa: BLE001  (compiled again where called)
+            pass
+
+    def __enter__(self):
+        if self.thread is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.thread is not None:
+            self.thread.join()
+        return False
