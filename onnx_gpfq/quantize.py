@@ -68,9 +68,7 @@ def quantize(model, calibration, options: Options | None = None, **kwargs) -> tu
         options = Options(**kwargs)
     elif kwargs:
         raise TypeError("pass either options or keyword options, not both")
-    # capture and NumPy products take turns on the cores; numba's kernels are loaded (or, after an install,
-    # compiled) on a thread meanwhile, joined before the cores' settings are restored
-    with blas_workers_sleep(), limit_threads(options.threads), core.kernel_warmup():
+    with blas_workers_sleep(), limit_threads(options.threads):  # capture and NumPy products take turns on the cores
         return _quantize(model, calibration, options)
 
 

@@ -140,37 +140,3 @@ def test_threads_option_caps_every_pool_and_changes_nothing(monkeypatch):
     assert report.options["threads"] == 1
     assert numba.get_num_threads() == numba_before
     assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == blas_before
-
-
-def test_kernel_warmup_covers_the_pipeline_and_ends_with_the_call(monkeypatch):
-    """The background warm-up readies every kernel signature the pipeline calls, so that nothing
-    is loaded or compiled in a layer afterwards: the runs (whose forms cover the Gram, projected
-    and residual kernels) add no overload to any kernel. Its thread never outlives a quantize call."""
-    import sys
-    from pathlib import Path
-
-    from numba.core.dispatcher import Dispatcher
-
-    from onnx_gpfq import core
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_coverage import data as lstm_data, recurrent_model
-
-    models = Path(__file__).parent.parent / "models"
-    core.prepare_kernels(core.KERNEL_MODULES)
-    kernels = {f"{m}.{k}": v for m, mod in core.KERNEL_MODULES.items() for k, v in vars(mod).items()
-               if isinstance(v, Dispatcher)}
-    ready = {name: set(d.overloads) for name, d in kernels.items()}
-    before = threading.active_count()
-    forms = set()
-    for model, calib, opts in [(str(models / "digits_cnn.onnx"), str(models / "digits_calib.npz"), {}),
-                               (recurrent_model("LSTM", bidir=True), [lstm_data(n=8)], {"weight_bits": 8})]:
-        _, report = onnx_gpfq.quantize(model, calib, quiet=True, **opts)
-        forms |= {layer.form.split()[0] for layer in report.layers}
-        assert threading.active_count() == before
-        assert not [t for t in threading.enumerate() if t.name == "onnx_gpfq-kernels"]
-    assert {"gram", "projected"} <= forms and forms & {"residual", "fused"}, forms
-    added = {name: set(d.overloads) - ready[name] for name, d in kernels.items()}
-    assert not {name: sigs for name, sigs in added.items() if sigs}
-    monkeypatch.setenv("ONNX_GPFQ_NUMBA_WARMUP", "0")
-    assert core.kernel_warmup().thread is None

@@ -26,7 +26,7 @@ Everything is float64 internally and deterministic (same input -> same bits).
 
 from . import fused, greedy, rounding, steps
 from .fused import RESIDUAL_FUSED_MAX_M
-from ._numba_cache import KernelWarmup, load_from_cache_without_refresh, prepare_kernels
+from ._numba_cache import load_from_cache_without_refresh
 from .cost import choose_form, projection_pays
 from .gram import GRAM_BLOCK, gpfq_gram, tril_matmul
 from .layer import LayerResult, quantize_layer
@@ -41,17 +41,10 @@ from .steps import dequantize, output_error, step_ranges, steps_from_ranges
 for _module in (fused, greedy, rounding, steps):
     load_from_cache_without_refresh(vars(_module))
 del _module
-KERNEL_MODULES = {"fused": fused, "greedy": greedy, "rounding": rounding, "steps": steps}
-
-
-def kernel_warmup() -> KernelWarmup:
-    """A context that readies the pipeline's numba kernels in the background (``KernelWarmup``)."""
-    return KernelWarmup(KERNEL_MODULES)
-
 
 __all__ = [
     "Alphabet", "Sparsity", "QuantSpec", "Moments", "LayerResult", "quantize_layer", "choose_form",
     "projection_pays", "search_passes", "gpfq_gram", "gpfq_residual", "rtn_codes", "quantize_codes",
     "step_ranges", "steps_from_ranges", "dequantize", "output_error", "tril_matmul", "Rule",
-    "kernel_warmup", "prepare_kernels", "KERNEL_MODULES", "DEFAULT_C_GRID", "GRAM_BLOCK", "RESIDUAL_FUSED_MAX_M", "METHODS", "GRANULARITIES", "SCALE_RULES", "SEARCHES",
+    "DEFAULT_C_GRID", "GRAM_BLOCK", "RESIDUAL_FUSED_MAX_M", "METHODS", "GRANULARITIES", "SCALE_RULES", "SEARCHES",
 ]
