@@ -315,7 +315,9 @@ def _split(arrays: dict[str, np.ndarray], inputs: list[InputSpec], batch_size: i
         for spec in inputs:
             axis = axes[spec.name]
             array = arrays[spec.name]
-            batch[spec.name] = array if axis is None else np.take(array, range(i, min(i + batch_size, n)), axis=axis)
+            # a view (a copy only where not contiguous): the stream keeps, copies or spills it within the
+            # memory budget, so the data is not held twice while it is batched
+            batch[spec.name] = array if axis is None else array[(slice(None),) * axis + (slice(i, min(i + batch_size, n)),)]
         batches.append(batch)
     return batches
 

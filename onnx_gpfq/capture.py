@@ -30,11 +30,15 @@ class Spill:
     """Where frontier tensors live: in memory up to ``budget`` bytes (shared by both streams), then
     in .npy files under ``folder`` (the caller removes the folder when done), written through a
     memory map and read back one batch at a time when used, so that what lies on disk never
-    counts in the process's resident memory."""
+    counts in the process's resident memory.
+
+    ``in_memory`` (bytes held now) never exceeds ``budget`` when there is a folder to spill to:
+    ``peak_in_memory``, its high-water mark, is the bound's witness (reported, and tested)."""
 
     def __init__(self, budget: int | None = None, folder: str | None = None):
         self.budget, self.folder = budget, folder
         self.in_memory = 0
+        self.peak_in_memory = 0  # the most bytes ever held at once
         self.spilled_bytes = 0  # total ever written to disk (for the report)
         self._count = 0
 
@@ -46,6 +50,7 @@ class Spill:
                 # so the arena would grow run after run and the peak memory with it
                 array = array.copy()
             self.in_memory += array.nbytes
+            self.peak_in_memory = max(self.peak_in_memory, self.in_memory)
             return array
         self._count += 1
         path = os.path.join(self.folder, f"t{self._count}.npy")
@@ -61,6 +66,12 @@ class Spill:
             os.unlink(entry.path)
         else:
             self.in_memory -= entry.nbytes
+
+    def release_all(self, batches: "Batches") -> None:
+        """Give back every batch of a tensor kept by ``keep`` that nothing else holds."""
+        for entry in batches.entries():
+            self.release(entry)
+        del batches[:]
 
 
 class OnDisk(NamedTuple):
@@ -169,9 +180,11 @@ class Stream:
         self._prune(nodes, keep=set(needed) | set(produced_collect))
         return produced_collect
 
-    def peek(self, nodes: list[onnx.NodeProto], inits: dict[str, onnx.TensorProto], name: str) -> list[np.ndarray]:
+    def peek(self, nodes: list[onnx.NodeProto], inits: dict[str, onnx.TensorProto], name: str) -> Batches:
         """Tensor ``name`` over all batches, computed from the frontier by the nodes not yet run
-        that it needs, without recording them as run or keeping anything (in memory, not spilled)."""
+        that it needs, without recording them as run or adding it to the frontier. It is kept under
+        the stream's Spill (in memory within the budget, beyond it on disk): give it back with
+        ``self.spill.release_all`` when done."""
         producer = producers(nodes)
         selected: dict[str, onnx.NodeProto] = {}
         stack = [name]
@@ -182,8 +195,7 @@ class Stream:
             selected[node.name] = node
             stack.extend(n for n in node_inputs(node) if n not in self.values and n not in inits)
         segment = [n for n in nodes if n.name in selected]
-        results = self._run(segment, inits, [name], Spill())
-        return list(results[name])
+        return self._run(segment, inits, [name])[name]
 
     def _run(self, segment: list[onnx.NodeProto], inits: dict[str, onnx.TensorProto], outputs: list[str],
              spill: Spill | None = None) -> dict[str, Batches]:

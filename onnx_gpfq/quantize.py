@@ -108,6 +108,7 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
         out = _quantize_layers(base, targets, plans, options, report, float_stream, quant_stream)
         _record_target(out, options.target)
         report.spilled_bytes = spill.spilled_bytes
+        report.peak_held_bytes = spill.peak_in_memory
     validate(out, first_batch, options.threads)
     report.seconds = time.perf_counter() - start
     return out, report
@@ -165,6 +166,9 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
                 moments = _accumulate(t, xs, xts, W, spec, options, k, may_project=not shared, order=order,
                                       extras=(_extras(float_stream, index, t), _extras(quant_stream, index, t)))
                 moments_cache = {key: moments}  # consecutive layers reading the same rows share them
+            if t.OWN_OUTPUT is not None:  # the node's own output, read into the Moments: given back
+                float_stream.spill.release_all(xs)
+                quant_stream.spill.release_all(xts)
             result = core.quantize_layer(W, moments, spec)
             if order is not None:
                 result = replace(result, codes=result.codes[:, np.argsort(order), :])
@@ -219,9 +223,10 @@ def _kernel_order(t: Layer) -> np.ndarray | None:
     return None if np.array_equal(order, np.arange(order.size)) else order
 
 
-def _own_output(stream: Stream, nodes: list[onnx.NodeProto], inits: dict, t: Layer) -> list[np.ndarray]:
-    """Output ``t.OWN_OUTPUT`` of the target's own node over all batches, computed from the
-    stream's frontier without running the node for good (its weights are not all quantized yet)."""
+def _own_output(stream: Stream, nodes: list[onnx.NodeProto], inits: dict, t: Layer):
+    """Output ``t.OWN_OUTPUT`` of the target's own node over all batches (Batches kept under the
+    stream's Spill), computed from the stream's frontier without running the node for good (its
+    weights are not all quantized yet)."""
     nodes = list(nodes)
     i = next(i for i, n in enumerate(nodes) if n.name == t.node)
     node = onnx.NodeProto()

@@ -38,6 +38,7 @@ class Report:
     model_weight_bytes: int = 0  # every weight of the model (``ops.model_weight_bytes``), quantized or not
     calibration_samples: int = 0
     spilled_bytes: int = 0  # frontier activations written to disk beyond the memory budget
+    peak_held_bytes: int = 0  # the most captured-activation bytes held in memory at once (<= the budget)
     seconds: float = 0.0
     options: dict = field(default_factory=dict)
     target: str = "any"
@@ -87,6 +88,7 @@ class Report:
             "weight_fraction_quantized": self.weight_fraction,
             "calibration_samples": self.calibration_samples,
             "spilled_bytes": self.spilled_bytes,
+            "peak_held_bytes": self.peak_held_bytes,
             "seconds": self.seconds,
             "target": self.target,
             "bounded_layers": self.bounded_layers,

@@ -234,3 +234,45 @@ def test_runtime_session_options():
         deployed.get_session_config_entry("session.intra_op.allow_spinning")
     assert deployed.get_session_config_entry("session.x") == "1"
     assert deployed.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+
+def test_peeked_output_is_kept_under_the_budget_and_given_back(tmp_path):
+    """Stream.peek (an LSTM's own output, recomputed) keeps its result through the stream's Spill:
+    counted in memory within the budget, on disk beyond it; release_all gives it all back."""
+    model = normalise(small_cnn())
+    graph = model.graph
+    rng = np.random.default_rng(5)
+    batches = [{"x": rng.standard_normal((4, 3, 6, 6)).astype(np.float32)} for _ in range(3)]
+    one_batch = 4 * 3 * 6 * 6 * 4
+    spill = Spill(budget=3 * one_batch + 1, folder=str(tmp_path))  # the inputs, and nothing more
+    stream = Stream(batches, model, spill=spill)
+    index = GraphIndex(graph)
+    held = spill.in_memory
+    peeked = stream.peek(list(graph.node), index.initializers, "a2")
+    assert spill.in_memory <= spill.budget and spill.peak_in_memory <= spill.budget
+    assert any(isinstance(e, OnDisk) for e in peeked.entries())
+    for b, batch in enumerate(batches):
+        np.testing.assert_array_equal(peeked[b], _intermediates(model, ["a2"], batch["x"])["a2"])
+    spill.release_all(peeked)
+    assert spill.in_memory == held and not peeked and sorted(p.name for p in tmp_path.iterdir()) == []
+    assert stream.nodes_run == 0 and "a2" not in stream.values  # peeking runs nothing for good
+
+
+def test_memory_held_is_bounded_by_the_budget_whatever_the_number_of_samples():
+    """The captured activations held in memory (the frontier, the model inputs, an LSTM's own
+    output) never exceed --memory-budget: 4x the samples, the same bound; without a budget they
+    grow with the samples. Spilling changes nothing in the output model."""
+    from test_coverage import data as lstm_data, recurrent_model
+
+    model = recurrent_model("LSTM", bidir=True)  # the LSTM's rows come from Stream.peek
+    budget = 48 << 10
+    held = {}
+    for n in (32, 128):
+        cal = lstm_data(n=n)
+        opts = dict(weight_bits=4, batch_size=8, batch_axes=[("x", 1)], quiet=True)
+        bounded, r = quantize(model, cal, memory_budget=budget, **opts)
+        free, r_free = quantize(model, cal, memory_budget=None, **opts)
+        assert 0 < r.peak_held_bytes <= budget and r.spilled_bytes > 0
+        assert bounded.SerializeToString() == free.SerializeToString()
+        held[n] = r_free.peak_held_bytes
+    assert held[128] >= 3 * held[32] > 3 * budget  # what the budget bounds does grow with the samples

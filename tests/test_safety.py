@@ -107,7 +107,9 @@ def test_outputs_never_overwrite_inputs(capsys, tmp_path, small_calib, case):
     (["--scale-rule", "fixed", "--c", "1e-300"], "C must be > 0"),
     (["--c", "nan"], "C must be > 0"), (["--c", "inf"], "C must be > 0"),
     (["--percentile", "nan"], "--percentile"), (["--memory-budget", "nan"], "--memory-budget"),
-    (["--memory-budget", "inf"], "--memory-budget"), (["--sparsity", "soft:nan"], "--sparsity"),
+    (["--memory-budget", "inf"], "--memory-budget"), (["--memory-budget", "12Q"], "size like 512M or 2G"),
+    (["--memory-budget=-1M"], "must not be negative"), (["--memory-budget", "1.5.G"], "size like 512M or 2G"),
+    (["--sparsity", "soft:nan"], "--sparsity"),
     (["--image-scale", "nan"], "image scale"), (["--block-size", "99999999999"], "--block-size"),
 ])
 def test_numeric_options_finite_and_in_range(capsys, tmp_path, option, fragment):

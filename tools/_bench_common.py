@@ -24,8 +24,23 @@ if REPO not in sys.path:
 
 # ---------------------------------------------------------------- model and calibration arguments
 
+def _real_spec(name: str):
+    """The real-model suite's Spec ``name`` (tools/_real_models/specs.py)."""
+    from _real_models import specs  # noqa: PLC0415  (tools/_real_models)
+
+    if name not in specs.SPECS:
+        raise SystemExit(f"unknown real model {name!r}; one of {', '.join(specs.SPECS)}")
+    return specs.SPECS[name]
+
+
 def resolve_model(spec: str, workdir: str) -> str:
-    """A path to an .onnx file: ``spec`` itself, or ``light:NAME`` saved into ``workdir``."""
+    """A path to an .onnx file: ``spec`` itself, ``light:NAME`` saved into ``workdir``, or ``real:NAME``
+    (a model of the real-model suite, from its cache: ~/.cache/onnx-gpfq/real-models, fetched there by
+    tools/real_models.py)."""
+    if spec.startswith("real:"):
+        from _real_models import fetch  # noqa: PLC0415
+
+        return _real_spec(spec.split(":", 1)[1]).path(fetch.DEFAULT_CACHE)
     if spec.startswith("light:"):
         name = spec.split(":", 1)[1]
         sys.path.insert(0, os.path.join(REPO, "tests"))
@@ -46,9 +61,22 @@ def resolve_calibration(spec: str, model_path: str, multiplier: int = 1) -> tupl
     """The calibration arrays ({input name: samples along axis 0}) and a description of them.
 
     ``random:N`` -> N * multiplier seeded samples from tests/light_models.random_inputs;
-    a .npz path -> its arrays (``labels`` dropped), tiled ``multiplier`` times along axis 0.
+    a .npz path -> its arrays (``labels`` dropped), tiled ``multiplier`` times along axis 0;
+    ``real:NAME:N`` -> N * multiplier calibration samples of the real-model suite's model NAME
+    (specs.make_data, split 0, seed 0: distinct samples, not a tiling).
     """
     import onnx  # noqa: PLC0415
+
+    if spec.startswith("real:"):
+        parts = spec.split(":")
+        try:
+            name, n = parts[1], int(parts[2])
+        except (IndexError, ValueError):
+            raise SystemExit(f"--calib real:NAME:N needs a model name and an integer N (got {spec!r})") from None
+        from _real_models import fetch, specs  # noqa: PLC0415
+
+        arrays, _ = specs.make_data(_real_spec(name), n * multiplier, 0, 0, fetch.DEFAULT_CACHE)
+        return arrays, f"{n * multiplier} calibration samples of the real-model suite's {name} (split 0, seed 0)"
 
     if spec.startswith("random:"):
         try:
