@@ -4,7 +4,8 @@ quantization costs the model most promoted to 16 bits (opset-21 QuantizeLinear/D
 The cost of a tensor is measured, not estimated: the relative error of the model's float outputs,
 sum ||y_t - y||^2 / sum ||y||^2, when that tensor alone is fake-quantized at 8 bits (its range from
 the run's --act-calibration on the same data) and everything else, weights included, stays float;
-on the first calibration batch. The budget (``--act16-budget``) is a fraction of the activation
+on the first PROBE_SAMPLES samples of the first calibration batch (every activation tensor of the
+model is held for them at once: this bounds the memory). The budget (``--act16-budget``) is a fraction of the activation
 tensors the run quantizes: at most floor(budget x count) of them are promoted, the costliest first,
 and only those with a cost above zero.
 
@@ -31,6 +32,9 @@ from .ops import Layer
 from .options import Options
 
 
+PROBE_SAMPLES = 8
+
+
 @dataclass(frozen=True)
 class Promotion:
     """One activation tensor's measured cost of 8-bit quantization, and whether it became 16-bit."""
@@ -50,6 +54,8 @@ def choose(model: onnx.ModelProto, quant_acts: set[str], batch: dict[str, np.nda
     names = sorted(quant_acts)
     if not names:
         return []
+    if not options.batch_axes:  # samples on axis 0 of every input (otherwise the whole batch)
+        batch = {k: v[:PROBE_SAMPLES] if v.ndim else v for k, v in batch.items()}
     graph = model.graph
     probe = onnx.ModelProto()
     probe.CopyFrom(model)

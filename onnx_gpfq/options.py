@@ -51,6 +51,11 @@ class Options:
     act_bits: 8 or 16 (activation QDQ), or None for weight-only. act_symmetric: int8/int16 with zero
       point 0 instead of asymmetric uint8/uint16. act_calibration: "minmax", "percentile" (clip at
       the given percentile of each tail) or "mse" (clip range minimising the fake-quant error).
+    act_bits "auto": 8 bits, with the tensors whose 8-bit quantization costs the model output most
+      (measured, mixed.py) at 16; act16_budget: the fraction of the quantized activation tensors that
+      may be promoted (a count: floor(budget x tensors)).
+    smooth: "off", "auto" (SmoothQuant-style migration, strength per tensor by the consumers'
+      8-bit output error, smooth.py) or a fixed strength alpha in (0, 1].
     max_patches: conv patches / tokens (rows of X) sampled per calibration sample and layer.
     max_rows: rows of X per layer over the whole calibration set (after max_patches): beyond it each
       sample gets fewer patches (at least one), then a seeded subset of rows is kept. Bounds the

@@ -189,7 +189,7 @@ def test_act_bits_auto_promotes_the_costliest_tensors_within_the_budget():
     assert costs[0].macs == len(costs[0].consumers) * T * C * C
     # the cost is the model's output error with that tensor alone at 8 bits: checked independently
     base = normalise(model)
-    batch = {k: v[:32] for k, v in calib.items()}
+    batch = {k: v[:mixed.PROBE_SAMPLES] for k, v in calib.items()}
     ref = _run(base, batch)
     p = costs[1]
     x = _run(_with_output(base, p.tensor), batch)[-1].astype(np.float64)
