@@ -111,7 +111,7 @@ class Options:
                                "minimising the quantization MSE", check=choice(ACT_CALIBRATIONS))
     smooth: str | float = opt("off", "SmoothQuant-style migration of activation outliers into the weights of the "
                               "MatMul/Gemm layers reading a LayerNormalization or MatMul(+Add) output (exact in float): "
-                              "auto picks the strength per tensor from 0 (off), 0.25, 0.5 by the layers' 8-bit "
+                              "auto picks the strength per tensor from 0 (off), 0.25, 0.5, 0.75, 1 by the layers' 8-bit "
                               "output error; a number in (0, 1] fixes it", metavar="{auto,off,ALPHA}")
     percentile: float = opt(99.99, "percentile for --act-calibration percentile", kind=float,
                             check=Check("number", low=50.0, high=100.0, text="in (50, 100]"))

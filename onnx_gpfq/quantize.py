@@ -80,11 +80,11 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
     source = model if isinstance(model, (str, os.PathLike)) else None  # named in onnxruntime's load errors
     model, specialised = fix_inputs(load_model(model), options.fix_inputs)
     base = normalise(model, min_opset=required_opset(options), source=source)
-    graph = base.graph
     batches = load_batches(calibration, model_inputs(base), options.batch_size, batch_axes=dict(options.batch_axes),
                            input_shapes=dict(options.input_shapes), images=options.images, seed=options.seed)
     check_runs(base, batches[0], str(source) if source is not None else "the model", options.threads)
-    base, smoothed = smooth.smooth(base, batches, options)  # --smooth: before anything reads the weights
+    base, smoothed = smooth.smooth(base, batches, options)  # --smooth: before anything reads the graph
+    graph = base.graph
 
     targets, skipped = find_targets(graph)
     options.check_patterns([(t.node, t.op_type) for t in targets])

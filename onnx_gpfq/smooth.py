@@ -34,7 +34,7 @@ from .ops import Layer, find_targets
 from .options import Options
 from .rewrite import act_quant_from_range, fake_quant
 
-SMOOTH_ALPHAS = (0.0, 0.25, 0.5)  # above 0.5 the RTN proxy keeps improving while GPFQ gets worse (README)
+SMOOTH_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 ROWS = 2048  # rows of X per tensor kept for the alpha search (seeded subsample over all batches)
 SHAPE_ONLY = ("Shape", "Size")  # consumers that read no values: indifferent to the scaling
 

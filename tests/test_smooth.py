@@ -138,7 +138,7 @@ def test_not_smoothed_where_the_inverse_scale_cannot_reach_every_reader():
     assert smooth.smooth(base, _batches(data), Options(smooth="auto", act_bits=None)) == (base, [])
 
 
-def test_quantize_with_smoothing_is_more_accurate_and_deterministic():
+def test_quantize_with_smoothing_is_more_accurate_and_deterministic(tmp_path):
     model, calib, test = _block(), _data(64, 1), _data(64, 2)
     ref = _run(model, test)
 
@@ -157,6 +157,17 @@ def test_quantize_with_smoothing_is_more_accurate_and_deterministic():
             assert errors[r.node] < r.rel_error / 5, (r.node, errors[r.node], r.rel_error)
     assert {m.tensor for m in report.smoothed if m.alpha > 0} == {"ln", "qb"}
     assert "smoothing: 2 of 2" in report.table()
+    # every layer reads a quantized input (the smoothed copy's QDQ), so onnxruntime runs it on int8 kernels
+    producer = {o: n for n in q1.graph.node for o in n.output}
+    for node in q1.graph.node:
+        if node.op_type == "MatMul":
+            assert producer[node.input[0]].op_type == "DequantizeLinear", node.name
+    assert "ln_smoothed" in {n.input[0] for n in q1.graph.node if n.op_type == "QuantizeLinear"}
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(q1.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    assert fused.count("MatMulIntegerToFloat") == 4 and "MatMul" not in fused, fused
     _, q2, _ = sqnr({"smooth": "auto"})
     assert q1.SerializeToString() == q2.SerializeToString()
 
