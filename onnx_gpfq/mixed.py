@@ -42,8 +42,9 @@ class Promotion:
     tensor: str
     cost: float  # relative output error with this tensor alone at 8 bits
     promoted: bool
-    consumers: tuple[str, ...]  # quantized layers reading it (their int8 kernels are lost when promoted)
-    macs: int  # multiply-adds per sample of those layers (per calibration sample, as measured shapes give)
+    consumers: tuple[str, ...]  # quantized layers reading it, or writing it (a Conv's output): their int8
+    # kernels are lost when it is promoted
+    macs: int  # multiply-adds per sample of those layers (readers: from the measured input shapes)
 
 
 def choose(model: onnx.ModelProto, quant_acts: set[str], batch: dict[str, np.ndarray], targets: list[Layer],
@@ -88,12 +89,30 @@ def choose(model: onnx.ModelProto, quant_acts: set[str], batch: dict[str, np.nda
     for t in targets:
         if t.x in quant_acts:
             readers.setdefault(t.x, []).append(t)
+        out = _after_activations(model, t.node)  # a Conv's quantized output: its QLinearConv is lost too
+        if out in quant_acts and t.QUANTIZE_OUTPUT:
+            readers.setdefault(out, []).append(t)
     result = []
     for name in order:
         layers = readers.get(name, [])
-        macs = sum(_macs(t, values[name].shape) for t in layers) // max(values[name].shape[0], 1)
+        macs = sum(_macs(t, values[name].shape) for t in layers if t.x == name) // max(values[name].shape[0], 1)
         result.append(Promotion(name, costs[name], name in promoted, tuple(t.node for t in layers), int(macs)))
     return result
+
+
+def _after_activations(model: onnx.ModelProto, node_name: str) -> str | None:
+    """The tensor a layer's output QDQ sits on: its output after a chain of Relu/Clip only it feeds."""
+    from .activations import REMOVABLE_ACTIVATIONS
+
+    nodes = {n.name: n for n in model.graph.node}
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    out = nodes[node_name].output[0]
+    while len(readers.get(out, [])) == 1 and readers[out][0].op_type in REMOVABLE_ACTIVATIONS:
+        out = readers[out][0].output[0]
+    return out
 
 
 def _macs(t: Layer, x_shape: tuple[int, ...]) -> int:

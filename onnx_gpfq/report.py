@@ -78,8 +78,8 @@ class Report:
                          f"output error {gain:.2f}x lower")
         for p in (p for p in self.promotions if p.promoted):
             lines.append(f"16-bit activation {p.tensor[-48:]}: 8-bit output error {p.cost:.2e}; {len(p.consumers)} "
-                         f"layer(s) reading it leave the int8 kernels ({p.macs / 1e6:.1f} M multiply-adds per sample "
-                         "in float)")
+                         f"layer(s) writing or reading it leave the int8 kernels (readers: {p.macs / 1e6:.1f} M "
+                         "multiply-adds per sample in float)")
         if self.promotions:
             wide = sum(p.promoted for p in self.promotions)
             lines.append(f"--act-bits auto: {wide} of {len(self.promotions)} activation tensors at 16 bits")
