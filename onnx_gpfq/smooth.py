@@ -32,6 +32,7 @@ from .core import Alphabet
 from .graph import GraphIndex, serialize
 from .ops import Layer, find_targets
 from .options import Options
+from .plan import plan_layer
 from .rewrite import act_quant_from_range, fake_quant
 
 SMOOTH_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -146,7 +147,9 @@ def smooth(model: onnx.ModelProto, batches: list[dict], options: Options) -> tup
 
     batches: the calibration batches ({input: array}), run once through the float model."""
     targets, _ = find_targets(model.graph)
-    targets = [t for t in targets if not options.is_excluded(t.node, t.op_type)]
+    # excluded and weight-only layers (block-wise, MatMulNBits) read X in float: not smoothed for them
+    targets = [t for t in targets if not options.is_excluded(t.node, t.op_type) and t.INT8_KERNEL
+               and not plan_layer(t, options).weight_only]
     found = groups(model, targets)
     if not found or options.smooth == "off" or options.act_bits is None:
         return model, []

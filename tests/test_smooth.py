@@ -132,6 +132,9 @@ def test_not_smoothed_where_the_inverse_scale_cannot_reach_every_reader():
     # an excluded reader of qb stays float: qb (a MatMul+Add output, no copy) is left alone
     _, chosen = smooth.smooth(normalise(_block()), _batches(data), Options(smooth=0.5, exclude=("p",)))
     assert {c.tensor for c in chosen} == {"ln"}
+    # layers reading their input in float (MatMulNBits) are not smoothed
+    _, chosen = smooth.smooth(normalise(_block()), _batches(data), Options(smooth=0.5, weight_format="matmulnbits"))
+    assert chosen == []
     # off, and weight-only runs, change nothing
     base = normalise(_block())
     assert smooth.smooth(base, _batches(data), Options(smooth="off")) == (base, [])
