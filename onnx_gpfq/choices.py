@@ -62,7 +62,7 @@ METHODS = values(Method)
 GRANULARITIES = values(Granularity)
 SCALE_RULES = values(ScaleRule)
 WEIGHT_FORMATS = tuple(FORMATS)  # the registry in formats/: a new format is a new module there
-ACT_BITS = (8, 16, None)
+ACT_BITS = (8, 16, "auto", None)
 ACT_CALIBRATIONS = values(ActCalibration)
 # C scales the step C * max|w| / K: below 1e-6 every code saturates, above 1e6 every code is 0 (the
 # computed steps are checked too: finite and > 0 in float32)
@@ -123,13 +123,39 @@ FLAG = Check("bool", text="True or False")
 
 
 def parse_act_bits(value) -> int | None:
-    """8 / 16 / None, also from text ('8', 'none')."""
+    """8 / 16 / "auto" (8 with the costliest tensors at 16, see mixed.py) / None, also from text ('8', 'none')."""
     if isinstance(value, str):
         text = value.strip().lower()
         value = None if text == "none" else int(text) if text.isdigit() else text
     if value not in ACT_BITS or isinstance(value, bool):
-        raise UserError(f"--act-bits must be 8, 16 or none (got {value!r})")
+        raise UserError(f"--act-bits must be 8, 16, auto or none (got {value!r})")
     return value
+
+
+def parse_budget(value) -> float:
+    """'5%' / 0.05 / '0.05' -> 0.05 (a fraction in [0, 1])."""
+    text = str(value).strip()
+    try:
+        number = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        number = math.nan
+    if isinstance(value, bool) or not 0.0 <= number <= 1.0:
+        raise UserError(f"--act16-budget must be a fraction in [0, 1] or a percentage like 5% (got {value!r})")
+    return number
+
+
+def parse_smooth(value) -> str | float:
+    """'auto' / 'off' / a fixed migration strength alpha in (0, 1] (also as text)."""
+    text = str(value).strip().lower() if isinstance(value, str) else value
+    if text in ("auto", "off"):
+        return text
+    try:
+        alpha = float(text) if not isinstance(text, bool) else None
+    except (TypeError, ValueError):
+        alpha = None
+    if alpha is None or not 0.0 < alpha <= 1.0:
+        raise UserError(f"--smooth must be auto, off or a number in (0, 1] (got {value!r})")
+    return alpha
 
 
 def parse_weight_bits(value: str | int) -> int | str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields, replace
 from .calib import ImageOptions
 from .choices import (ACT_BITS, ACT_CALIBRATIONS, C_RANGE, FLAG, GRANULARITIES, METHODS, POSITIVE,  # noqa: F401
                       SCALE_RULES, WEIGHT_BITS, WEIGHT_FORMATS, Check, check_choice, choice, is_int, is_number, opt,
-                      parse_act_bits, parse_batch_axis, parse_input_shape, parse_size, parse_sparsity,
+                      parse_act_bits, parse_batch_axis, parse_budget, parse_input_shape, parse_size, parse_smooth, parse_sparsity,
                       parse_weight_bits)  # the parsers and choice tuples stay importable from here
 from .config import RULE_KEYS, RULE_TYPES, LayerRule, load_config, load_config_fix_inputs  # noqa: F401
 from .errors import UserError
@@ -51,6 +51,11 @@ class Options:
     act_bits: 8 or 16 (activation QDQ), or None for weight-only. act_symmetric: int8/int16 with zero
       point 0 instead of asymmetric uint8/uint16. act_calibration: "minmax", "percentile" (clip at
       the given percentile of each tail) or "mse" (clip range minimising the fake-quant error).
+    act_bits "auto": 8 bits, with the tensors whose 8-bit quantization costs the model output most
+      (measured, mixed.py) at 16; act16_budget: the fraction of the quantized activation tensors that
+      may be promoted (a count: floor(budget x tensors)).
+    smooth: "off", "auto" (SmoothQuant-style migration, strength per tensor by the consumers'
+      8-bit output error, smooth.py) or a fixed strength alpha in (0, 1].
     max_patches: conv patches / tokens (rows of X) sampled per calibration sample and layer.
     max_rows: rows of X per layer over the whole calibration set (after max_patches): beyond it each
       sample gets fewer patches (at least one), then a seeded subset of rows is kept. Bounds the
@@ -70,8 +75,13 @@ class Options:
     """
 
     weight_bits: int | str = opt(4, "weight bit width; ternary = levels {-1,0,1} x step", metavar="{2..8,ternary}")
-    act_bits: int | None = opt(8, "activation bits (asymmetric uint8/uint16 unless --act-symmetric), or none for "
-                               "weight-only (16 needs opset 21, the model is upgraded)", metavar="{8,16,none}")
+    act_bits: int | str | None = opt(8, "activation bits (asymmetric uint8/uint16 unless --act-symmetric), or none for "
+                                     "weight-only (16 needs opset 21, the model is upgraded); auto: 8, with the tensors "
+                                     "whose 8-bit quantization costs the model output most (measured) at 16, within "
+                                     "--act16-budget", metavar="{8,16,auto,none}")
+    act16_budget: float = opt(0.05, "--act-bits auto: at most this fraction of the quantized activation tensors "
+                              "(e.g. 5%%, 0.25) goes to 16 bits", metavar="FRACTION", cli_default="5%",
+                              shown="5%%")
     method: str = opt("gpfq", "gpfq: greedy path-following with error feedback; rtn: round to nearest, the baseline",
                       check=choice(METHODS))
     seed: int = opt(0, "seed for patch subsampling", kind=int,
@@ -99,6 +109,10 @@ class Options:
     act_symmetric: bool = opt(False, "symmetric int8/int16 activations (zero point 0)", action="store_true", check=FLAG)
     act_calibration: str = opt("minmax", "activation range: full min-max, clipped at --percentile, or the clip "
                                "minimising the quantization MSE", check=choice(ACT_CALIBRATIONS))
+    smooth: str | float = opt("off", "SmoothQuant-style migration of activation outliers into the weights of the "
+                              "MatMul/Gemm layers reading a LayerNormalization or MatMul(+Add) output (exact in float): "
+                              "auto picks the strength per tensor from 0 (off), 0.25, 0.5, 0.75, 1 by the layers' 8-bit "
+                              "output error; a number in (0, 1] fixes it", metavar="{auto,off,ALPHA}")
     percentile: float = opt(99.99, "percentile for --act-calibration percentile", kind=float,
                             check=Check("number", low=50.0, high=100.0, text="in (50, 100]"))
     batch_size: int = opt(32, "calibration samples per onnxruntime run", kind=int, check=POSITIVE)
@@ -135,6 +149,8 @@ class Options:
         put = object.__setattr__
         put(self, "weight_bits", parse_weight_bits(self.weight_bits))
         put(self, "act_bits", parse_act_bits(self.act_bits))
+        put(self, "smooth", parse_smooth(self.smooth))
+        put(self, "act16_budget", parse_budget(self.act16_budget))
         if self.sparsity is None or isinstance(self.sparsity, str):
             put(self, "sparsity", parse_sparsity(self.sparsity))
         if isinstance(self.memory_budget, str):

@@ -47,7 +47,7 @@ def _bounded_for_target(t: Layer, plan: LayerPlan, options: Options) -> LayerPla
     """The plan with the target's pair bound on its codes (onnx_gpfq.cpu), where an int8 kernel that could
     saturate will run the layer: 8-bit activations, an op onnxruntime runs as an int8 kernel, codes large
     enough to overflow a pair."""
-    acts = None if plan.weight_only or not t.INT8_KERNEL else options.act_bits
+    acts = None if plan.weight_only or not t.INT8_KERNEL else 8 if options.act_bits == "auto" else options.act_bits
     bound = cpu.pair_bound(options.target, plan.spec.alphabet.hi, acts)
     if bound is None:
         return plan
@@ -59,8 +59,8 @@ def _bounded_for_target(t: Layer, plan: LayerPlan, options: Options) -> LayerPla
 
 def required_opset(options: Options) -> int:
     """The opset the output needs: per-channel QDQ 13; block-wise scales and 16-bit activations
-    21; and at least what the weight format needs (INT4: 21)."""
-    blockwise = (options.act_bits == 16 or options.granularity == "block"
+    21 (--act-bits auto too); and at least what the weight format needs (INT4: 21)."""
+    blockwise = (options.act_bits in (16, "auto") or options.granularity == "block"
                  or any(r.granularity == "block" for r in options.rules))
     return max(FORMATS[options.weight_format].min_opset, BLOCKWISE_OPSET if blockwise else 13)
 

@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 import onnx
 
-from . import core, rewrite, runtime, steps
+from . import core, mixed, rewrite, runtime, smooth, steps
 from ._threads import blas_workers_sleep, limit as limit_threads
 from .calib import load_batches, model_inputs
 from .capture import Spill, Stream, inputs
@@ -44,12 +44,15 @@ def _record_target(model: onnx.ModelProto, target: str) -> None:
     model.metadata_props.add(key=TARGET_KEY, value=target)
 
 
-def _observe_new(quant_acts: set[str], acts: dict[str, ActQuant], stream: Stream, options: Options) -> None:
-    """Calibrate every activation tensor to quantize that the float stream now holds for the first time."""
+def _observe_new(quant_acts: set[str], acts: dict[str, ActQuant], stream: Stream, options: Options,
+                 wide: set[str] = frozenset()) -> None:
+    """Calibrate every activation tensor to quantize that the float stream now holds for the first time
+    (``wide``: the tensors --act-bits auto promoted to 16 bits)."""
     for name in sorted(quant_acts - set(acts)):
         if name in stream.values:
             rng = np.random.default_rng([options.seed, len(acts)])
-            acts[name] = calibrate(stream.values[name], options.act_calibration, options.act_bits,
+            bits = (16 if name in wide else 8) if options.act_bits == "auto" else options.act_bits
+            acts[name] = calibrate(stream.values[name], options.act_calibration, bits,
                                    options.act_symmetric, options.percentile, rng)
 
 
@@ -77,10 +80,11 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
     source = model if isinstance(model, (str, os.PathLike)) else None  # named in onnxruntime's load errors
     model, specialised = fix_inputs(load_model(model), options.fix_inputs)
     base = normalise(model, min_opset=required_opset(options), source=source)
-    graph = base.graph
     batches = load_batches(calibration, model_inputs(base), options.batch_size, batch_axes=dict(options.batch_axes),
                            input_shapes=dict(options.input_shapes), images=options.images, seed=options.seed)
     check_runs(base, batches[0], str(source) if source is not None else "the model", options.threads)
+    base, smoothed = smooth.smooth(base, batches, options)  # --smooth: before anything reads the graph
+    graph = base.graph
 
     targets, skipped = find_targets(graph)
     options.check_patterns([(t.node, t.op_type) for t in targets])
@@ -96,7 +100,7 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
 
     report = Report(skipped=skipped, calibration_samples=sum(next(iter(b.values())).shape[0] for b in batches),
                     options=_jsonable(options), fixed_inputs=specialised.fixed, inlined_ifs=specialised.inlined,
-                    target=options.target, bounded_layers=sum(1 for plan in plans.values() if plan.spec.pair_bound))
+                    smoothed=smoothed, target=options.target, bounded_layers=sum(1 for plan in plans.values() if plan.spec.pair_bound))
     with tempfile.TemporaryDirectory(prefix="onnx_gpfq_spill_") as spill_dir:
         spill = Spill(options.memory_budget, spill_dir)
         first_batch = {name: np.array(a) for name, a in batches[0].items()}  # its own copy, not a view
@@ -105,7 +109,7 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
         float_stream = Stream(held, base, threads=options.threads, spill=spill)
         quant_stream = Stream(held, base, threads=options.threads, spill=spill)
         del held
-        out = _quantize_layers(base, targets, plans, options, report, float_stream, quant_stream)
+        out = _quantize_layers(base, targets, plans, options, report, float_stream, quant_stream, first_batch)
         _record_target(out, options.target)
         report.spilled_bytes = spill.spilled_bytes
         report.peak_held_bytes = spill.peak_in_memory
@@ -115,12 +119,15 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
 
 
 def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[str, LayerPlan], options: Options,
-                     report: Report, float_stream: Stream, quant_stream: Stream) -> onnx.ModelProto:
+                     report: Report, float_stream: Stream, quant_stream: Stream, first_batch: dict) -> onnx.ModelProto:
     """Layer by layer in topological order: capture X and X~, run GPFQ, rewrite; the output model."""
     graph = base.graph
     index = GraphIndex(graph)
     weight_only = {t.node for t in targets if plans[t.key].weight_only or not t.INT8_KERNEL}
     quant_acts = activation_tensors(graph, targets, weight_only) if options.act_bits else set()
+    if options.act_bits == "auto":  # measured once, on the float model, before any range is set
+        report.promotions = mixed.choose(base, quant_acts, first_batch, targets, options)
+    wide = {p.tensor for p in report.promotions if p.promoted}
     acts: dict[str, ActQuant] = {}
     layers: dict[str, QuantizedLayer] = {}
     by_weight: dict[str, QuantizedLayer] = {}
@@ -144,7 +151,7 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
                 continue
             extra = [e for e in t.extra_inputs if e and e not in index.initializers]
             float_stream.advance(list(graph.node), index.initializers, [t.x, *extra], quant_acts)
-            _observe_new(quant_acts, acts, float_stream, options)
+            _observe_new(quant_acts, acts, float_stream, options, wide)
             nodes_q, inits_q = rewrite.apply(graph, layers, acts)
             x_tilde = t.x if t.node in weight_only else read_name(t.x, acts, index.graph_outputs)
             quant_stream.advance(nodes_q, inits_q, [x_tilde, *extra])
@@ -195,7 +202,7 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
     remaining = sorted(quant_acts - set(acts))
     if remaining:
         float_stream.advance(list(graph.node), index.initializers, remaining, quant_acts)
-        _observe_new(quant_acts, acts, float_stream, options)
+        _observe_new(quant_acts, acts, float_stream, options, wide)
 
     nodes, inits = rewrite.apply(graph, layers, acts)
     report.activations = len(acts)

@@ -45,6 +45,8 @@ class Report:
     bounded_layers: int = 0  # layers whose 8-bit codes were kept within the target's pair bound
     fixed_inputs: dict = field(default_factory=dict)  # --fix-input: name -> value, removed from the interface
     inlined_ifs: list = field(default_factory=list)  # If nodes replaced by the branch the fixed inputs take
+    smoothed: list = field(default_factory=list)  # smooth.Smoothed per smoothable tensor (--smooth)
+    promotions: list = field(default_factory=list)  # mixed.Promotion per activation tensor (--act-bits auto)
 
     @property
     def weight_fraction(self) -> float:
@@ -69,6 +71,19 @@ class Report:
             fixed = ", ".join(f"{k}={v}" for k, v in self.fixed_inputs.items())
             lines.append(f"inputs fixed: {fixed} (removed from the model's inputs); {len(self.inlined_ifs)} If node(s) "
                          "inlined")
+        if self.smoothed:
+            on = [m for m in self.smoothed if m.alpha > 0]
+            gain = sum(m.error_off for m in on) / max(sum(m.error for m in on), 1e-30) if on else 1.0
+            lines.append(f"smoothing: {len(on)} of {len(self.smoothed)} smoothable activation tensors migrated "
+                         f"(alpha {', '.join(sorted({f'{m.alpha:g}' for m in on})) or '-'}); their layers' 8-bit "
+                         f"output error {gain:.2f}x lower")
+        for p in (p for p in self.promotions if p.promoted):
+            lines.append(f"16-bit activation {p.tensor[-48:]}: 8-bit output error {p.cost:.2e}; {len(p.consumers)} "
+                         f"layer(s) writing or reading it leave the int8 kernels (readers: {p.macs / 1e6:.1f} M "
+                         "multiply-adds per sample in float)")
+        if self.promotions:
+            wide = sum(p.promoted for p in self.promotions)
+            lines.append(f"--act-bits auto: {wide} of {len(self.promotions)} activation tensors at 16 bits")
         lines.append(f"target {self.target}: " + (f"{self.bounded_layers} layers' 8-bit codes kept within the pair bound "
                                                   f"(same-sign |q_2j| + |q_2j+1| <= {cpu.PAIR_BOUND}) of x86's AVX2 int8 kernels"
                                                   if self.bounded_layers else "no code constraint needed"))
@@ -95,4 +110,6 @@ class Report:
             "options": self.options,
             "fixed_inputs": self.fixed_inputs,
             "inlined_ifs": self.inlined_ifs,
+            "smoothed": [vars(m) for m in self.smoothed],
+            "act16": [vars(p) | {"consumers": list(p.consumers)} for p in self.promotions],
         }

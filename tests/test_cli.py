@@ -115,7 +115,9 @@ def test_output_folder_missing_or_not_writable(capsys, tmp_path):
 
 @pytest.mark.parametrize("option, fragment", [
     (["--weight-bits", "9"], "--weight-bits must be one of"),
-    (["--act-bits", "4"], "--act-bits must be 8, 16 or none"),
+    (["--act-bits", "4"], "--act-bits must be 8, 16, auto or none"),
+    (["--smooth", "2"], "--smooth must be auto, off or a number in (0, 1]"),
+    (["--act16-budget", "150%"], "--act16-budget must be a fraction in [0, 1]"),
     (["--method", "magic"], "--method must be one of gpfq, rtn"),
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--max-patches", "-3"], "--max-patches must be a positive integer"),

@@ -47,6 +47,11 @@ BENCHMARKS = os.path.join(REPO, "BENCHMARKS.md")
 VARIANTS = [  # (label, quantizer, options)
     ("float", "float", {}),
     ("gpfq W8A8", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8}),
+    ("gpfq W8A8 smooth", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "smooth": "auto"}),
+    ("gpfq W8A8 smooth act16", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": "auto", "act16_budget": 0.25,
+                                        "smooth": "auto"}),
+    ("rtn W8A8 smooth act16", "gpfq", {"method": "rtn", "weight_bits": 8, "act_bits": "auto", "act16_budget": 0.25,
+                                       "smooth": "auto"}),
     ("rtn W8A8", "gpfq", {"method": "rtn", "weight_bits": 8, "act_bits": 8}),
     ("ort MinMax W8A8", "ort", {"calibrate_method": "MinMax", "weight_type": "QInt8"}),
     ("ort Entropy W8A8", "ort", {"calibrate_method": "Entropy", "weight_type": "QInt8"}),
