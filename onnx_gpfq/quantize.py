@@ -25,7 +25,8 @@ from .capture import Spill, Stream, inputs
 from .errors import UserError
 from .graph import GraphIndex, check_runs, load_model, normalise, save_model, serialize
 from .options import Options
-from .activations import activation_tensors, calibrate
+from . import act_ranges
+from .activations import activation_tensors
 from .ops import OPS, Layer, Skipped, find_targets, model_weight_bytes
 from .plan import LayerPlan, add_domains, onnx_scale, plan_layer, required_opset
 from .report import LayerReport, Report
@@ -44,13 +45,18 @@ def _record_target(model: onnx.ModelProto, target: str) -> None:
     model.metadata_props.add(key=TARGET_KEY, value=target)
 
 
-def _observe_new(quant_acts: set[str], acts: dict[str, ActQuant], stream: Stream, options: Options) -> None:
-    """Calibrate every activation tensor to quantize that the float stream now holds for the first time."""
+def _observe_new(quant_acts: set[str], acts: dict[str, ActQuant], stream: Stream, options: Options, report: Report,
+                 scoring: dict[str, list[Layer]], index: GraphIndex) -> None:
+    """Choose the range of every activation tensor to quantize that the float stream now holds for
+    the first time (``act_ranges.choose``, scored at the layers ``scoring`` names); its row goes
+    into the report."""
     for name in sorted(quant_acts - set(acts)):
         if name in stream.values:
             rng = np.random.default_rng([options.seed, len(acts)])
-            acts[name] = calibrate(stream.values[name], options.act_calibration, options.act_bits,
-                                   options.act_symmetric, options.percentile, rng)
+            scorers = [act_ranges.Scorer.of(t, index.array(t.w), rng) for t in scoring.get(name, [])]
+            acts[name], row = act_ranges.choose(name, stream.values[name], options.act_calibration, options.act_bits,
+                                                options.act_symmetric, options.percentile, scorers, rng)
+            report.activation_rows.append(row)
 
 
 def _tensor_bytes(t: onnx.TensorProto) -> int:
@@ -120,6 +126,8 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
     index = GraphIndex(graph)
     weight_only = {t.node for t in targets if plans[t.key].weight_only or not t.INT8_KERNEL}
     quant_acts = activation_tensors(graph, targets, weight_only) if options.act_bits else set()
+    integer_input = {t.node for t in targets if t.x in quant_acts and t.node not in weight_only}
+    scoring = act_ranges.scoring_layers(graph, targets, integer_input)
     acts: dict[str, ActQuant] = {}
     layers: dict[str, QuantizedLayer] = {}
     by_weight: dict[str, QuantizedLayer] = {}
@@ -143,7 +151,7 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
                 continue
             extra = [e for e in t.extra_inputs if e and e not in index.initializers]
             float_stream.advance(list(graph.node), index.initializers, [t.x, *extra], quant_acts)
-            _observe_new(quant_acts, acts, float_stream, options)
+            _observe_new(quant_acts, acts, float_stream, options, report, scoring, index)
             nodes_q, inits_q = rewrite.apply(graph, layers, acts)
             x_tilde = t.x if t.node in weight_only else read_name(t.x, acts, index.graph_outputs)
             quant_stream.advance(nodes_q, inits_q, [x_tilde, *extra])
@@ -191,7 +199,7 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
     remaining = sorted(quant_acts - set(acts))
     if remaining:
         float_stream.advance(list(graph.node), index.initializers, remaining, quant_acts)
-        _observe_new(quant_acts, acts, float_stream, options)
+        _observe_new(quant_acts, acts, float_stream, options, report, scoring, index)
 
     nodes, inits = rewrite.apply(graph, layers, acts)
     report.activations = len(acts)

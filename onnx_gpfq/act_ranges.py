@@ -1,0 +1,159 @@
+"""Each activation tensor's range, chosen by its effect on the layers that read it (--act-calibration auto).
+
+The candidates are the single rules of ``activations.candidate_ranges``: min-max, the percentile
+clips at ``PERCENTILES`` (and at --percentile), and the clip minimising the tensor's own MSE (over
+``AUTO_VALUES`` of its sampled values). Each is scored by the relative error its fake quantization
+causes at the outputs of the tensor's *scoring layers*:
+
+    score = sum over layers c of ||(fq(X_c) - X_c) W_c||^2 / ||X_c W_c||^2
+
+X_c (rows, N0) the rows layer c forms from the tensor (``Layer.rows``: im2col patches for Conv,
+tokens for MatMul/Gemm), a seeded sample of at most ``SCORE_ROWS`` per layer over all calibration
+batches; W_c (g, N0, N1g) its float weight (no layer reading a tensor is quantized before the
+tensor's range is chosen), at most ``SCORE_COLUMNS`` seeded output columns of it per group. The
+lowest score wins; ties go to the earlier candidate, min-max first.
+
+Scoring layers: the quantized layers that read the tensor with an integer kernel (weight-only and
+recurrent layers excepted). A tensor none of them reads directly (a residual join's inputs, a Conv
+output before an Add) is scored at the quantized layers reached through ops that hand its error on
+unchanged in shape (``PASS_ON``: Add, Sub, Identity exactly; Relu and Clip as the identity, an
+over-estimate where they cut). Where none is reached that way (a model output, a tensor that goes on
+through Concat, pooling, Mul, Sigmoid, Softmax, ...) the score falls back to the tensor's own
+relative error ||fq(x) - x||^2 / ||x||^2 over those values, which makes auto the mse rule there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .activations import candidate_ranges, value_sample
+from .graph import GraphIndex
+from .ops import Layer
+from .report import ActivationReport
+from .rewrite import ActQuant, act_quant_from_range, fake_quant
+
+PERCENTILES = (99.9, 99.99, 99.999)
+SCORE_ROWS = 512  # rows per scoring layer and tensor (seeded sample over all batches)
+SCORE_COLUMNS = 128  # output columns of W per group (a seeded subset beyond it): bounds the cost of wide layers
+AUTO_VALUES = 1 << 14  # values (an even stride through the sample) for auto's mse candidate and own-error scores
+PASS_ON = ("Add", "Sub", "Identity", "Relu", "Clip")
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """One scoring layer of a tensor: the layer and its float weight W, (g, N0, n) float64, n =
+    min(N1g, SCORE_COLUMNS) of its output columns (the first n of a seeded permutation)."""
+
+    layer: Layer
+    W: np.ndarray
+
+    @classmethod
+    def of(cls, layer: Layer, weight: np.ndarray, rng: np.random.Generator) -> "Scorer":
+        """From the layer's ONNX weight."""
+        W = layer.to_matrix(np.asarray(weight, dtype=np.float64))
+        if W.shape[2] > SCORE_COLUMNS:
+            W = W[:, :, np.sort(rng.permutation(W.shape[2])[:SCORE_COLUMNS])]
+        return cls(layer, np.ascontiguousarray(W))
+
+
+def scoring_layers(graph: onnx.GraphProto, targets: list[Layer], integer_input: set[str]) -> dict[str, list[Layer]]:
+    """Tensor -> the layers its quantization error is scored at (see the module docstring), for
+    every tensor some layer is reached from. ``integer_input``: node names of the targets whose input
+    is quantized (the layers the error reaches as the deployed graph computes it)."""
+    index = GraphIndex(graph)
+    readers: dict[str, list[Layer]] = {}
+    for t in targets:
+        if t.node in integer_input and t.OWN_OUTPUT is None and not t.extra_inputs:
+            readers.setdefault(t.x, []).append(t)
+
+    def reached(name: str, seen: set[str]) -> list[Layer]:
+        if name in seen:
+            return []
+        seen.add(name)
+        found = list(readers.get(name, []))
+        for node in index.consumers.get(name, []):
+            if node.op_type in PASS_ON and node.input and (node.op_type in ("Add", "Sub") or node.input[0] == name):
+                for layer in reached(node.output[0], seen):
+                    if layer not in found:
+                        found.append(layer)
+        return found
+
+    tensors = {name for node in graph.node for name in node.output} | {i.name for i in graph.input}
+    return {name: found for name in sorted(tensors) if (found := reached(name, set()))}
+
+
+def choose(name: str, values, method: str, bits: int, symmetric: bool, percentile: float, scorers: list[Scorer],
+           rng: np.random.Generator) -> tuple[ActQuant, ActivationReport]:
+    """The quantization of tensor ``name`` (its values over all calibration batches, as the float
+    stream holds them) under rule ``method`` ("auto" or a single rule), and its report row."""
+    sample = value_sample(values, rng)
+    lo, hi = float(sample.min()), float(sample.max())
+    for v in values:  # the full range, not the sample's
+        lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
+    levels = {"auto": tuple(sorted({*PERCENTILES, percentile})), "percentile": (percentile,)}.get(method, ())
+    small = sample[::-(-sample.size // AUTO_VALUES)] if method == "auto" else sample
+    ranges = candidate_ranges(sample, lo, hi, bits, symmetric, levels, small if method in ("auto", "mse") else None)
+    rows = [_rows(s, values, rng) for s in scorers]
+    if method == "auto":
+        cands = list(ranges.items())
+    else:
+        cands = [next(((rule, r) for rule, r in ranges.items() if rule.split(":")[0] == method),
+                      ("minmax", ranges["minmax"]))]  # a constant tensor
+    best = None
+    for rule, (a, b) in cands:
+        quant = act_quant_from_range(a, b, bits, symmetric)
+        score = _score(quant, small, scorers, rows)
+        if best is None or score < best[0]:
+            best = (score, rule, (a, b), quant)
+    _, rule, (a, b), quant = best
+    err = float(np.sum((fake_quant(small, quant) - small) ** 2))
+    own = _db(float(np.sum(small ** 2)), err)
+    errors = [_layer_error(quant, s, r) for s, r in zip(scorers, rows)]
+    layer_db = _db(sum(ref for _, ref in errors), sum(e for e, _ in errors)) if errors else None
+    return quant, ActivationReport(name, bits, rule, a, b, own, layer_db, tuple(s.layer.node for s in scorers))
+
+
+def _rows(scorer: Scorer, values, rng: np.random.Generator) -> np.ndarray:
+    """At most SCORE_ROWS rows of the scoring layer's X from the tensor, (g, rows, N0) float64."""
+    t = scorer.layer
+    shapes = values.shapes() if hasattr(values, "shapes") else [v.shape for v in values]
+    samples = sum(t.samples(s) for s in shapes)
+    per_sample = max(1, SCORE_ROWS // max(samples, 1))
+    parts = []
+    for v, shape in zip(values, shapes):
+        parts.append(np.asarray(t.rows(v, t.positions(shape, per_sample, rng)), dtype=np.float64))
+    rows = np.concatenate(parts, axis=1)
+    if rows.shape[1] > SCORE_ROWS:
+        rows = rows[:, np.sort(rng.choice(rows.shape[1], SCORE_ROWS, replace=False))]
+    return rows
+
+
+def _layer_error(quant: ActQuant, scorer: Scorer, rows: np.ndarray) -> tuple[float, float]:
+    """(||(fq(X) - X) W||^2, ||X W||^2) over the rows, summed over the groups. fq(0) = 0, so the
+    zero padding of im2col rows stays exact."""
+    if rows.shape[-1] != scorer.W.shape[1]:  # reached through a broadcasting Add: not this layer's rows
+        return 0.0, 0.0
+    err = fake_quant(rows, quant) - rows
+    return float(np.sum(np.matmul(err, scorer.W) ** 2)), float(np.sum(np.matmul(rows, scorer.W) ** 2))
+
+
+def _score(quant: ActQuant, sample: np.ndarray, scorers: list[Scorer], rows: list[np.ndarray]) -> float:
+    """Sum of the scoring layers' relative output errors, or the tensor's own relative error."""
+    total, counted = 0.0, 0
+    for s, r in zip(scorers, rows):
+        err, ref = _layer_error(quant, s, r)
+        if ref > 0:
+            total, counted = total + err / ref, counted + 1
+    if counted:
+        return total
+    return float(np.sum((fake_quant(sample, quant) - sample) ** 2)) / max(float(np.sum(sample ** 2)), 1e-300)
+
+
+def _db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise); inf without noise."""
+    if noise <= 0:
+        return float("inf")
+    return 10.0 * float(np.log10(max(signal, 1e-300) / noise))
