@@ -14,12 +14,15 @@ tensor's range is chosen), at most ``SCORE_COLUMNS`` seeded output columns of it
 lowest score wins; ties go to the earlier candidate, min-max first.
 
 Scoring layers: the quantized layers that read the tensor with an integer kernel (weight-only and
-recurrent layers excepted). A tensor none of them reads directly (a residual join's inputs, a Conv
-output before an Add) is scored at the quantized layers reached through ops that hand its error on
-unchanged in shape (``PASS_ON``: Add, Sub, Identity exactly; Relu and Clip as the identity, an
-over-estimate where they cut). Where none is reached that way (a model output, a tensor that goes on
-through Concat, pooling, Mul, Sigmoid, Softmax, ...) the score falls back to the tensor's own
-relative error ||fq(x) - x||^2 / ||x||^2 over those values, which makes auto the mse rule there.
+recurrent layers excepted), and those reached from it through elementwise ops: the score is then
+||(f(fq(X)) - f(X)) W||^2 / ||f(X) W||^2, f the functions on the way, computed exactly (``UNARY``:
+Relu, Clip, LeakyRelu, Sigmoid, Tanh, HardSigmoid, HardSwish, and Mul(x, Sigmoid(x)) = SiLU); through
+``LINEAR`` ops (Add, Sub, Identity) the error passes unchanged, and the functions after an Add or Sub
+are taken as the identity (their input's other share is not at hand). So a Conv output before SiLU
+or a residual Add is scored at the next Conv. Where no layer is reached that way (a model output, a
+tensor that goes on through Concat, pooling, Softmax, a Mul by another tensor, ...) the score falls
+back to the tensor's own relative error ||fq(x) - x||^2 / ||x||^2 over those values, which makes auto
+the mse rule there.
 """
 
 from __future__ import annotations
@@ -39,50 +42,108 @@ PERCENTILES = (99.9, 99.99, 99.999)
 SCORE_ROWS = 512  # rows per scoring layer and tensor (seeded sample over all batches)
 SCORE_COLUMNS = 128  # output columns of W per group (a seeded subset beyond it): bounds the cost of wide layers
 AUTO_VALUES = 1 << 14  # values (an even stride through the sample) for auto's mse candidate and own-error scores
-PASS_ON = ("Add", "Sub", "Identity", "Relu", "Clip")
+LINEAR = ("Add", "Sub", "Identity", "Dropout")  # the error passes unchanged (Add/Sub: the other input's share cancels)
+UNARY = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish")  # computed exactly
+
+Step = tuple  # (op_type, *constants): one elementwise function on the way to a scoring layer
 
 
 @dataclass(frozen=True)
 class Scorer:
-    """One scoring layer of a tensor: the layer and its float weight W, (g, N0, n) float64, n =
-    min(N1g, SCORE_COLUMNS) of its output columns (the first n of a seeded permutation)."""
+    """One scoring layer of a tensor: the layer, its float weight W, (g, N0, n) float64, n =
+    min(N1g, SCORE_COLUMNS) of its output columns (the first n of a seeded permutation), and the
+    elementwise steps from the tensor to the layer's input (``apply_steps``)."""
 
     layer: Layer
     W: np.ndarray
+    steps: tuple[Step, ...] = ()
 
     @classmethod
-    def of(cls, layer: Layer, weight: np.ndarray, rng: np.random.Generator) -> "Scorer":
+    def of(cls, layer: Layer, weight: np.ndarray, rng: np.random.Generator, steps: tuple[Step, ...] = ()) -> "Scorer":
         """From the layer's ONNX weight."""
         W = layer.to_matrix(np.asarray(weight, dtype=np.float64))
         if W.shape[2] > SCORE_COLUMNS:
             W = W[:, :, np.sort(rng.permutation(W.shape[2])[:SCORE_COLUMNS])]
-        return cls(layer, np.ascontiguousarray(W))
+        return cls(layer, np.ascontiguousarray(W), steps)
 
 
-def scoring_layers(graph: onnx.GraphProto, targets: list[Layer], integer_input: set[str]) -> dict[str, list[Layer]]:
-    """Tensor -> the layers its quantization error is scored at (see the module docstring), for
-    every tensor some layer is reached from. ``integer_input``: node names of the targets whose input
-    is quantized (the layers the error reaches as the deployed graph computes it)."""
+def apply_steps(steps: tuple[Step, ...], x: np.ndarray) -> np.ndarray:
+    """The elementwise functions ``steps`` applied to x in turn (float64)."""
+    for op, *k in steps:
+        if op == "Relu":
+            x = np.maximum(x, 0.0)
+        elif op == "Clip":
+            x = np.clip(x, k[0], k[1])
+        elif op == "LeakyRelu":
+            x = np.where(x >= 0, x, k[0] * x)
+        elif op == "Sigmoid":
+            x = 0.5 * (1.0 + np.tanh(0.5 * x))
+        elif op == "Tanh":
+            x = np.tanh(x)
+        elif op == "HardSigmoid":
+            x = np.clip(k[0] * x + k[1], 0.0, 1.0)
+        elif op == "HardSwish":
+            x = x * np.clip(x / 6.0 + 0.5, 0.0, 1.0)
+        elif op == "SiLU":
+            x = x * 0.5 * (1.0 + np.tanh(0.5 * x))
+    return x
+
+
+def _step(node: onnx.NodeProto, name: str, index: GraphIndex) -> Step | None:
+    """The elementwise function ``node`` applies to tensor ``name``, or None when it is none the
+    scoring follows (Mul(x, Sigmoid(x)) is SiLU)."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Mul" and len(node.input) == 2 and name in node.input:
+        other = index.producer.get(node.input[1] if node.input[0] == name else node.input[0])
+        if other is not None and other.op_type == "Sigmoid" and list(other.input) == [name]:
+            return ("SiLU",)
+        return None
+    if node.op_type not in UNARY or node.input[0] != name:
+        return None
+    if node.op_type == "Clip":
+        bounds = []
+        for i, default in ((1, -np.inf), (2, np.inf)):
+            b = node.input[i] if len(node.input) > i else ""
+            if b and not index.is_constant(b):
+                return None
+            bounds.append(float(index.array(b)) if b else attrs.get(("min", "max")[i - 1], default))
+        return ("Clip", *bounds)
+    if node.op_type == "LeakyRelu":
+        return ("LeakyRelu", float(attrs.get("alpha", 0.01)))
+    if node.op_type == "HardSigmoid":
+        return ("HardSigmoid", float(attrs.get("alpha", 0.2)), float(attrs.get("beta", 0.5)))
+    return (node.op_type,)
+
+
+def scoring_layers(graph: onnx.GraphProto, targets: list[Layer], integer_input: set[str]
+                   ) -> dict[str, list[tuple[Layer, tuple[Step, ...]]]]:
+    """Tensor -> the layers its quantization error is scored at, each with the elementwise steps
+    from the tensor to the layer's input (see the module docstring), for every tensor some layer is
+    reached from. ``integer_input``: node names of the targets whose input is quantized (the layers
+    the error reaches as the deployed graph computes it)."""
     index = GraphIndex(graph)
     readers: dict[str, list[Layer]] = {}
     for t in targets:
         if t.node in integer_input and t.OWN_OUTPUT is None and not t.extra_inputs:
             readers.setdefault(t.x, []).append(t)
 
-    def reached(name: str, seen: set[str]) -> list[Layer]:
+    def reached(name: str, steps: tuple, linear: bool, seen: set[str]) -> list:
         if name in seen:
             return []
         seen.add(name)
-        found = list(readers.get(name, []))
+        found = [(layer, steps) for layer in readers.get(name, [])]
         for node in index.consumers.get(name, []):
-            if node.op_type in PASS_ON and node.input and (node.op_type in ("Add", "Sub") or node.input[0] == name):
-                for layer in reached(node.output[0], seen):
-                    if layer not in found:
-                        found.append(layer)
+            if node.op_type in LINEAR and node.input and (node.op_type in ("Add", "Sub") or node.input[0] == name):
+                more = reached(node.output[0], steps, linear or node.op_type in ("Add", "Sub"), seen)
+            elif (step := _step(node, name, index)) is not None:  # after an Add: taken as the identity
+                more = reached(node.output[0], steps if linear else steps + (step,), linear, seen)
+            else:
+                continue
+            found += [f for f in more if f not in found]
         return found
 
     tensors = {name for node in graph.node for name in node.output} | {i.name for i in graph.input}
-    return {name: found for name in sorted(tensors) if (found := reached(name, set()))}
+    return {name: found for name in sorted(tensors) if (found := reached(name, (), False, set()))}
 
 
 def choose(name: str, values, method: str, bits: int, symmetric: bool, percentile: float, scorers: list[Scorer],
@@ -97,6 +158,7 @@ def choose(name: str, values, method: str, bits: int, symmetric: bool, percentil
     small = sample[::-(-sample.size // AUTO_VALUES)] if method == "auto" else sample
     ranges = candidate_ranges(sample, lo, hi, bits, symmetric, levels, small if method in ("auto", "mse") else None)
     rows = [_rows(s, values, rng) for s in scorers]
+    rows = [(r, apply_steps(s.steps, r)) for s, r in zip(scorers, rows)]
     if method == "auto":
         cands = list(ranges.items())
     else:
@@ -131,16 +193,17 @@ def _rows(scorer: Scorer, values, rng: np.random.Generator) -> np.ndarray:
     return rows
 
 
-def _layer_error(quant: ActQuant, scorer: Scorer, rows: np.ndarray) -> tuple[float, float]:
-    """(||(fq(X) - X) W||^2, ||X W||^2) over the rows, summed over the groups. fq(0) = 0, so the
-    zero padding of im2col rows stays exact."""
-    if rows.shape[-1] != scorer.W.shape[1]:  # reached through a broadcasting Add: not this layer's rows
+def _layer_error(quant: ActQuant, scorer: Scorer, rows: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
+    """(||(f(fq(X)) - f(X)) W||^2, ||f(X) W||^2) over the rows, summed over the groups, f the
+    scorer's steps. fq(0) = 0, so the error at the zero padding of im2col rows stays 0."""
+    x, fx = rows
+    if x.shape[-1] != scorer.W.shape[1]:  # reached through a broadcasting Add: not this layer's rows
         return 0.0, 0.0
-    err = fake_quant(rows, quant) - rows
-    return float(np.sum(np.matmul(err, scorer.W) ** 2)), float(np.sum(np.matmul(rows, scorer.W) ** 2))
+    err = apply_steps(scorer.steps, fake_quant(x, quant)) - fx
+    return float(np.sum(np.matmul(err, scorer.W) ** 2)), float(np.sum(np.matmul(fx, scorer.W) ** 2))
 
 
-def _score(quant: ActQuant, sample: np.ndarray, scorers: list[Scorer], rows: list[np.ndarray]) -> float:
+def _score(quant: ActQuant, sample: np.ndarray, scorers: list[Scorer], rows: list[tuple]) -> float:
     """Sum of the scoring layers' relative output errors, or the tensor's own relative error."""
     total, counted = 0.0, 0
     for s, r in zip(scorers, rows):

@@ -46,14 +46,14 @@ def _record_target(model: onnx.ModelProto, target: str) -> None:
 
 
 def _observe_new(quant_acts: set[str], acts: dict[str, ActQuant], stream: Stream, options: Options, report: Report,
-                 scoring: dict[str, list[Layer]], index: GraphIndex) -> None:
+                 scoring: dict[str, list[tuple[Layer, tuple]]], index: GraphIndex) -> None:
     """Choose the range of every activation tensor to quantize that the float stream now holds for
     the first time (``act_ranges.choose``, scored at the layers ``scoring`` names); its row goes
     into the report."""
     for name in sorted(quant_acts - set(acts)):
         if name in stream.values:
             rng = np.random.default_rng([options.seed, len(acts)])
-            scorers = [act_ranges.Scorer.of(t, index.array(t.w), rng) for t in scoring.get(name, [])]
+            scorers = [act_ranges.Scorer.of(t, index.array(t.w), rng, steps) for t, steps in scoring.get(name, [])]
             acts[name], row = act_ranges.choose(name, stream.values[name], options.act_calibration, options.act_bits,
                                                 options.act_symmetric, options.percentile, scorers, rng)
             report.activation_rows.append(row)

@@ -129,13 +129,47 @@ def test_scoring_layers_walk_through_a_residual_add_and_fall_back_on_concat():
     conv = lambda name, x, w: Conv(node=name, x=x, w=w, w_shape=(4, 4, 3, 3), kernel=(3, 3), strides=(1, 1),  # noqa: E731
                                    pads=(1, 1, 1, 1), dilations=(1, 1))
     a, b = conv("conv_a", "x", "wa"), conv("conv_b", "s", "wb")
-    found = act_ranges.scoring_layers(graph, [a, b], {"conv_a", "conv_b"})
-    assert [t.node for t in found["a"]] == ["conv_b"]  # a feeds only the Add: scored at the next Conv
-    assert [t.node for t in found["x"]] == ["conv_a", "conv_b"]  # read by conv_a, and through the Add
-    assert [t.node for t in found["s"]] == ["conv_b"]
+    found = {k: [(t.node, steps) for t, steps in v] for k, v in act_ranges.scoring_layers(graph, [a, b], {"conv_a", "conv_b"}).items()}
+    assert found["a"] == [("conv_b", ())]  # a feeds only the Add: scored at the next Conv
+    assert found["x"] == [("conv_a", ()), ("conv_b", ())]  # read by conv_a, and through the Add
+    assert found["s"] == [("conv_b", ())]
     assert "b" not in found  # goes on into Concat only: scored on itself
     # a layer whose input is not quantized (weight-only) scores nothing
     assert "s" not in act_ranges.scoring_layers(graph, [a, b], {"conv_a"})
+
+
+def test_scoring_follows_silu_and_relu_exactly():
+    """c = Conv(x); s = c * Sigmoid(c); r = Relu(c); both feed a MatMul-free Conv each."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), n) for n in ("w0", "w1", "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c"], name="c0"),
+             helper.make_node("Sigmoid", ["c"], ["g"], name="sig"),
+             helper.make_node("Mul", ["c", "g"], ["s"], name="mul"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Conv", ["s", "w1"], ["y1"], name="c1"),
+             helper.make_node("Conv", ["r", "w2"], ["y2"], name="c2")]
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 3, 3])  # noqa: E731
+    graph = helper.make_graph(nodes, "g", [vi("x")], [vi("y1"), vi("y2")], inits)
+    conv = lambda name, x, w: Conv(node=name, x=x, w=w, w_shape=(4, 4, 1, 1), kernel=(1, 1), strides=(1, 1),  # noqa: E731
+                                   pads=(0, 0, 0, 0), dilations=(1, 1))
+    layers = [conv("c0", "x", "w0"), conv("c1", "s", "w1"), conv("c2", "r", "w2")]
+    found = act_ranges.scoring_layers(graph, layers, {"c0", "c1", "c2"})
+    assert [(t.node, steps) for t, steps in found["c"]] == [("c1", (("SiLU",),)), ("c2", (("Relu",),))]
+    v = np.linspace(-6, 6, 101)
+    assert act_ranges.apply_steps((("SiLU",),), v) == pytest.approx(v / (1 + np.exp(-v)), rel=1e-12, abs=1e-15)
+    # the score through SiLU, against the brute-force definition
+    x = rng.standard_normal((2, 4, 3, 3)).astype(np.float32) * 3
+    w = numpy_helper.to_array(inits[1]).astype(np.float64)
+    scorer = act_ranges.Scorer.of(layers[1], w, np.random.default_rng(0), (("SiLU",),))
+    quant, row = act_ranges.choose("c", [x], "minmax", 8, False, 99.99, [scorer], np.random.default_rng(0))
+    q = act_quant_from_range(float(x.min()), float(x.max()), 8, False)
+    codes = np.clip(np.round(x.astype(np.float64) / q.scale) + q.zero_point, 0, 255)
+    xq = (codes - q.zero_point) * q.scale
+    silu = lambda a: a / (1 + np.exp(-a))  # noqa: E731
+    rows = lambda a: a.transpose(0, 2, 3, 1).reshape(-1, 4)  # noqa: E731
+    W = w.reshape(4, 4).T
+    ref = np.sum((rows(silu(x.astype(np.float64))) @ W) ** 2) / np.sum(((rows(silu(xq)) - rows(silu(x.astype(np.float64)))) @ W) ** 2)
+    assert row.layers_sqnr_db == pytest.approx(10 * np.log10(ref), abs=1e-6)
 
 
 @pytest.fixture(scope="module")
