@@ -8,8 +8,9 @@ causes at the outputs of the tensor's *scoring layers*:
     score = sum over layers c of ||(fq(X_c) - X_c) W_c||^2 / ||X_c W_c||^2
 
 X_c (rows, N0) the rows layer c forms from the tensor (``Layer.rows``: im2col patches for Conv,
-tokens for MatMul/Gemm), a seeded sample of at most ``SCORE_ROWS`` per layer over all calibration
-batches; W_c (g, N0, N1g) its float weight (no layer reading a tensor is quantized before the
+tokens for MatMul/Gemm), ``SCORE_ROWS`` per layer out of a seeded pool of ``SCORE_POOL`` over all
+calibration batches, half of them those with the largest values (the clipping cost lives in the
+tails, which a small uniform sample misses), half uniform over the rest, weighted to stay unbiased; W_c (g, N0, N1g) its float weight (no layer reading a tensor is quantized before the
 tensor's range is chosen), at most ``SCORE_COLUMNS`` seeded output columns of it per group. The
 lowest score wins; ties go to the earlier candidate, min-max first.
 
@@ -39,7 +40,8 @@ from .report import ActivationReport
 from .rewrite import ActQuant, act_quant_from_range, fake_quant
 
 PERCENTILES = (99.9, 99.99, 99.999)
-SCORE_ROWS = 512  # rows per scoring layer and tensor (seeded sample over all batches)
+SCORE_ROWS = 512  # rows scored per scoring layer and tensor (``_rows``)
+SCORE_POOL = 8192  # rows they are chosen from (a seeded sample over all batches)
 SCORE_COLUMNS = 128  # output columns of W per group (a seeded subset beyond it): bounds the cost of wide layers
 AUTO_VALUES = 1 << 14  # values (an even stride through the sample) for auto's mse candidate and own-error scores
 LINEAR = ("Add", "Sub", "Identity", "Dropout")  # the error passes unchanged (Add/Sub: the other input's share cancels)
@@ -158,7 +160,7 @@ def choose(name: str, values, method: str, bits: int, symmetric: bool, percentil
     small = sample[::-(-sample.size // AUTO_VALUES)] if method == "auto" else sample
     ranges = candidate_ranges(sample, lo, hi, bits, symmetric, levels, small if method in ("auto", "mse") else None)
     rows = [_rows(s, values, rng) for s in scorers]
-    rows = [(r, apply_steps(s.steps, r)) for s, r in zip(scorers, rows)]
+    rows = [(r, apply_steps(s.steps, r), w) for s, (r, w) in zip(scorers, rows)]
     if method == "auto":
         cands = list(ranges.items())
     else:
@@ -178,29 +180,43 @@ def choose(name: str, values, method: str, bits: int, symmetric: bool, percentil
     return quant, ActivationReport(name, bits, rule, a, b, own, layer_db, tuple(s.layer.node for s in scorers))
 
 
-def _rows(scorer: Scorer, values, rng: np.random.Generator) -> np.ndarray:
-    """At most SCORE_ROWS rows of the scoring layer's X from the tensor, (g, rows, N0) float64."""
+def _rows(scorer: Scorer, values, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The scored rows of the layer's X from the tensor, (g, rows, N0) float64, and each row's
+    weight (rows,): from a seeded pool of at most SCORE_POOL rows over all batches, the SCORE_ROWS / 2
+    with the largest |x| (weight 1: where clipping costs, and a small uniform sample would miss
+    them) and SCORE_ROWS / 2 drawn uniformly from the rest (weight: the rest's rows per row drawn),
+    so that weighted sums estimate the pool's totals without bias."""
     t = scorer.layer
     shapes = values.shapes() if hasattr(values, "shapes") else [v.shape for v in values]
     samples = sum(t.samples(s) for s in shapes)
-    per_sample = max(1, SCORE_ROWS // max(samples, 1))
+    per_sample = max(1, SCORE_POOL // max(samples, 1))
     parts = []
     for v, shape in zip(values, shapes):
         parts.append(np.asarray(t.rows(v, t.positions(shape, per_sample, rng)), dtype=np.float64))
     rows = np.concatenate(parts, axis=1)
-    if rows.shape[1] > SCORE_ROWS:
-        rows = rows[:, np.sort(rng.choice(rows.shape[1], SCORE_ROWS, replace=False))]
-    return rows
+    if rows.shape[1] > SCORE_POOL:
+        rows = rows[:, np.sort(rng.choice(rows.shape[1], SCORE_POOL, replace=False))]
+    n = rows.shape[1]
+    if n <= SCORE_ROWS:
+        return rows, np.ones(n)
+    half = SCORE_ROWS // 2
+    order = np.argsort(-np.abs(rows).max(axis=(0, 2)), kind="stable")
+    rest = np.sort(rng.choice(order[half:], half, replace=False))
+    keep = np.concatenate([np.sort(order[:half]), rest])
+    weights = np.concatenate([np.ones(half), np.full(half, (n - half) / half)])
+    return rows[:, keep], weights
 
 
 def _layer_error(quant: ActQuant, scorer: Scorer, rows: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
-    """(||(f(fq(X)) - f(X)) W||^2, ||f(X) W||^2) over the rows, summed over the groups, f the
-    scorer's steps. fq(0) = 0, so the error at the zero padding of im2col rows stays 0."""
-    x, fx = rows
+    """(||(f(fq(X)) - f(X)) W||^2, ||f(X) W||^2) over the rows (weighted, ``_rows``), summed over
+    the groups, f the scorer's steps. fq(0) = 0, so the error at the zero padding of im2col rows stays 0."""
+    x, fx, weights = rows
     if x.shape[-1] != scorer.W.shape[1]:  # reached through a broadcasting Add: not this layer's rows
         return 0.0, 0.0
     err = apply_steps(scorer.steps, fake_quant(x, quant)) - fx
-    return float(np.sum(np.matmul(err, scorer.W) ** 2)), float(np.sum(np.matmul(fx, scorer.W) ** 2))
+    row_err = np.sum(np.matmul(err, scorer.W) ** 2, axis=(0, 2))  # per row, groups and columns summed
+    row_ref = np.sum(np.matmul(fx, scorer.W) ** 2, axis=(0, 2))
+    return float(row_err @ weights), float(row_ref @ weights)
 
 
 def _score(quant: ActQuant, sample: np.ndarray, scorers: list[Scorer], rows: list[tuple]) -> float:
