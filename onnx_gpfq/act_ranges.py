@@ -40,8 +40,8 @@ from .report import ActivationReport
 from .rewrite import ActQuant, act_quant_from_range, fake_quant
 
 PERCENTILES = (99.9, 99.99, 99.999)
-SCORE_ROWS = 512  # rows scored per scoring layer and tensor (``_rows``)
-SCORE_POOL = 8192  # rows they are chosen from (a seeded sample over all batches)
+SCORE_ROWS = 256  # rows scored per scoring layer and tensor (``_rows``)
+SCORE_POOL = 4096  # rows they are chosen from (a seeded sample over all batches)
 SCORE_COLUMNS = 128  # output columns of W per group (a seeded subset beyond it): bounds the cost of wide layers
 AUTO_VALUES = 1 << 14  # values (an even stride through the sample) for auto's mse candidate and own-error scores
 LINEAR = ("Add", "Sub", "Identity", "Dropout")  # the error passes unchanged (Add/Sub: the other input's share cancels)
@@ -192,19 +192,19 @@ def _rows(scorer: Scorer, values, rng: np.random.Generator) -> tuple[np.ndarray,
     per_sample = max(1, SCORE_POOL // max(samples, 1))
     parts = []
     for v, shape in zip(values, shapes):
-        parts.append(np.asarray(t.rows(v, t.positions(shape, per_sample, rng)), dtype=np.float64))
+        parts.append(np.asarray(t.rows(v, t.positions(shape, per_sample, rng)), dtype=np.float32))
     rows = np.concatenate(parts, axis=1)
     if rows.shape[1] > SCORE_POOL:
         rows = rows[:, np.sort(rng.choice(rows.shape[1], SCORE_POOL, replace=False))]
     n = rows.shape[1]
     if n <= SCORE_ROWS:
-        return rows, np.ones(n)
+        return rows.astype(np.float64), np.ones(n)
     half = SCORE_ROWS // 2
     order = np.argsort(-np.abs(rows).max(axis=(0, 2)), kind="stable")
     rest = np.sort(rng.choice(order[half:], half, replace=False))
     keep = np.concatenate([np.sort(order[:half]), rest])
     weights = np.concatenate([np.ones(half), np.full(half, (n - half) / half)])
-    return rows[:, keep], weights
+    return rows[:, keep].astype(np.float64), weights
 
 
 def _layer_error(quant: ActQuant, scorer: Scorer, rows: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:

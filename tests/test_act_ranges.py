@@ -211,3 +211,13 @@ def test_bad_act_calibration_is_one_line_and_exit_2(tmp_path, capsys):
     assert len(lines) == 1 and "act-calibration" in lines[0] and "auto" in lines[0], err
     assert "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("n", [1, 3, 10, 1000, 12345, 1 << 20])
+def test_percentiles_of_equals_numpy(n):
+    from onnx_gpfq.activations import percentiles_of
+
+    rng = np.random.default_rng(n)
+    for x in (rng.standard_normal(n) * 3, np.round(rng.standard_normal(n), 1)):  # ties too
+        levels = [0.1, 99.9, 0.01, 99.99, 0.001, 99.999, 0.0, 100.0, 49.0, 51.0]
+        assert percentiles_of(x, levels) == [float(v) for v in np.percentile(x, levels)]
