@@ -12,7 +12,9 @@ tokens for MatMul/Gemm), ``SCORE_ROWS`` per layer out of a seeded pool of ``SCOR
 calibration batches, half of them those with the largest values (the clipping cost lives in the
 tails, which a small uniform sample misses), half uniform over the rest, weighted to stay unbiased; W_c (g, N0, N1g) its float weight (no layer reading a tensor is quantized before the
 tensor's range is chosen), at most ``SCORE_COLUMNS`` seeded output columns of it per group. The
-lowest score wins; ties go to the earlier candidate, min-max first.
+lowest score wins; ties go to the earlier candidate, min-max first. A clipping candidate that
+clips none of the scored values is left out: the values it clips are missing from the sample, and
+their cost would look nil.
 
 Scoring layers: the quantized layers that read the tensor with an integer kernel (weight-only and
 recurrent layers excepted), and those reached from it through elementwise ops: the score is then
@@ -167,7 +169,12 @@ def choose(name: str, values, method: str, bits: int, symmetric: bool, percentil
         cands = [next(((rule, r) for rule, r in ranges.items() if rule.split(":")[0] == method),
                       ("minmax", ranges["minmax"]))]  # a constant tensor
     best = None
+    scored = [r[0] for r in rows]
+    seen_lo = min(float(x.min()) for x in scored) if scorers else float(small.min())
+    seen_hi = max(float(x.max()) for x in scored) if scorers else float(small.max())
     for rule, (a, b) in cands:
+        if method == "auto" and rule != "minmax" and not (seen_lo < min(a, 0.0) or seen_hi > max(b, 0.0)):
+            continue  # it clips only values the scored data lacks: its cost would look nil
         quant = act_quant_from_range(a, b, bits, symmetric)
         score = _score(quant, small, scorers, rows)
         if best is None or score < best[0]:
