@@ -221,3 +221,14 @@ def test_percentiles_of_equals_numpy(n):
     for x in (rng.standard_normal(n) * 3, np.round(rng.standard_normal(n), 1)):  # ties too
         levels = [0.1, 99.9, 0.01, 99.99, 0.001, 99.999, 0.0, 100.0, 49.0, 51.0]
         assert percentiles_of(x, levels) == [float(v) for v in np.percentile(x, levels)]
+
+
+def test_a_clip_of_values_the_scored_sample_lacks_is_not_taken_for_free():
+    """16-bit codes: rounding costs next to nothing, so a clip wins only if its cost looks nil,
+    which it does when the few outliers it clips are not among the values scored."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(1 << 21)
+    x[rng.choice(x.size, 5, replace=False)] = 50.0
+    values = [x[: 1 << 20].astype(np.float32), x[1 << 20:].astype(np.float32)]
+    _, row = act_ranges.choose("t", values, "auto", 16, False, 99.99, [], np.random.default_rng(0))
+    assert row.rule == "minmax" and row.hi == 50.0
