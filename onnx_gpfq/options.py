@@ -49,10 +49,10 @@ class Options:
     granularity: weight step per output "channel", per "tensor", or per "block" of block_size rows of
       the fan-in (MatMul/Gemm layers; Conv layers fall back to per channel).
     act_bits: 8 or 16 (activation QDQ), or None for weight-only. act_symmetric: int8/int16 with zero
-      point 0 instead of asymmetric uint8/uint16. act_calibration: "auto" (per tensor, the candidate
-      below with the least error at the outputs of the layers reading it: ``act_ranges``), "minmax",
-      "percentile" (clip at the given percentile of each tail) or "mse" (clip range minimising the
-      fake-quant error).
+      point 0 instead of asymmetric uint8/uint16. act_calibration: "minmax" (the default),
+      "percentile" (clip at the given percentile of each tail), "mse" (clip range minimising the
+      fake-quant error) or "auto" (per tensor, the candidate of those with the least error at the
+      outputs of the layers reading it: ``act_ranges``).
     max_patches: conv patches / tokens (rows of X) sampled per calibration sample and layer.
     max_rows: rows of X per layer over the whole calibration set (after max_patches): beyond it each
       sample gets fewer patches (at least one), then a seeded subset of rows is kept. Bounds the
@@ -99,9 +99,9 @@ class Options:
                              "opset-21 DequantizeLinear; matmulnbits: 2-D MatMul weights as com.microsoft MatMulNBits "
                              "(4-bit, block-wise)", check=Check("choice", FORMATS.keys()))  # the live registry
     act_symmetric: bool = opt(False, "symmetric int8/int16 activations (zero point 0)", action="store_true", check=FLAG)
-    act_calibration: str = opt("auto", "activation range: auto = the candidate (min-max, percentiles, MSE clip) whose "
-                               "error at the outputs of the layers reading the tensor is least; or one rule: full "
-                               "min-max, clipped at --percentile, or the clip minimising the quantization MSE",
+    act_calibration: str = opt("minmax", "activation range: full min-max, clipped at --percentile, the clip minimising "
+                               "the quantization MSE, or auto: per tensor, the candidate (min-max, percentiles, MSE "
+                               "clip) with the least error at the outputs of the layers reading it",
                                check=choice(ACT_CALIBRATIONS))
     percentile: float = opt(99.99, "percentile for --act-calibration percentile (auto tries it too)", kind=float,
                             check=Check("number", low=50.0, high=100.0, text="in (50, 100]"))

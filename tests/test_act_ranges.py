@@ -174,7 +174,7 @@ def test_scoring_follows_silu_and_relu_exactly():
 
 @pytest.fixture(scope="module")
 def mlp_auto():
-    return quantize(MLP, CALIB, quiet=True, weight_bits=8)
+    return quantize(MLP, CALIB, quiet=True, weight_bits=8, act_calibration="auto")
 
 
 def test_report_has_a_row_per_quantized_activation(mlp_auto):
@@ -197,7 +197,7 @@ def test_report_has_a_row_per_quantized_activation(mlp_auto):
 
 def test_auto_is_deterministic(mlp_auto):
     model, report = mlp_auto
-    again, report2 = quantize(MLP, CALIB, quiet=True, weight_bits=8)
+    again, report2 = quantize(MLP, CALIB, quiet=True, weight_bits=8, act_calibration="auto")
     assert serialize(again) == serialize(model)
     assert report2.activation_rows == report.activation_rows
 

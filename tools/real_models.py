@@ -58,13 +58,13 @@ VARIANTS = [  # (label, quantizer, options)
     ("rtn W4", "gpfq", {"method": "rtn", "weight_bits": 4, "act_bits": None}),
 ]
 
-# Run only when --variants names them (not part of the default set or of BENCHMARKS.md's table): the
-# single-rule activation calibration the default auto replaced, and bias correction on top of either.
+# Run only when --variants names them (not part of the default set or of BENCHMARKS.md's table):
+# --act-calibration auto, and bias correction on top of the default or of auto.
 EXTRA_VARIANTS = [
-    ("gpfq W8A8 minmax", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "act_calibration": "minmax"}),
+    ("gpfq W8A8 auto", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "act_calibration": "auto"}),
     ("gpfq W8A8 bias-corr", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "bias_correction": True}),
-    ("gpfq W8A8 minmax bias-corr", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8,
-                                            "act_calibration": "minmax", "bias_correction": True}),
+    ("gpfq W8A8 auto bias-corr", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8,
+                                          "act_calibration": "auto", "bias_correction": True}),
 ]
 
 
