@@ -154,14 +154,15 @@ def choose(name: str, values, method: str, bits: int, symmetric: bool, percentil
            rng: np.random.Generator) -> tuple[ActQuant, ActivationReport]:
     """The quantization of tensor ``name`` (its values over all calibration batches, as the float
     stream holds them) under rule ``method`` ("auto" or a single rule), and its report row."""
-    sample = value_sample(values, rng)
+    # min-max needs the values only for the report's SQNR: a smaller sample, and rows without a pool
+    sample = value_sample(values, rng, AUTO_VALUES) if method == "minmax" else value_sample(values, rng)
     lo, hi = float(sample.min()), float(sample.max())
     for v in values:  # the full range, not the sample's
         lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
     levels = {"auto": tuple(sorted({*PERCENTILES, percentile})), "percentile": (percentile,)}.get(method, ())
     small = sample[::-(-sample.size // AUTO_VALUES)] if method == "auto" else sample
     ranges = candidate_ranges(sample, lo, hi, bits, symmetric, levels, small if method in ("auto", "mse") else None)
-    rows = [_rows(s, values, rng) for s in scorers]
+    rows = [_rows(s, values, rng, SCORE_POOL if method == "auto" else SCORE_ROWS) for s in scorers]
     rows = [(r, apply_steps(s.steps, r), w) for s, (r, w) in zip(scorers, rows)]
     if method == "auto":
         cands = list(ranges.items())
@@ -187,22 +188,22 @@ def choose(name: str, values, method: str, bits: int, symmetric: bool, percentil
     return quant, ActivationReport(name, bits, rule, a, b, own, layer_db, tuple(s.layer.node for s in scorers))
 
 
-def _rows(scorer: Scorer, values, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _rows(scorer: Scorer, values, rng: np.random.Generator, pool: int) -> tuple[np.ndarray, np.ndarray]:
     """The scored rows of the layer's X from the tensor, (g, rows, N0) float64, and each row's
-    weight (rows,): from a seeded pool of at most SCORE_POOL rows over all batches, the SCORE_ROWS / 2
-    with the largest |x| (weight 1: where clipping costs, and a small uniform sample would miss
+    weight (rows,): from a seeded pool of at most ``pool`` rows over all batches (SCORE_POOL for
+    auto), the SCORE_ROWS / 2 with the largest |x| (weight 1: where clipping costs, and a small uniform sample would miss
     them) and SCORE_ROWS / 2 drawn uniformly from the rest (weight: the rest's rows per row drawn),
     so that weighted sums estimate the pool's totals without bias."""
     t = scorer.layer
     shapes = values.shapes() if hasattr(values, "shapes") else [v.shape for v in values]
     samples = sum(t.samples(s) for s in shapes)
-    per_sample = max(1, SCORE_POOL // max(samples, 1))
+    per_sample = max(1, pool // max(samples, 1))
     parts = []
     for v, shape in zip(values, shapes):
         parts.append(np.asarray(t.rows(v, t.positions(shape, per_sample, rng)), dtype=np.float32))
     rows = np.concatenate(parts, axis=1)
-    if rows.shape[1] > SCORE_POOL:
-        rows = rows[:, np.sort(rng.choice(rows.shape[1], SCORE_POOL, replace=False))]
+    if rows.shape[1] > pool:
+        rows = rows[:, np.sort(rng.choice(rows.shape[1], pool, replace=False))]
     n = rows.shape[1]
     if n <= SCORE_ROWS:
         return rows.astype(np.float64), np.ones(n)

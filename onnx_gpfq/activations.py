@@ -113,16 +113,16 @@ def percentiles_of(sample: np.ndarray, levels: list[float]) -> list[float]:
     return out
 
 
-def value_sample(values, rng: np.random.Generator) -> np.ndarray:
+def value_sample(values, rng: np.random.Generator, limit: int = MAX_VALUES) -> np.ndarray:
     """A tensor's values over all calibration batches, flat float64: all of them, or about
-    MAX_VALUES drawn uniformly (with replacement) from every batch in proportion to its size;
-    memory O(MAX_VALUES) whatever the number of batches."""
+    ``limit`` (MAX_VALUES) drawn uniformly (with replacement) from every batch in proportion to its
+    size; memory O(limit) whatever the number of batches."""
     entries = values.entries() if hasattr(values, "entries") else values  # no reading of spilled batches
     total = sum(math.prod(e.shape) for e in entries)
-    if total <= MAX_VALUES:
+    if total <= limit:
         return np.concatenate([v.reshape(-1) for v in values]).astype(np.float64)
     parts = []
     for v in values:
-        k = round(MAX_VALUES * v.size / total)
+        k = round(limit * v.size / total)
         parts.append(v.reshape(-1)[rng.integers(0, v.size, k)].astype(np.float64))
     return np.concatenate(parts)
