@@ -10,7 +10,8 @@ causes at the outputs of the tensor's *scoring layers*:
 X_c (rows, N0) the rows layer c forms from the tensor (``Layer.rows``: im2col patches for Conv,
 tokens for MatMul/Gemm), ``SCORE_ROWS`` per layer out of a seeded pool of ``SCORE_POOL`` over all
 calibration batches, half of them those with the largest values (the clipping cost lives in the
-tails, which a small uniform sample misses), half uniform over the rest, weighted to stay unbiased; W_c (g, N0, N1g) its float weight (no layer reading a tensor is quantized before the
+tails, which a small uniform sample misses), half uniform over the rest, weighted to stay unbiased;
+W_c (g, N0, N1g) its float weight (no layer reading a tensor is quantized before the
 tensor's range is chosen), at most ``SCORE_COLUMNS`` seeded output columns of it per group. The
 lowest score wins; ties go to the earlier candidate, min-max first. A clipping candidate that
 clips none of the scored values is left out: the values it clips are missing from the sample, and
@@ -191,8 +192,8 @@ def choose(name: str, values, method: str, bits: int, symmetric: bool, percentil
 def _rows(scorer: Scorer, values, rng: np.random.Generator, pool: int) -> tuple[np.ndarray, np.ndarray]:
     """The scored rows of the layer's X from the tensor, (g, rows, N0) float64, and each row's
     weight (rows,): from a seeded pool of at most ``pool`` rows over all batches (SCORE_POOL for
-    auto), the SCORE_ROWS / 2 with the largest |x| (weight 1: where clipping costs, and a small uniform sample would miss
-    them) and SCORE_ROWS / 2 drawn uniformly from the rest (weight: the rest's rows per row drawn),
+    auto), the SCORE_ROWS / 2 with the largest |x| (weight 1: where clipping costs, and a small
+    uniform sample would miss them) and SCORE_ROWS / 2 drawn uniformly from the rest (weight: the rest's rows per row drawn),
     so that weighted sums estimate the pool's totals without bias."""
     t = scorer.layer
     shapes = values.shapes() if hasattr(values, "shapes") else [v.shape for v in values]

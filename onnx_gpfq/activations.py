@@ -107,7 +107,8 @@ def percentiles_of(sample: np.ndarray, levels: list[float]) -> list[float]:
     out = []
     for h, p in zip(at, levels):
         i = int(math.floor(h))
-        a, b = (low[i], low[min(i + 1, n - 1)]) if p < 50.0 else (high[i - hi_start], high[min(i + 1, n - 1) - hi_start])
+        j = min(i + 1, n - 1)
+        a, b = (low[i], low[j]) if p < 50.0 else (high[i - hi_start], high[j - hi_start])
         t, d = h - i, b - a
         out.append(float(b - d * (1 - t) if t >= 0.5 else a + d * t))  # numpy's _lerp
     return out
