@@ -33,6 +33,7 @@ class ScaleRule(str, Enum):
 
 
 class ActCalibration(str, Enum):
+    AUTO = "auto"
     MINMAX = "minmax"
     PERCENTILE = "percentile"
     MSE = "mse"

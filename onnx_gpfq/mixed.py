@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from . import rewrite, runtime
-from .activations import calibrate
+from . import act_ranges
 from .graph import serialize
 from .ops import Layer
 from .options import Options
@@ -72,8 +72,8 @@ def choose(model: onnx.ModelProto, quant_acts: set[str], batch: dict[str, np.nda
     norm = sum(float(np.sum(np.square(r, dtype=np.float64))) for r in reference if r.dtype.kind == "f")
     costs = {}
     for k, name in enumerate(names):
-        quant = calibrate([values[name]], options.act_calibration, 8, options.act_symmetric, options.percentile,
-                          np.random.default_rng([options.seed, k]))
+        quant, _ = act_ranges.choose(name, [values[name]], options.act_calibration, 8, options.act_symmetric,
+                                     options.percentile, [], np.random.default_rng([options.seed, k]))
         nodes, inits = rewrite.apply(graph, {}, {name: quant})
         data = serialize(rewrite.build_model(model, nodes, inits))
         if data is None:  # over 2 GiB: not measured

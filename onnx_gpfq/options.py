@@ -49,13 +49,15 @@ class Options:
     granularity: weight step per output "channel", per "tensor", or per "block" of block_size rows of
       the fan-in (MatMul/Gemm layers; Conv layers fall back to per channel).
     act_bits: 8 or 16 (activation QDQ), or None for weight-only. act_symmetric: int8/int16 with zero
-      point 0 instead of asymmetric uint8/uint16. act_calibration: "minmax", "percentile" (clip at
-      the given percentile of each tail) or "mse" (clip range minimising the fake-quant error).
+      point 0 instead of asymmetric uint8/uint16. act_calibration: "minmax" (the default),
+      "percentile" (clip at the given percentile of each tail), "mse" (clip range minimising the
+      fake-quant error) or "auto" (per tensor, the candidate of those with the least error at the
+      outputs of the layers reading it: ``act_ranges``).
     act_bits "auto": 8 bits, with the tensors whose 8-bit quantization costs the model output most
       (measured, mixed.py) at 16; act16_budget: the fraction of the quantized activation tensors that
       may be promoted (a count: floor(budget x tensors)).
-    smooth: "off", "auto" (SmoothQuant-style migration, strength per tensor by the consumers'
-      8-bit output error, smooth.py) or a fixed strength alpha in (0, 1].
+    smooth: "auto" (the default: SmoothQuant-style migration, strength per tensor by the consumers'
+      8-bit output error, smooth.py), "off", or a fixed strength alpha in (0, 1].
     max_patches: conv patches / tokens (rows of X) sampled per calibration sample and layer.
     max_rows: rows of X per layer over the whole calibration set (after max_patches): beyond it each
       sample gets fewer patches (at least one), then a seeded subset of rows is kept. Bounds the
@@ -107,13 +109,15 @@ class Options:
                              "opset-21 DequantizeLinear; matmulnbits: 2-D MatMul weights as com.microsoft MatMulNBits "
                              "(4-bit, block-wise)", check=Check("choice", FORMATS.keys()))  # the live registry
     act_symmetric: bool = opt(False, "symmetric int8/int16 activations (zero point 0)", action="store_true", check=FLAG)
-    act_calibration: str = opt("minmax", "activation range: full min-max, clipped at --percentile, or the clip "
-                               "minimising the quantization MSE", check=choice(ACT_CALIBRATIONS))
-    smooth: str | float = opt("off", "SmoothQuant-style migration of activation outliers into the weights of the "
+    act_calibration: str = opt("minmax", "activation range: full min-max, clipped at --percentile, the clip minimising "
+                               "the quantization MSE, or auto: per tensor, the candidate (min-max, percentiles, MSE "
+                               "clip) with the least error at the outputs of the layers reading it",
+                               check=choice(ACT_CALIBRATIONS))
+    smooth: str | float = opt("auto", "SmoothQuant-style migration of activation outliers into the weights of the "
                               "MatMul/Gemm layers reading a LayerNormalization or MatMul(+Add) output (exact in float): "
                               "auto picks the strength per tensor from 0 (off), 0.25, 0.5, 0.75, 1 by the layers' 8-bit "
                               "output error; a number in (0, 1] fixes it", metavar="{auto,off,ALPHA}")
-    percentile: float = opt(99.99, "percentile for --act-calibration percentile", kind=float,
+    percentile: float = opt(99.99, "percentile for --act-calibration percentile (auto tries it too)", kind=float,
                             check=Check("number", low=50.0, high=100.0, text="in (50, 100]"))
     batch_size: int = opt(32, "calibration samples per onnxruntime run", kind=int, check=POSITIVE)
     max_patches: int = opt(256, "rows of X sampled per calibration sample and layer (conv patches, tokens)", kind=int,

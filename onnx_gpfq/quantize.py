@@ -25,7 +25,8 @@ from .capture import Spill, Stream, inputs
 from .errors import UserError
 from .graph import GraphIndex, check_runs, load_model, normalise, save_model, serialize
 from .options import Options
-from .activations import activation_tensors, calibrate
+from . import act_ranges
+from .activations import activation_tensors
 from .ops import OPS, Layer, Skipped, find_targets, model_weight_bytes
 from .plan import LayerPlan, add_domains, onnx_scale, plan_layer, required_opset
 from .report import LayerReport, Report
@@ -44,16 +45,19 @@ def _record_target(model: onnx.ModelProto, target: str) -> None:
     model.metadata_props.add(key=TARGET_KEY, value=target)
 
 
-def _observe_new(quant_acts: set[str], acts: dict[str, ActQuant], stream: Stream, options: Options,
-                 wide: set[str] = frozenset()) -> None:
-    """Calibrate every activation tensor to quantize that the float stream now holds for the first time
-    (``wide``: the tensors --act-bits auto promoted to 16 bits)."""
+def _observe_new(quant_acts: set[str], acts: dict[str, ActQuant], stream: Stream, options: Options, report: Report,
+                 scoring: dict[str, list[tuple[Layer, tuple]]], index: GraphIndex, wide: set[str] = frozenset()) -> None:
+    """Choose the range of every activation tensor to quantize that the float stream now holds for
+    the first time (``act_ranges.choose``, scored at the layers ``scoring`` names; ``wide``: the
+    tensors --act-bits auto promoted to 16 bits); its row goes into the report."""
     for name in sorted(quant_acts - set(acts)):
         if name in stream.values:
             rng = np.random.default_rng([options.seed, len(acts)])
             bits = (16 if name in wide else 8) if options.act_bits == "auto" else options.act_bits
-            acts[name] = calibrate(stream.values[name], options.act_calibration, bits,
-                                   options.act_symmetric, options.percentile, rng)
+            scorers = [act_ranges.Scorer.of(t, index.array(t.w), rng, steps) for t, steps in scoring.get(name, [])]
+            acts[name], row = act_ranges.choose(name, stream.values[name], options.act_calibration, bits,
+                                                options.act_symmetric, options.percentile, scorers, rng)
+            report.activation_rows.append(row)
 
 
 def _tensor_bytes(t: onnx.TensorProto) -> int:
@@ -128,6 +132,8 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
     if options.act_bits == "auto":  # measured once, on the float model, before any range is set
         report.promotions = mixed.choose(base, quant_acts, first_batch, targets, options)
     wide = {p.tensor for p in report.promotions if p.promoted}
+    integer_input = {t.node for t in targets if t.x in quant_acts and t.node not in weight_only}
+    scoring = act_ranges.scoring_layers(graph, targets, integer_input)
     acts: dict[str, ActQuant] = {}
     layers: dict[str, QuantizedLayer] = {}
     by_weight: dict[str, QuantizedLayer] = {}
@@ -151,7 +157,7 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
                 continue
             extra = [e for e in t.extra_inputs if e and e not in index.initializers]
             float_stream.advance(list(graph.node), index.initializers, [t.x, *extra], quant_acts)
-            _observe_new(quant_acts, acts, float_stream, options, wide)
+            _observe_new(quant_acts, acts, float_stream, options, report, scoring, index, wide)
             nodes_q, inits_q = rewrite.apply(graph, layers, acts)
             x_tilde = t.x if t.node in weight_only else read_name(t.x, acts, index.graph_outputs)
             quant_stream.advance(nodes_q, inits_q, [x_tilde, *extra])
@@ -202,7 +208,7 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
     remaining = sorted(quant_acts - set(acts))
     if remaining:
         float_stream.advance(list(graph.node), index.initializers, remaining, quant_acts)
-        _observe_new(quant_acts, acts, float_stream, options, wide)
+        _observe_new(quant_acts, acts, float_stream, options, report, scoring, index, wide)
 
     nodes, inits = rewrite.apply(graph, layers, acts)
     report.activations = len(acts)

@@ -28,9 +28,28 @@ class LayerReport:
     seconds: float
 
 
+@dataclass(frozen=True)
+class ActivationReport:
+    """One quantized activation tensor: its rule (``act_ranges``: minmax, percentile:P or mse; the one
+    --act-calibration auto chose), the clip range [lo, hi] before the zero point is rounded, and the
+    SQNRs (dB) of its fake quantization: of the tensor itself over its value sample, and of the outputs
+    ||XW||^2 / ||(fq(X) - X) W||^2 of the layers it was scored at (``layers``; None: none, scored
+    on itself)."""
+
+    tensor: str
+    bits: int
+    rule: str
+    lo: float
+    hi: float
+    sqnr_db: float
+    layers_sqnr_db: float | None
+    layers: tuple[str, ...]
+
+
 @dataclass
 class Report:
     layers: list[LayerReport] = field(default_factory=list)
+    activation_rows: list[ActivationReport] = field(default_factory=list)  # in the order they were calibrated
     skipped: list[Skipped] = field(default_factory=list)
     activations: int = 0  # activation tensors with QDQ
     float_weight_bytes: int = 0  # float bytes of the weights quantized
@@ -66,6 +85,14 @@ class Report:
                          f"{r.rel_error:9.2e} {r.rel_error_rtn:9.2e} {r.sparsity:6.1%} {r.form[:9]:>9s} {r.rows:7d} {r.seconds:6.2f}")
         for s in self.skipped:
             lines.append(f"{s.node[-32:]:32s} {s.op_type:6s} left in float: {s.reason}")
+        if self.activation_rows:
+            head = f"{'activation':32s} {'bits':>4s} {'rule':>16s} {'lo':>10s} {'hi':>10s} {'SQNR dB':>7s} {'layers dB':>9s}  scored at"
+            lines += ["", head, "-" * len(head)]
+            for a in self.activation_rows:
+                at = ", ".join(a.layers) if a.layers else "itself"
+                layers_db = "-" if a.layers_sqnr_db is None else f"{a.layers_sqnr_db:9.1f}"
+                lines.append(f"{a.tensor[-32:]:32s} {a.bits:4d} {a.rule:>16s} {a.lo:10.4g} {a.hi:10.4g} {a.sqnr_db:7.1f} "
+                             f"{layers_db:>9s}  {at[:60]}")
         ratio = self.float_weight_bytes / max(self.quant_weight_bytes, 1)
         if self.fixed_inputs:
             fixed = ", ".join(f"{k}={v}" for k, v in self.fixed_inputs.items())
@@ -97,6 +124,8 @@ class Report:
             "layers": [vars(layer) | {"weight_shape": list(layer.weight_shape)} for layer in self.layers],
             "left_in_float": [vars(s) for s in self.skipped],
             "activation_tensors_quantized": self.activations,
+            "activations": [vars(a) | {"layers": list(a.layers), "sqnr_db": _finite(a.sqnr_db),
+                                       "layers_sqnr_db": _finite(a.layers_sqnr_db)} for a in self.activation_rows],
             "float_weight_bytes": self.float_weight_bytes,
             "quant_weight_bytes": self.quant_weight_bytes,
             "model_weight_bytes": self.model_weight_bytes,
@@ -113,3 +142,8 @@ class Report:
             "smoothed": [vars(m) for m in self.smoothed],
             "act16": [vars(p) | {"consumers": list(p.consumers)} for p in self.promotions],
         }
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON has no infinity: an SQNR without noise is written as null."""
+    return value if value is not None and value != float("inf") else None

@@ -1,0 +1,247 @@
+"""Each activation tensor's range, chosen by its effect on the layers that read it (--act-calibration auto).
+
+The candidates are the single rules of ``activations.candidate_ranges``: min-max, the percentile
+clips at ``PERCENTILES`` (and at --percentile), and the clip minimising the tensor's own MSE (over
+``AUTO_VALUES`` of its sampled values). Each is scored by the relative error its fake quantization
+causes at the outputs of the tensor's *scoring layers*:
+
+    score = sum over layers c of ||(fq(X_c) - X_c) W_c||^2 / ||X_c W_c||^2
+
+X_c (rows, N0) the rows layer c forms from the tensor (``Layer.rows``: im2col patches for Conv,
+tokens for MatMul/Gemm), ``SCORE_ROWS`` per layer out of a seeded pool of ``SCORE_POOL`` over all
+calibration batches, half of them those with the largest values (the clipping cost lives in the
+tails, which a small uniform sample misses), half uniform over the rest, weighted to stay unbiased;
+W_c (g, N0, N1g) its float weight (no layer reading a tensor is quantized before the
+tensor's range is chosen), at most ``SCORE_COLUMNS`` seeded output columns of it per group. The
+lowest score wins; ties go to the earlier candidate, min-max first. A clipping candidate that
+clips none of the scored values is left out: the values it clips are missing from the sample, and
+their cost would look nil.
+
+Scoring layers: the quantized layers that read the tensor with an integer kernel (weight-only and
+recurrent layers excepted), and those reached from it through elementwise ops: the score is then
+||(f(fq(X)) - f(X)) W||^2 / ||f(X) W||^2, f the functions on the way, computed exactly (``UNARY``:
+Relu, Clip, LeakyRelu, Sigmoid, Tanh, HardSigmoid, HardSwish, and Mul(x, Sigmoid(x)) = SiLU); through
+``LINEAR`` ops (Add, Sub, Identity) the error passes unchanged, and the functions after an Add or Sub
+are taken as the identity (their input's other share is not at hand). So a Conv output before SiLU
+or a residual Add is scored at the next Conv. Where no layer is reached that way (a model output, a
+tensor that goes on through Concat, pooling, Softmax, a Mul by another tensor, ...) the score falls
+back to the tensor's own relative error ||fq(x) - x||^2 / ||x||^2 over those values, which makes auto
+the mse rule there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .activations import candidate_ranges, value_sample
+from .graph import GraphIndex
+from .ops import Layer
+from .report import ActivationReport
+from .rewrite import ActQuant, act_quant_from_range, fake_quant
+
+PERCENTILES = (99.9, 99.99, 99.999)
+SCORE_ROWS = 256  # rows scored per scoring layer and tensor (``_rows``)
+SCORE_POOL = 4096  # rows they are chosen from (a seeded sample over all batches)
+SCORE_COLUMNS = 128  # output columns of W per group (a seeded subset beyond it): bounds the cost of wide layers
+AUTO_VALUES = 1 << 14  # values (an even stride through the sample) for auto's mse candidate and own-error scores
+LINEAR = ("Add", "Sub", "Identity", "Dropout")  # the error passes unchanged (Add/Sub: the other input's share cancels)
+UNARY = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish")  # computed exactly
+
+Step = tuple  # (op_type, *constants): one elementwise function on the way to a scoring layer
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """One scoring layer of a tensor: the layer, its float weight W, (g, N0, n) float64, n =
+    min(N1g, SCORE_COLUMNS) of its output columns (the first n of a seeded permutation), and the
+    elementwise steps from the tensor to the layer's input (``apply_steps``)."""
+
+    layer: Layer
+    W: np.ndarray
+    steps: tuple[Step, ...] = ()
+
+    @classmethod
+    def of(cls, layer: Layer, weight: np.ndarray, rng: np.random.Generator, steps: tuple[Step, ...] = ()) -> "Scorer":
+        """From the layer's ONNX weight."""
+        W = layer.to_matrix(np.asarray(weight, dtype=np.float64))
+        if W.shape[2] > SCORE_COLUMNS:
+            W = W[:, :, np.sort(rng.permutation(W.shape[2])[:SCORE_COLUMNS])]
+        return cls(layer, np.ascontiguousarray(W), steps)
+
+
+def apply_steps(steps: tuple[Step, ...], x: np.ndarray) -> np.ndarray:
+    """The elementwise functions ``steps`` applied to x in turn (float64)."""
+    for op, *k in steps:
+        if op == "Relu":
+            x = np.maximum(x, 0.0)
+        elif op == "Clip":
+            x = np.clip(x, k[0], k[1])
+        elif op == "LeakyRelu":
+            x = np.where(x >= 0, x, k[0] * x)
+        elif op == "Sigmoid":
+            x = 0.5 * (1.0 + np.tanh(0.5 * x))
+        elif op == "Tanh":
+            x = np.tanh(x)
+        elif op == "HardSigmoid":
+            x = np.clip(k[0] * x + k[1], 0.0, 1.0)
+        elif op == "HardSwish":
+            x = x * np.clip(x / 6.0 + 0.5, 0.0, 1.0)
+        elif op == "SiLU":
+            x = x * 0.5 * (1.0 + np.tanh(0.5 * x))
+    return x
+
+
+def _step(node: onnx.NodeProto, name: str, index: GraphIndex) -> Step | None:
+    """The elementwise function ``node`` applies to tensor ``name``, or None when it is none the
+    scoring follows (Mul(x, Sigmoid(x)) is SiLU)."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Mul" and len(node.input) == 2 and name in node.input:
+        other = index.producer.get(node.input[1] if node.input[0] == name else node.input[0])
+        if other is not None and other.op_type == "Sigmoid" and list(other.input) == [name]:
+            return ("SiLU",)
+        return None
+    if node.op_type not in UNARY or node.input[0] != name:
+        return None
+    if node.op_type == "Clip":
+        bounds = []
+        for i, default in ((1, -np.inf), (2, np.inf)):
+            b = node.input[i] if len(node.input) > i else ""
+            if b and not index.is_constant(b):
+                return None
+            bounds.append(float(index.array(b)) if b else attrs.get(("min", "max")[i - 1], default))
+        return ("Clip", *bounds)
+    if node.op_type == "LeakyRelu":
+        return ("LeakyRelu", float(attrs.get("alpha", 0.01)))
+    if node.op_type == "HardSigmoid":
+        return ("HardSigmoid", float(attrs.get("alpha", 0.2)), float(attrs.get("beta", 0.5)))
+    return (node.op_type,)
+
+
+def scoring_layers(graph: onnx.GraphProto, targets: list[Layer], integer_input: set[str]
+                   ) -> dict[str, list[tuple[Layer, tuple[Step, ...]]]]:
+    """Tensor -> the layers its quantization error is scored at, each with the elementwise steps
+    from the tensor to the layer's input (see the module docstring), for every tensor some layer is
+    reached from. ``integer_input``: node names of the targets whose input is quantized (the layers
+    the error reaches as the deployed graph computes it)."""
+    index = GraphIndex(graph)
+    readers: dict[str, list[Layer]] = {}
+    for t in targets:
+        if t.node in integer_input and t.OWN_OUTPUT is None and not t.extra_inputs:
+            readers.setdefault(t.x, []).append(t)
+
+    def reached(name: str, steps: tuple, linear: bool, seen: set[str]) -> list:
+        if name in seen:
+            return []
+        seen.add(name)
+        found = [(layer, steps) for layer in readers.get(name, [])]
+        for node in index.consumers.get(name, []):
+            if node.op_type in LINEAR and node.input and (node.op_type in ("Add", "Sub") or node.input[0] == name):
+                more = reached(node.output[0], steps, linear or node.op_type in ("Add", "Sub"), seen)
+            elif (step := _step(node, name, index)) is not None:  # after an Add: taken as the identity
+                more = reached(node.output[0], steps if linear else steps + (step,), linear, seen)
+            else:
+                continue
+            found += [f for f in more if f not in found]
+        return found
+
+    tensors = {name for node in graph.node for name in node.output} | {i.name for i in graph.input}
+    return {name: found for name in sorted(tensors) if (found := reached(name, (), False, set()))}
+
+
+def choose(name: str, values, method: str, bits: int, symmetric: bool, percentile: float, scorers: list[Scorer],
+           rng: np.random.Generator) -> tuple[ActQuant, ActivationReport]:
+    """The quantization of tensor ``name`` (its values over all calibration batches, as the float
+    stream holds them) under rule ``method`` ("auto" or a single rule), and its report row."""
+    # min-max needs the values only for the report's SQNR: a smaller sample, and rows without a pool
+    sample = value_sample(values, rng, AUTO_VALUES) if method == "minmax" else value_sample(values, rng)
+    lo, hi = float(sample.min()), float(sample.max())
+    for v in values:  # the full range, not the sample's
+        lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
+    levels = {"auto": tuple(sorted({*PERCENTILES, percentile})), "percentile": (percentile,)}.get(method, ())
+    small = sample[::-(-sample.size // AUTO_VALUES)] if method == "auto" else sample
+    ranges = candidate_ranges(sample, lo, hi, bits, symmetric, levels, small if method in ("auto", "mse") else None)
+    rows = [_rows(s, values, rng, SCORE_POOL if method == "auto" else SCORE_ROWS) for s in scorers]
+    rows = [(r, apply_steps(s.steps, r), w) for s, (r, w) in zip(scorers, rows)]
+    if method == "auto":
+        cands = list(ranges.items())
+    else:
+        cands = [next(((rule, r) for rule, r in ranges.items() if rule.split(":")[0] == method),
+                      ("minmax", ranges["minmax"]))]  # a constant tensor
+    best = None
+    scored = [r[0] for r in rows]
+    seen_lo = min(float(x.min()) for x in scored) if scorers else float(small.min())
+    seen_hi = max(float(x.max()) for x in scored) if scorers else float(small.max())
+    for rule, (a, b) in cands:
+        if method == "auto" and rule != "minmax" and not (seen_lo < min(a, 0.0) or seen_hi > max(b, 0.0)):
+            continue  # it clips only values the scored data lacks: its cost would look nil
+        quant = act_quant_from_range(a, b, bits, symmetric)
+        score = _score(quant, small, scorers, rows)
+        if best is None or score < best[0]:
+            best = (score, rule, (a, b), quant)
+    _, rule, (a, b), quant = best
+    err = float(np.sum((fake_quant(small, quant) - small) ** 2))
+    own = _db(float(np.sum(small ** 2)), err)
+    errors = [_layer_error(quant, s, r) for s, r in zip(scorers, rows)]
+    layer_db = _db(sum(ref for _, ref in errors), sum(e for e, _ in errors)) if errors else None
+    return quant, ActivationReport(name, bits, rule, a, b, own, layer_db, tuple(s.layer.node for s in scorers))
+
+
+def _rows(scorer: Scorer, values, rng: np.random.Generator, pool: int) -> tuple[np.ndarray, np.ndarray]:
+    """The scored rows of the layer's X from the tensor, (g, rows, N0) float64, and each row's
+    weight (rows,): from a seeded pool of at most ``pool`` rows over all batches (SCORE_POOL for
+    auto), the SCORE_ROWS / 2 with the largest |x| (weight 1: where clipping costs, and a small
+    uniform sample would miss them) and SCORE_ROWS / 2 drawn uniformly from the rest (weight: the rest's rows per row drawn),
+    so that weighted sums estimate the pool's totals without bias."""
+    t = scorer.layer
+    shapes = values.shapes() if hasattr(values, "shapes") else [v.shape for v in values]
+    samples = sum(t.samples(s) for s in shapes)
+    per_sample = max(1, pool // max(samples, 1))
+    parts = []
+    for v, shape in zip(values, shapes):
+        parts.append(np.asarray(t.rows(v, t.positions(shape, per_sample, rng)), dtype=np.float32))
+    rows = np.concatenate(parts, axis=1)
+    if rows.shape[1] > pool:
+        rows = rows[:, np.sort(rng.choice(rows.shape[1], pool, replace=False))]
+    n = rows.shape[1]
+    if n <= SCORE_ROWS:
+        return rows.astype(np.float64), np.ones(n)
+    half = SCORE_ROWS // 2
+    order = np.argsort(-np.abs(rows).max(axis=(0, 2)), kind="stable")
+    rest = np.sort(rng.choice(order[half:], half, replace=False))
+    keep = np.concatenate([np.sort(order[:half]), rest])
+    weights = np.concatenate([np.ones(half), np.full(half, (n - half) / half)])
+    return rows[:, keep].astype(np.float64), weights
+
+
+def _layer_error(quant: ActQuant, scorer: Scorer, rows: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
+    """(||(f(fq(X)) - f(X)) W||^2, ||f(X) W||^2) over the rows (weighted, ``_rows``), summed over
+    the groups, f the scorer's steps. fq(0) = 0, so the error at the zero padding of im2col rows stays 0."""
+    x, fx, weights = rows
+    if x.shape[-1] != scorer.W.shape[1]:  # reached through a broadcasting Add: not this layer's rows
+        return 0.0, 0.0
+    err = apply_steps(scorer.steps, fake_quant(x, quant)) - fx
+    row_err = np.sum(np.matmul(err, scorer.W) ** 2, axis=(0, 2))  # per row, groups and columns summed
+    row_ref = np.sum(np.matmul(fx, scorer.W) ** 2, axis=(0, 2))
+    return float(row_err @ weights), float(row_ref @ weights)
+
+
+def _score(quant: ActQuant, sample: np.ndarray, scorers: list[Scorer], rows: list[tuple]) -> float:
+    """Sum of the scoring layers' relative output errors, or the tensor's own relative error."""
+    total, counted = 0.0, 0
+    for s, r in zip(scorers, rows):
+        err, ref = _layer_error(quant, s, r)
+        if ref > 0:
+            total, counted = total + err / ref, counted + 1
+    if counted:
+        return total
+    return float(np.sum((fake_quant(sample, quant) - sample) ** 2)) / max(float(np.sum(sample ** 2)), 1e-300)
+
+
+def _db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise); inf without noise."""
+    if noise <= 0:
+        return float("inf")
+    return 10.0 * float(np.log10(max(signal, 1e-300) / noise))
