@@ -25,8 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from . import rewrite, runtime
-from . import act_ranges
+from . import act_ranges, rewrite, runtime
 from .graph import serialize
 from .ops import Layer
 from .options import Options
