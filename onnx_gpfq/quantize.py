@@ -25,8 +25,9 @@ from .capture import Spill, Stream, inputs
 from .errors import UserError
 from .graph import GraphIndex, check_runs, load_model, normalise, save_model, serialize
 from .options import Options
-from .activations import activation_tensors, calibrate
+from .activations import calibrate
 from .ops import OPS, Layer, Skipped, find_targets, model_weight_bytes
+from .placement import Placement, place
 from .plan import LayerPlan, add_domains, onnx_scale, plan_layer, required_opset
 from .report import LayerReport, Report
 from .rewrite import ActQuant, QuantizedLayer, read_name
@@ -44,13 +45,17 @@ def _record_target(model: onnx.ModelProto, target: str) -> None:
     model.metadata_props.add(key=TARGET_KEY, value=target)
 
 
-def _observe_new(quant_acts: set[str], acts: dict[str, ActQuant], stream: Stream, options: Options) -> None:
-    """Calibrate every activation tensor to quantize that the float stream now holds for the first time."""
-    for name in sorted(quant_acts - set(acts)):
+def _observe_new(placement: Placement, acts: dict[str, ActQuant], stream: Stream, options: Options) -> None:
+    """Calibrate every activation tensor to quantize that the float stream now holds for the first
+    time; a tensor sharing another's grid (placement.shared) takes it once that one is calibrated."""
+    for name in sorted(placement.calibrated - set(acts)):
         if name in stream.values:
             rng = np.random.default_rng([options.seed, len(acts)])
             acts[name] = calibrate(stream.values[name], options.act_calibration, options.act_bits,
                                    options.act_symmetric, options.percentile, rng)
+    for name, source in sorted(placement.shared.items()):
+        if name not in acts and source in acts:
+            acts[name] = acts[source]
 
 
 def _tensor_bytes(t: onnx.TensorProto) -> int:
@@ -119,7 +124,8 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
     graph = base.graph
     index = GraphIndex(graph)
     weight_only = {t.node for t in targets if plans[t.key].weight_only or not t.INT8_KERNEL}
-    quant_acts = activation_tensors(graph, targets, weight_only) if options.act_bits else set()
+    placement = place(graph, targets, weight_only, options.act_placement) if options.act_bits else Placement()
+    quant_acts = placement.calibrated
     acts: dict[str, ActQuant] = {}
     layers: dict[str, QuantizedLayer] = {}
     by_weight: dict[str, QuantizedLayer] = {}
@@ -143,7 +149,7 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
                 continue
             extra = [e for e in t.extra_inputs if e and e not in index.initializers]
             float_stream.advance(list(graph.node), index.initializers, [t.x, *extra], quant_acts)
-            _observe_new(quant_acts, acts, float_stream, options)
+            _observe_new(placement, acts, float_stream, options)
             nodes_q, inits_q = rewrite.apply(graph, layers, acts)
             x_tilde = t.x if t.node in weight_only else read_name(t.x, acts, index.graph_outputs)
             quant_stream.advance(nodes_q, inits_q, [x_tilde, *extra])
@@ -188,10 +194,10 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
 
     # Activation tensors after the last quantized layer (e.g. its output) are calibrated on the
     # float network too: run what is left of it once.
-    remaining = sorted(quant_acts - set(acts))
+    remaining = sorted(quant_acts - set(acts))  # (shared tensors follow their sources)
     if remaining:
         float_stream.advance(list(graph.node), index.initializers, remaining, quant_acts)
-        _observe_new(quant_acts, acts, float_stream, options)
+        _observe_new(placement, acts, float_stream, options)
 
     nodes, inits = rewrite.apply(graph, layers, acts)
     report.activations = len(acts)
