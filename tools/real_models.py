@@ -47,6 +47,7 @@ BENCHMARKS = os.path.join(REPO, "BENCHMARKS.md")
 VARIANTS = [  # (label, quantizer, options)
     ("float", "float", {}),
     ("gpfq W8A8", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8}),
+    ("gpfq W8A8 minimal", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "act_placement": "minimal"}),
     ("rtn W8A8", "gpfq", {"method": "rtn", "weight_bits": 8, "act_bits": 8}),
     ("ort MinMax W8A8", "ort", {"calibrate_method": "MinMax", "weight_type": "QInt8"}),
     ("ort Entropy W8A8", "ort", {"calibrate_method": "Entropy", "weight_type": "QInt8"}),
