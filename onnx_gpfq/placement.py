@@ -10,7 +10,10 @@ Two placements (``Options.act_placement``, --act-placement):
   execution stays in uint8 from one layer to the next:
     * QLinear kernels with their own output range (calibrated like any other tensor): Add, Mul
       (QLinearAdd/QLinearMul), Concat (QLinearConcat), Sigmoid, LeakyRelu, AveragePool,
-      GlobalAveragePool, Softmax;
+      GlobalAveragePool, Softmax. One quantized input is enough: a float operand made by an op
+      with no integer kernel (the HardSigmoid of x * hardsigmoid(x), the Add-Clip-Div of a
+      decomposed HardSwish) gets a QDQ pair of its own, as onnxruntime's quantizer does, so that
+      only that op runs dequantize-op-quantize;
     * data movement (its QDQ pair dropped by onnxruntime, the op run on uint8): MaxPool, Resize,
       Reshape, Transpose, Squeeze, Unsqueeze, Flatten, Slice, Split, Gather, Expand, Tile. Their
       outputs take the input's scale and zero point (``Placement.shared``): onnxruntime drops the
@@ -68,6 +71,7 @@ def place(graph: onnx.GraphProto, targets: list[Layer], weight_only: set[str] = 
         return Placement(frozenset(base))
     layer_inputs = {t.x for t in targets if t.node not in weight_only and not index.is_constant(t.x)}
     chosen, shared, new = set(base), {}, {}  # new: tensor -> the node that makes it (integer or passthrough)
+    producer = {o: n for n in graph.node for o in n.output if o}
     for node in graph.node:  # topological: inputs are decided before their consumers
         data = [i for i in node.input if i and not index.is_constant(i)]
         if node.op_type in PASSTHROUGH_OPS and data and node.input[0] in chosen and not _skip_passthrough(node):
@@ -77,8 +81,12 @@ def place(graph: onnx.GraphProto, targets: list[Layer], weight_only: set[str] = 
                     shared[out] = root
                     chosen.add(out)
                     new[out] = node
-        elif node.op_type in INTEGER_OPS and data and all(i in chosen for i in data) and len(data) == len(
+        elif node.op_type in INTEGER_OPS and any(i in chosen for i in data) and len(data) == len(
                 [i for i in node.input if i]):  # no constant operand: the QLinear kernel would need it quantized
+            for i in data:  # a float operand (e.g. HardSigmoid's output in x * hardsigmoid(x)) gets a QDQ too
+                if i not in chosen and i in producer and i not in index.graph_outputs:
+                    chosen.add(i)
+                    new[i] = producer[i]
             out = node.output[0]
             if out not in index.graph_outputs:
                 chosen.add(out)

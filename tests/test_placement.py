@@ -153,3 +153,34 @@ def test_quantized_stream_carries_the_new_qdq(monkeypatch):
     assert {"x", "conv1_out", "sig1", "silu1", "pool1"} <= before_conv2
     before_conv3 = next(acts for layers, acts in seen if layers == {"conv1", "conv2"})
     assert {"conv2_out", "cat"} <= before_conv3
+
+
+def _hardswish_model() -> onnx.ModelProto:
+    """conv1 -> x * HardSigmoid(x) -> GlobalAveragePool -> conv2 (1x1) -> output (PP-LCNet's pattern)."""
+    nodes, inits = [], []
+    node, ws = _conv("conv1", "x", 3, 8)
+    nodes.append(node)
+    inits += ws
+    nodes += [helper.make_node("HardSigmoid", ["conv1_out"], ["hs"], name="hs", alpha=1 / 6, beta=0.5),
+              helper.make_node("Mul", ["conv1_out", "hs"], ["hswish"], name="mul"),
+              helper.make_node("GlobalAveragePool", ["hswish"], ["gap"], name="gap")]
+    node, ws = _conv("conv2", "gap", 8, 4, k=1)
+    nodes.append(node)
+    inits += ws
+    graph = helper.make_graph(nodes, "hardswish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
+                              [helper.make_tensor_value_info("conv2_out", TensorProto.FLOAT, [None, 4, 1, 1])],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_a_float_operand_of_an_integer_op_gets_its_own_qdq():
+    """x * HardSigmoid(x): HardSigmoid has no integer kernel, so its output is quantized (it runs
+    dequantize-HardSigmoid-quantize) and the Mul and the pooling after it run as QLinear kernels."""
+    base = normalise(_hardswish_model())
+    targets, _ = find_targets(base.graph)
+    assert place(base.graph, targets, set(), "integer").calibrated == {"x", "conv1_out", "hs", "hswish", "gap", "conv2_out"}
+    assert place(base.graph, targets, set(), "minimal").calibrated == {"x", "conv1_out", "gap", "conv2_out"}
+    model, _ = quantize(_hardswish_model(), _calib(), weight_bits=8, quiet=True)
+    ops = Counter(n.op_type for n in optimised_ops(model))
+    assert ops["QLinearMul"] == 1 and ops["QLinearGlobalAveragePool"] == 1 and ops["Mul"] == 0
+    assert ops["HardSigmoid"] == 1 and ops["QLinearConv"] == 2
