@@ -104,7 +104,7 @@ class Options:
     act_placement: str = opt("integer", "which activations get QDQ: integer also quantizes the ops between layers that "
                          "onnxruntime runs as integer kernels (Add, Mul, Concat, Sigmoid, pooling, Resize, "
                          "Reshape, ...) where they lead to another quantized layer; minimal only the layers' inputs, "
-                         "Conv outputs and residual Adds", check=choice(PLACEMENTS))
+                         "Conv outputs and residual Adds (also what 16-bit activations get)", check=choice(PLACEMENTS))
     batch_size: int = opt(32, "calibration samples per onnxruntime run", kind=int, check=POSITIVE)
     max_patches: int = opt(256, "rows of X sampled per calibration sample and layer (conv patches, tokens)", kind=int,
                            check=POSITIVE)

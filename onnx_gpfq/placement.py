@@ -22,6 +22,8 @@ Two placements (``Options.act_placement``, --act-placement):
   of this kind (a region between layers); outputs that only reach float ops or the model's outputs
   (detection heads, box decoding, attention scores) stay float, as in ``minimal``.
 
+With 16-bit activations the pipeline uses ``minimal``: those QLinear kernels are 8-bit only.
+
 Nothing else is quantized: attention masks, normalisation statistics and the model outputs of
 MatMul/Gemm heads stay float.
 """

@@ -124,7 +124,9 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
     graph = base.graph
     index = GraphIndex(graph)
     weight_only = {t.node for t in targets if plans[t.key].weight_only or not t.INT8_KERNEL}
-    placement = place(graph, targets, weight_only, options.act_placement) if options.act_bits else Placement()
+    # onnxruntime's QLinear kernels between layers are 8-bit only: 16-bit activations keep the minimal placement
+    kind = options.act_placement if options.act_bits == 8 else "minimal"
+    placement = place(graph, targets, weight_only, kind) if options.act_bits else Placement()
     quant_acts = placement.calibrated
     acts: dict[str, ActQuant] = {}
     layers: dict[str, QuantizedLayer] = {}

@@ -184,3 +184,10 @@ def test_a_float_operand_of_an_integer_op_gets_its_own_qdq():
     ops = Counter(n.op_type for n in optimised_ops(model))
     assert ops["QLinearMul"] == 1 and ops["QLinearGlobalAveragePool"] == 1 and ops["Mul"] == 0
     assert ops["HardSigmoid"] == 1 and ops["QLinearConv"] == 2
+
+
+def test_16_bit_activations_keep_the_minimal_placement():
+    """onnxruntime has no 16-bit QLinearSigmoid/Mul/Concat: QDQ there would only cost time."""
+    model, _ = quantize(_model(), _calib(), weight_bits=8, act_bits=16, quiet=True)
+    quantized = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert quantized == {"x", "conv1_out", "pool1", "conv2_out", "cat", "conv3_out"}
