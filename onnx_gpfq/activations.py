@@ -1,5 +1,5 @@
-"""Activation quantization: which tensors get QuantizeLinear/DequantizeLinear, and the candidate ranges
-(``act_ranges`` chooses among them).
+"""Activation quantization: the candidate ranges of each tensor that gets QuantizeLinear/DequantizeLinear
+(``act_ranges`` chooses among them; which tensors those are: placement.py).
 
 Ranges are calibrated on the float network, tensor by tensor as the float stream produces them,
 before the quantized stream runs past them, so the X~ that GPFQ sees already carries the
@@ -11,51 +11,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
 
-from .graph import GraphIndex
 from .rewrite import act_quant_from_range, fake_quant
-from .ops import Layer
 
-REMOVABLE_ACTIVATIONS = ("Relu", "Clip")
 MAX_VALUES = 1 << 20  # values per tensor used by the percentile / MSE searches (seeded subsample)
-
-
-def activation_tensors(graph: onnx.GraphProto, targets: list[Layer], weight_only: set[str] = frozenset()) -> set[str]:
-    """Which activation tensors get QuantizeLinear/DequantizeLinear (the placement rule).
-
-    - the input of every quantized layer (what makes its kernel integer on the input side),
-      except the ``weight_only`` ones (node names: block-wise and MatMulNBits layers);
-    - the output of every quantized layer whose op asks for it (``Layer.QUANTIZE_OUTPUT``: Conv),
-      taken after a chain of Relu/Clip that only it feeds, so that onnxruntime fuses
-      DQ -> Conv -> (Relu) -> Q into QLinearConv (Relu/Clip fold into the uint8 range);
-    - the output of an Add whose inputs are both quantized (a residual join), again after Relu/Clip,
-      so that it runs as QLinearAdd instead of dequantize-add-quantize.
-    Nothing else is quantized: attention masks, softmax inputs and outputs, normalisation
-    statistics and the model outputs of MatMul/Gemm heads stay float.
-    """
-    index = GraphIndex(graph)
-
-    def after_activations(out: str) -> str:
-        while out not in index.graph_outputs:
-            consumers = index.consumers.get(out, [])
-            if len(consumers) == 1 and consumers[0].op_type in REMOVABLE_ACTIVATIONS:
-                out = consumers[0].output[0]
-            else:
-                break
-        return out
-
-    chosen: set[str] = set()
-    output_quantized = {t.node for t in targets if t.QUANTIZE_OUTPUT}
-    for t in targets:
-        if not index.is_constant(t.x) and t.node not in weight_only:
-            chosen.add(t.x)
-    for node in graph.node:  # topological order, so Add inputs are decided before the Add
-        if node.name in output_quantized:
-            chosen.add(after_activations(node.output[0]))
-        elif node.op_type == "Add" and all(i in chosen for i in node.input):
-            chosen.add(after_activations(node.output[0]))
-    return chosen
 
 
 def candidate_ranges(sample: np.ndarray, lo: float, hi: float, bits: int, symmetric: bool,

@@ -39,6 +39,11 @@ class ActCalibration(str, Enum):
     MSE = "mse"
 
 
+class ActPlacement(str, Enum):
+    INTEGER = "integer"
+    MINIMAL = "minimal"
+
+
 class ImageResize(str, Enum):
     CROP = "crop"
     STRETCH = "stretch"
@@ -65,6 +70,7 @@ SCALE_RULES = values(ScaleRule)
 WEIGHT_FORMATS = tuple(FORMATS)  # the registry in formats/: a new format is a new module there
 ACT_BITS = (8, 16, "auto", None)
 ACT_CALIBRATIONS = values(ActCalibration)
+PLACEMENTS = values(ActPlacement)
 # C scales the step C * max|w| / K: below 1e-6 every code saturates, above 1e6 every code is 0 (the
 # computed steps are checked too: finite and > 0 in float32)
 C_RANGE = (1e-6, 1e6)

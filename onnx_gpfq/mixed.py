@@ -101,7 +101,7 @@ def choose(model: onnx.ModelProto, quant_acts: set[str], batch: dict[str, np.nda
 
 def _after_activations(model: onnx.ModelProto, node_name: str) -> str | None:
     """The tensor a layer's output QDQ sits on: its output after a chain of Relu/Clip only it feeds."""
-    from .activations import REMOVABLE_ACTIVATIONS
+    from .placement import REMOVABLE_ACTIVATIONS
 
     nodes = {n.name: n for n in model.graph.node}
     readers: dict[str, list] = {}

@@ -14,7 +14,7 @@ import fnmatch
 from dataclasses import dataclass, fields, replace
 
 from .calib import ImageOptions
-from .choices import (ACT_BITS, ACT_CALIBRATIONS, C_RANGE, FLAG, GRANULARITIES, METHODS, POSITIVE,  # noqa: F401
+from .choices import (ACT_BITS, ACT_CALIBRATIONS, C_RANGE, FLAG, GRANULARITIES, METHODS, PLACEMENTS, POSITIVE,  # noqa: F401
                       SCALE_RULES, WEIGHT_BITS, WEIGHT_FORMATS, Check, check_choice, choice, is_int, is_number, opt,
                       parse_act_bits, parse_batch_axis, parse_budget, parse_input_shape, parse_size, parse_smooth, parse_sparsity,
                       parse_weight_bits)  # the parsers and choice tuples stay importable from here
@@ -119,6 +119,10 @@ class Options:
                               "output error; a number in (0, 1] fixes it", metavar="{auto,off,ALPHA}")
     percentile: float = opt(99.99, "percentile for --act-calibration percentile (auto tries it too)", kind=float,
                             check=Check("number", low=50.0, high=100.0, text="in (50, 100]"))
+    act_placement: str = opt("integer", "which activations get QDQ: integer also quantizes the ops between layers that "
+                         "onnxruntime runs as integer kernels (Add, Mul, Concat, Sigmoid, pooling, Resize, "
+                         "Reshape, ...) where they lead to another quantized layer; minimal only the layers' inputs, "
+                         "Conv outputs and residual Adds (also what 16-bit activations get)", check=choice(PLACEMENTS))
     batch_size: int = opt(32, "calibration samples per onnxruntime run", kind=int, check=POSITIVE)
     max_patches: int = opt(256, "rows of X sampled per calibration sample and layer (conv patches, tokens)", kind=int,
                            check=POSITIVE)

@@ -26,8 +26,8 @@ from .errors import UserError
 from .graph import GraphIndex, check_runs, load_model, normalise, save_model, serialize
 from .options import Options
 from . import act_ranges
-from .activations import activation_tensors
 from .ops import OPS, Layer, Skipped, find_targets, model_weight_bytes
+from .placement import Placement, place
 from .plan import LayerPlan, add_domains, onnx_scale, plan_layer, required_opset
 from .report import LayerReport, Report
 from .rewrite import ActQuant, QuantizedLayer, read_name
@@ -45,12 +45,13 @@ def _record_target(model: onnx.ModelProto, target: str) -> None:
     model.metadata_props.add(key=TARGET_KEY, value=target)
 
 
-def _observe_new(quant_acts: set[str], acts: dict[str, ActQuant], stream: Stream, options: Options, report: Report,
+def _observe_new(placement: Placement, acts: dict[str, ActQuant], stream: Stream, options: Options, report: Report,
                  scoring: dict[str, list[tuple[Layer, tuple]]], index: GraphIndex, wide: set[str] = frozenset()) -> None:
     """Choose the range of every activation tensor to quantize that the float stream now holds for
     the first time (``act_ranges.choose``, scored at the layers ``scoring`` names; ``wide``: the
-    tensors --act-bits auto promoted to 16 bits); its row goes into the report."""
-    for name in sorted(quant_acts - set(acts)):
+    tensors --act-bits auto promoted to 16 bits); its row goes into the report. A tensor sharing
+    another's grid (placement.shared) takes it once that one is chosen."""
+    for name in sorted(placement.calibrated - set(acts)):
         if name in stream.values:
             rng = np.random.default_rng([options.seed, len(acts)])
             bits = (16 if name in wide else 8) if options.act_bits == "auto" else options.act_bits
@@ -58,6 +59,9 @@ def _observe_new(quant_acts: set[str], acts: dict[str, ActQuant], stream: Stream
             acts[name], row = act_ranges.choose(name, stream.values[name], options.act_calibration, bits,
                                                 options.act_symmetric, options.percentile, scorers, rng)
             report.activation_rows.append(row)
+    for name, source in sorted(placement.shared.items()):
+        if name not in acts and source in acts:
+            acts[name] = acts[source]
 
 
 def _tensor_bytes(t: onnx.TensorProto) -> int:
@@ -128,7 +132,11 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
     graph = base.graph
     index = GraphIndex(graph)
     weight_only = {t.node for t in targets if plans[t.key].weight_only or not t.INT8_KERNEL}
-    quant_acts = activation_tensors(graph, targets, weight_only) if options.act_bits else set()
+    # onnxruntime's QLinear kernels between layers are 8-bit only: 16-bit activations (all or some, --act-bits
+    # auto) keep the minimal placement
+    kind = options.act_placement if options.act_bits == 8 else "minimal"
+    placement = place(graph, targets, weight_only, kind) if options.act_bits else Placement()
+    quant_acts = placement.calibrated
     if options.act_bits == "auto":  # measured once, on the float model, before any range is set
         report.promotions = mixed.choose(base, quant_acts, first_batch, targets, options)
     wide = {p.tensor for p in report.promotions if p.promoted}
@@ -157,7 +165,7 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
                 continue
             extra = [e for e in t.extra_inputs if e and e not in index.initializers]
             float_stream.advance(list(graph.node), index.initializers, [t.x, *extra], quant_acts)
-            _observe_new(quant_acts, acts, float_stream, options, report, scoring, index, wide)
+            _observe_new(placement, acts, float_stream, options, report, scoring, index, wide)
             nodes_q, inits_q = rewrite.apply(graph, layers, acts)
             x_tilde = t.x if t.node in weight_only else read_name(t.x, acts, index.graph_outputs)
             quant_stream.advance(nodes_q, inits_q, [x_tilde, *extra])
@@ -205,10 +213,10 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
 
     # Activation tensors after the last quantized layer (e.g. its output) are calibrated on the
     # float network too: run what is left of it once.
-    remaining = sorted(quant_acts - set(acts))
+    remaining = sorted(quant_acts - set(acts))  # (shared tensors follow their sources)
     if remaining:
         float_stream.advance(list(graph.node), index.initializers, remaining, quant_acts)
-        _observe_new(quant_acts, acts, float_stream, options, report, scoring, index, wide)
+        _observe_new(placement, acts, float_stream, options, report, scoring, index, wide)
 
     nodes, inits = rewrite.apply(graph, layers, acts)
     report.activations = len(acts)

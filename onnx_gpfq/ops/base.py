@@ -35,7 +35,7 @@ class Layer:
     OP_TYPE: ClassVar[str]
     WEIGHT_INPUT: ClassVar[int] = 1  # index of the weight among the node's inputs
     BIAS_INPUT: ClassVar[int | None] = 2  # index of the bias input, None when the op has none
-    QUANTIZE_OUTPUT: ClassVar[bool] = False  # give the output a QDQ pair (see activations.activation_tensors)
+    QUANTIZE_OUTPUT: ClassVar[bool] = False  # give the output a QDQ pair (see placement.place)
     # onnxruntime runs the layer on an int8 kernel when its input is quantized. False: it runs in
     # float on the dequantized weights, so its input gets no QDQ (a weight-only layer) and
     # constraints of the int8 kernels do not apply to it.
