@@ -22,9 +22,13 @@ def _run(args: list[str], timeout: int = 300) -> dict:
     return json.loads(lines[-1])
 
 
+KEPT = "<!-- peers:begin -->\n## Peers\nrows\n<!-- peers:end -->\n"
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "BENCHMARKS.md"
+    out.write_text("# old\n" + KEPT)  # a section another tool wrote: the run must carry it over
     result = _run(["tools/benchmark.py", "--quick", "--json", "--models", "digits_mlp", "--out", str(out)])
     return result, out
 
@@ -64,6 +68,7 @@ def test_quick_benchmark_writes_markdown_only_where_told(quick):
     assert "## digits_mlp" in text and "GPFQ vs onnxruntime" in text
     assert result["machine"]["onnxruntime"] in text
     assert result.get("plot") is None  # --quick without --plot: no matplotlib needed
+    assert KEPT in text and "# old" not in text  # the run read the old file before truncating it
 
 
 def test_bench_quantize_keys():

@@ -586,8 +586,9 @@ def main(argv=None) -> int:
         result["plot"] = args.plot
     result["seconds"] = time.perf_counter() - start
     result["out"] = args.out
+    text = keep_sections(markdown(result), args.out)  # read before the file is opened for writing
     with open(args.out, "w") as f:
-        f.write(keep_sections(markdown(result), args.out))
+        f.write(text)
     log(f"wrote {args.out} in {result['seconds']:.0f} s")
     if args.json:
         print(json.dumps(_clean(result)))
