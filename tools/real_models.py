@@ -133,7 +133,11 @@ def quantize_in_child(quantizer: str, options: dict, model: str, calib: str, out
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip() and not ln.startswith((" ", "\t"))]
         reason = (lines[-1] if lines else f"exit {proc.returncode}")[:240]
         if proc.returncode < 0:
-            reason = f"killed by signal {-proc.returncode} ({reason})"
+            # SIGKILL without a timeout: on Linux the kernel's out-of-memory killer (dmesg says so)
+            oom = " (SIGKILL: the out-of-memory killer, on a machine of " \
+                  f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.1f} GiB)" \
+                if -proc.returncode == 9 and hasattr(os, "sysconf") else ""
+            reason = f"killed by signal {-proc.returncode}{oom} ({reason})"
         return {"error": reason}
     with open(result_path) as f:
         return json.load(f)
