@@ -132,7 +132,7 @@ def markdown(result: dict) -> str:
              f"{result['evaluation_samples']} evaluation samples: at the QDQ reference (graph optimisations off), as this "
              "CPU runs the model (default session options), and as an AVX2 CPU without VNNI runs it (`qemu-x86_64 -cpu "
              "Haswell`, on fewer samples: the reference on those same samples beside it). Saturating layers: int8 layers "
-             "whose codes exceed the pair bound |q_2j| + |q_2j+1| <= 128 of those kernels (the kernel model, on any CPU).",
+             "whose codes exceed the pair bound of those kernels (same-sign |q_2j| + |q_2j+1| <= 128) (the kernel model, on any CPU).",
              "", "| model | variant | reference | this CPU | AVX2 (qemu) | reference, qemu samples | saturating layers |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
