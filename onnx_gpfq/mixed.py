@@ -26,9 +26,10 @@ import numpy as np
 import onnx
 
 from . import act_ranges, rewrite, runtime
-from .graph import serialize
+from .graph import GraphIndex, serialize
 from .ops import Layer
 from .options import Options
+from .placement import after_activations
 
 
 PROBE_SAMPLES = 8
@@ -85,10 +86,11 @@ def choose(model: onnx.ModelProto, quant_acts: set[str], batch: dict[str, np.nda
     order = sorted(names, key=lambda n: (-costs[n], n))
     promoted = {n for n in order[:limit] if costs[n] > 0}
     readers = {}
+    index, nodes = GraphIndex(model.graph), {n.name: n for n in model.graph.node}
     for t in targets:
         if t.x in quant_acts:
             readers.setdefault(t.x, []).append(t)
-        out = _after_activations(model, t.node)  # a Conv's quantized output: its QLinearConv is lost too
+        out = after_activations(index, nodes[t.node].output[0])  # a Conv output: its QLinearConv is lost too
         if out in quant_acts and t.QUANTIZE_OUTPUT:
             readers.setdefault(out, []).append(t)
     result = []
@@ -97,21 +99,6 @@ def choose(model: onnx.ModelProto, quant_acts: set[str], batch: dict[str, np.nda
         macs = sum(_macs(t, values[name].shape) for t in layers if t.x == name) // max(values[name].shape[0], 1)
         result.append(Promotion(name, costs[name], name in promoted, tuple(t.node for t in layers), int(macs)))
     return result
-
-
-def _after_activations(model: onnx.ModelProto, node_name: str) -> str | None:
-    """The tensor a layer's output QDQ sits on: its output after a chain of Relu/Clip only it feeds."""
-    from .placement import REMOVABLE_ACTIVATIONS
-
-    nodes = {n.name: n for n in model.graph.node}
-    readers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-    out = nodes[node_name].output[0]
-    while len(readers.get(out, [])) == 1 and readers[out][0].op_type in REMOVABLE_ACTIVATIONS:
-        out = readers[out][0].output[0]
-    return out
 
 
 def _macs(t: Layer, x_shape: tuple[int, ...]) -> int:

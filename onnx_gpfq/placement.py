@@ -108,6 +108,18 @@ def place(graph: onnx.GraphProto, targets: list[Layer], weight_only: set[str] = 
     return Placement(frozenset(calibrated), shared)
 
 
+def after_activations(index: GraphIndex, out: str) -> str:
+    """Where a layer's output QDQ sits: ``out`` after a chain of Relu/Clip that only it feeds (not past
+    a graph output), so that onnxruntime folds the chain into the QLinear kernel's uint8 range."""
+    while out not in index.graph_outputs:
+        consumers = index.consumers.get(out, [])
+        if len(consumers) == 1 and consumers[0].op_type in REMOVABLE_ACTIVATIONS:
+            out = consumers[0].output[0]
+        else:
+            break
+    return out
+
+
 def _skip_passthrough(node: onnx.NodeProto) -> bool:
     """MaxPool with an indices output has no integer form."""
     return node.op_type == "MaxPool" and len([o for o in node.output if o]) > 1
@@ -125,15 +137,6 @@ def _minimal(graph: onnx.GraphProto, index: GraphIndex, targets: list[Layer], we
       so that it runs as QLinearAdd instead of dequantize-add-quantize.
     """
 
-    def after_activations(out: str) -> str:
-        while out not in index.graph_outputs:
-            consumers = index.consumers.get(out, [])
-            if len(consumers) == 1 and consumers[0].op_type in REMOVABLE_ACTIVATIONS:
-                out = consumers[0].output[0]
-            else:
-                break
-        return out
-
     chosen: set[str] = set()
     output_quantized = {t.node for t in targets if t.QUANTIZE_OUTPUT}
     for t in targets:
@@ -141,7 +144,7 @@ def _minimal(graph: onnx.GraphProto, index: GraphIndex, targets: list[Layer], we
             chosen.add(t.x)
     for node in graph.node:  # topological order, so Add inputs are decided before the Add
         if node.name in output_quantized:
-            chosen.add(after_activations(node.output[0]))
+            chosen.add(after_activations(index, node.output[0]))
         elif node.op_type == "Add" and all(i in chosen for i in node.input):
-            chosen.add(after_activations(node.output[0]))
+            chosen.add(after_activations(index, node.output[0]))
     return chosen
