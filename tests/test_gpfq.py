@@ -619,6 +619,38 @@ def test_fast_kernel_cache_load_gives_the_same_model():
     assert len(set(digests)) == 1 and len(digests[0]) == len(hashlib.sha256().hexdigest())
 
 
+def test_kernel_cache_is_dropped_when_a_source_it_inlines_changes(tmp_path, monkeypatch):
+    """numba keys a cached kernel on its own file only; drop_stale empties the caches of a set of
+    modules whenever the hash of their sources differs from the stamp beside the cache, and leaves
+    them alone when it matches."""
+    import importlib
+    import os
+
+    from onnx_gpfq.core import _numba_cache
+
+    (tmp_path / "kern_mod.py").write_text("from numba import njit\n\n@njit(cache=True)\ndef f(x):\n    return x + 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("kern_mod")
+    assert mod.f(1) == 2  # compiled and cached
+    index = mod.f._cache._cache_file
+    assert index._load_index()
+    stamp = os.path.join(mod.f._cache._cache_path, _numba_cache.STAMP)
+    _numba_cache.drop_stale((mod,))  # no stamp yet: counts as changed
+    assert index._load_index() == {}
+    with open(stamp) as fh:
+        first = fh.read()
+    mod.f.recompile()  # cached again
+    assert index._load_index()
+    _numba_cache.drop_stale((mod,))  # same sources: kept
+    assert index._load_index()
+    with open(stamp, "w") as fh:
+        fh.write("another source")
+    _numba_cache.drop_stale((mod,))
+    assert index._load_index() == {}
+    with open(stamp) as fh:
+        assert fh.read() == first
+
+
 @pytest.mark.parametrize("g,n0,n1", [(1, 300, 20), (3, 40, 5)])  # two blocks of the fan-in; grouped
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_projected_moments_match_the_gram_form(g, n0, n1, dtype):
@@ -653,6 +685,40 @@ def test_projected_moments_match_the_gram_form(g, n0, n1, dtype):
     assert b.rel_error_rtn == pytest.approx(a.rel_error_rtn, rel=1e-9 if dtype == np.float64 else 1e-3)
     with pytest.raises(ValueError, match="other weights"):
         P.quantize_layer(W + 1.0, proj, spec)
+
+
+@pytest.mark.parametrize("form,m", [("gram", 200), ("residual", 200), ("residual", 30), ("projected", 200)])
+@pytest.mark.parametrize("g", [1, 2])
+def test_wide_layers_searched_in_column_chunks_match_the_whole_and_the_reference(monkeypatch, form, m, g):
+    """A layer wider than LAYER_CHUNK_BYTES runs its step search a chunk of columns at a time (each
+    column chooses its own C, so the chunks are independent): the codes, steps and errors of the
+    whole layer at once, and GPFQ's codes those of the plain residual reference."""
+    rng = np.random.default_rng(23)
+    n0, n1 = 24, 29
+    X, Xt = correlated(rng, g, m, n0, noise=0.05)
+    W = rng.standard_normal((g, n0, n1)) / math.sqrt(n0)
+
+    def moments():
+        mom = Moments(g, n0, "gram" if form == "projected" else form, W=W if form == "projected" else None)
+        for idx in np.array_split(np.arange(m), 3):
+            mom.update(X[:, idx], Xt[:, idx])
+        return mom
+
+    spec = QuantSpec(Alphabet.from_bits(4), pair_bound=12)  # a bound that binds, on a 4-bit grid
+    whole = P.quantize_layer(W, moments(), spec)
+    monkeypatch.setattr(P.layer, "LAYER_CHUNK_BYTES", 8 * g * n0 * 6)  # chunks of 6 columns: 5 of them
+    chunked = P.quantize_layer(W, moments(), spec)
+    np.testing.assert_array_equal(chunked.codes, whole.codes)
+    np.testing.assert_array_equal(chunked.scale, whole.scale)
+    np.testing.assert_array_equal(chunked.C, whole.C)
+    assert chunked.rel_error == pytest.approx(whole.rel_error, rel=1e-12)
+    assert chunked.rel_error_rtn == pytest.approx(whole.rel_error_rtn, rel=1e-12)
+    delta_rows = np.broadcast_to(chunked.scale, W.shape)  # one step per column
+    codes, _ = ref.gpfq_layer(X, Xt, W, delta_rows, spec.alphabet.lo, spec.alphabet.hi, pair=12)
+    np.testing.assert_array_equal(chunked.codes, codes)
+    tensor = QuantSpec(Alphabet.from_bits(4), granularity="tensor")  # one C for all columns: never chunked
+    np.testing.assert_array_equal(P.quantize_layer(W, moments(), tensor).codes,
+                                  P.quantize_layer(W, moments(), tensor).codes)
 
 
 def test_gram_rows_gathered_into_chunks_give_the_same_moments(monkeypatch):

@@ -26,7 +26,7 @@ Everything is float64 internally and deterministic (same input -> same bits).
 
 from . import fused, greedy, rounding, steps
 from .fused import RESIDUAL_FUSED_MAX_M
-from ._numba_cache import load_from_cache_without_refresh
+from ._numba_cache import drop_stale, load_from_cache_without_refresh
 from .cost import choose_form, projection_pays
 from .gram import GRAM_BLOCK, gpfq_gram, tril_matmul
 from .layer import LayerResult, quantize_layer
@@ -38,6 +38,7 @@ from .spec import (DEFAULT_C_GRID, GRANULARITIES, METHODS, SCALE_RULES, SEARCHES
                    Sparsity)
 from .steps import dequantize, output_error, step_ranges, steps_from_ranges
 
+drop_stale((fused, greedy, rounding, steps))  # kernels inline each other's helpers: one stamp for all
 for _module in (fused, greedy, rounding, steps):
     load_from_cache_without_refresh(vars(_module))
 del _module

@@ -50,3 +50,50 @@ def load_from_cache_without_refresh(namespace) -> None:
                 return _full(sig, target_context)
 
         cache.load_overload = load_overload
+
+
+STAMP = "onnx_gpfq_kernels.stamp"
+
+
+def drop_stale(modules) -> None:
+    """Empty the disk cache of every cached kernel in ``modules`` when any of their sources changed.
+
+    numba keys a kernel's cache entry on its own file's modification time and size only, but the
+    kernels inline functions of other modules (greedy.py's and fused.py's loops inline
+    rounding.level and rounding.pair_limits): after an edit to rounding.py alone they would load
+    the old machine code, and decide by the old rule. A stamp beside the cache files records a
+    hash of all the modules' sources; when it differs, each kernel's cache index is emptied
+    (numba's ``Cache.flush``), so the next call compiles afresh and caches again. Installed
+    packages are not affected (a reinstall rewrites every file); this is for a working copy.
+    Best effort: an unwritable cache folder leaves numba's own behaviour.
+    """
+    import hashlib
+    import os
+
+    from numba.core.caching import Cache
+    from numba.core.dispatcher import Dispatcher
+
+    digest = hashlib.sha256()
+    for module in modules:
+        with open(module.__file__, "rb") as f:
+            digest.update(f.read())
+    stamp = digest.hexdigest()
+    caches = [obj._cache for module in modules for obj in vars(module).values()
+              if isinstance(obj, Dispatcher) and isinstance(getattr(obj, "_cache", None), Cache)]
+    for folder in sorted({c._cache_path for c in caches}):
+        path = os.path.join(folder, STAMP)
+        try:
+            with open(path) as f:
+                if f.read() == stamp:
+                    continue
+        except OSError:
+            pass
+        try:
+            for c in caches:
+                if c._cache_path == folder:
+                    c.flush()
+            os.makedirs(folder, exist_ok=True)
+            with open(path, "w") as f:
+                f.write(stamp)
+        except OSError:
+            pass
