@@ -117,7 +117,9 @@ class GramForm(PassForm):
     """The Gram form of one layer (search.Form): per-layer quantities shared by every pass,
     A = tril(G) W, G W, w^T F w."""
 
-    def __init__(self, W, mom: Moments):
+    def __init__(self, W, mom: Moments, cols: slice | None = None):
+        """W (g, N0, N1c): the layer's weights, or its columns ``cols`` (then W = W_layer[:, :, cols]
+        and projected Moments give their A, G W, ||X W||^2 of those columns)."""
         self.H = np.ascontiguousarray(mom.H)
         # Rows that came as float32 (the pipeline's) carry float32 accuracy: the large off-diagonal
         # GEMMs of the passes and error products then run in float32 (twice the speed), the
@@ -125,9 +127,10 @@ class GramForm(PassForm):
         self.H_off = self.H.astype(np.float32) if mom.rows_dtype == np.float32 else self.H
         self.W = W
         if mom.W is not None:  # projected: A, G W and ||XW||^2 were accumulated from the rows
-            if mom.W.shape != W.shape or not np.array_equal(mom.W, W):
+            cols = slice(None) if cols is None else cols
+            if mom.W[:, :, cols].shape != W.shape or not np.array_equal(mom.W[:, :, cols], W):
                 raise ValueError("quantize_layer: these Moments were projected on other weights than W")
-            self.A, self.GW, self.wfw = mom.A, mom.GW, mom.xw2
+            self.A, self.GW, self.wfw = (np.ascontiguousarray(a[..., cols]) for a in (mom.A, mom.GW, mom.xw2))
         else:
             G = np.ascontiguousarray(mom.G)
             self.A = tril_matmul(G, W)

@@ -11,9 +11,14 @@ from .gram import GramForm
 from .moments import Moments
 from .residual import residual_form
 from .rounding import Rule
-from .search import full_search, search
+from .search import Choice, full_search, search
 from .spec import QuantSpec
 from .steps import dequantize, rows_of, step_ranges
+
+
+# Wide layers (e.g. a classifier over thousands of classes) are searched a chunk of columns at a
+# time: bytes of one (g, N0, columns) float64 array; the passes hold about a dozen of them.
+LAYER_CHUNK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -66,17 +71,17 @@ def quantize_layer(W: np.ndarray, moments: Moments, spec: QuantSpec) -> LayerRes
     if moments.m == 0:
         raise ValueError("quantize_layer: moments saw no calibration rows")
     g, n0, n1 = W.shape
-
-    form = GramForm(W, moments) if moments.form == "gram" else residual_form(W, moments)
-    rule = Rule.of(spec.alphabet, spec.sparsity, spec.pair_bound)
-    grid = spec.c_grid if spec.scale_rule == "search" else (spec.c,)
     per_column = spec.search_per_channel and spec.granularity != "tensor"
-    methods = ("gpfq", "rtn") if spec.method == "gpfq" else ("rtn",)
-    chosen = search(form, r, bsize, rule, spec.alphabet.K, grid, per_column,
-                    full_search(spec, moments.m, n0, n1, g), methods)
-    best, rtn = chosen[spec.method], chosen["rtn"]
-
-    denom = float(form.wfw.sum())
+    grid = spec.c_grid if spec.scale_rule == "search" else (spec.c,)
+    # Columns are independent problems once each chooses its own C: wide layers run in chunks
+    # of columns, so that the passes' (g, N0, columns) arrays stay within LAYER_CHUNK_BYTES.
+    width = n1 if not (per_column or len(grid) == 1) else max(1, LAYER_CHUNK_BYTES // (8 * g * n0))
+    parts = [_columns(W, moments, spec, r, bsize, grid, per_column, slice(c, min(c + width, n1)))
+             for c in range(0, n1, width)]
+    best, rtn = parts[0][:2] if len(parts) == 1 else (
+        Choice(*(np.concatenate([getattr(p[i], f) for p in parts], axis=a) for f, a in
+                 (("codes", 2), ("delta", 2), ("C", 1), ("err", 1)))) for i in (0, 1))
+    denom = float(sum(p[2] for p in parts))
 
     def rel(err):
         num = max(float(err.sum()), 0.0)
@@ -92,3 +97,16 @@ def quantize_layer(W: np.ndarray, moments: Moments, spec: QuantSpec) -> LayerRes
         rel_error_rtn=rel(rtn.err), sparsity=zeros / best.codes.size, bias_delta=bias_delta,
         form="projected" if moments.W is not None else moments.form, group_size=bsize,
     )
+
+
+def _columns(W: np.ndarray, moments: Moments, spec: QuantSpec, r: np.ndarray, bsize: int, grid, per_column: bool,
+             cols: slice) -> tuple[Choice, Choice, float]:
+    """The step search on columns ``cols`` of W: (GPFQ's choice, RTN's, sum of ||X w||^2 over them)."""
+    g, n0, n1 = W.shape
+    Wc = W if cols == slice(0, n1) else np.ascontiguousarray(W[:, :, cols])
+    form = GramForm(Wc, moments, cols) if moments.form == "gram" else residual_form(Wc, moments)
+    rule = Rule.of(spec.alphabet, spec.sparsity, spec.pair_bound)
+    methods = ("gpfq", "rtn") if spec.method == "gpfq" else ("rtn",)
+    chosen = search(form, np.ascontiguousarray(r[:, :, cols]), bsize, rule, spec.alphabet.K, grid, per_column,
+                    full_search(spec, moments.m, n0, n1, g), methods)
+    return chosen[spec.method], chosen["rtn"], float(form.wfw.sum())
