@@ -28,8 +28,8 @@ Batch = dict[str, np.ndarray]
 
 class Spill:
     """Where frontier tensors live: in memory up to ``budget`` bytes (shared by both streams), then
-    in .npy files under ``folder`` (the caller removes the folder when done), written through a
-    memory map and read back one batch at a time when used, so that what lies on disk never
+    in .npy files under ``folder`` (the caller removes the folder when done), written with plain
+    buffered writes and read back one batch at a time when used, so that what lies on disk never
     counts in the process's resident memory.
 
     ``in_memory`` (bytes held now) never exceeds ``budget`` when there is a folder to spill to:
@@ -42,9 +42,12 @@ class Spill:
         self.spilled_bytes = 0  # total ever written to disk (for the report)
         self._count = 0
 
-    def keep(self, array: np.ndarray) -> "np.ndarray | OnDisk":
+    def keep(self, array: np.ndarray, caller_data: bool = False) -> "np.ndarray | OnDisk":
+        """The array, held in memory (counted against the budget) or spilled. caller_data: a
+        calibration batch, possibly a view of the caller's arrays, which stay alive anyway: held
+        as it is, without a copy."""
         if self.budget is None or self.folder is None or self.in_memory + array.nbytes <= self.budget:
-            if array.base is not None:
+            if array.base is not None and not caller_data:
                 # not its own buffer: own it. A view of the whole calibration array would keep all of
                 # it alive, and an onnxruntime output keeps its block of the session's arena alive,
                 # so the arena would grow run after run and the peak memory with it
@@ -54,10 +57,11 @@ class Spill:
             return array
         self._count += 1
         path = os.path.join(self.folder, f"t{self._count}.npy")
-        mapped = np.lib.format.open_memmap(path, mode="w+", dtype=array.dtype, shape=array.shape)
-        mapped[...] = array
-        mapped.flush()
-        del mapped  # unmapped: the pages leave this process
+        # a plain buffered write: the pages go to the OS's page cache, never into this process's
+        # resident memory, and nothing waits for the disk (no msync: the file lives only as long
+        # as the run, and is read back through the same page cache)
+        with open(path, "wb") as f:
+            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
         self.spilled_bytes += array.nbytes
         return OnDisk(path, array.shape, array.dtype)
 
@@ -106,9 +110,10 @@ class Batches(list):
 
 
 def inputs(batches: Sequence[Batch], spill: Spill) -> dict[str, Batches]:
-    """The model inputs over all calibration batches, kept in memory or spilled by ``spill``;
-    give the result to two Streams to hold the data once."""
-    kept = {name: Batches(spill.keep(b[name]) for b in batches) for name in batches[0]}
+    """The model inputs over all calibration batches, kept in memory (the caller's arrays
+    themselves, no copy) or spilled by ``spill``; give the result to two Streams to hold the data
+    once."""
+    kept = {name: Batches(spill.keep(b[name], caller_data=True) for b in batches) for name in batches[0]}
     for b in kept.values():
         b.owners = 0  # counted by the streams that take them
     return kept
