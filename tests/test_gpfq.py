@@ -597,6 +597,9 @@ def test_choose_form():
     assert P.choose_form(64, 9, 1, groups=512) == "gram"
     assert P.choose_form(1, 9, 1, groups=512) == "residual"
     assert P.choose_form(32, 25088, 4096, memory_limit_bytes=1 << 40) == "residual"
+    # a depthwise 5x5 over 512 channels: residual rows of 4096 per group would be ~840 MB
+    assert P.choose_form(4096, 25, 1, groups=512) == "gram"
+    assert P.choose_form(4096, 25, 1, groups=512, memory_limit_bytes=1 << 40) == "residual"
 
 
 def test_fast_kernel_cache_load_gives_the_same_model():

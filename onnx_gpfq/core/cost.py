@@ -55,7 +55,13 @@ def projection_pays(m: int, n0: int, n1: int, groups: int = 1) -> bool:
     return _accumulate_flops(m, n0, n1, groups, True) < _accumulate_flops(m, n0, n1, groups, False)
 
 
-def choose_form(m: int, n0: int, n1: int, groups: int = 1, memory_limit_bytes: int = 2 << 30,
+# A form's arrays beyond this rule it out (unless both forms exceed it): the per-layer part of the
+# peak memory stays a constant of the model, not of the calibration set (the rows of a depthwise
+# layer's residual form grow with m times its groups).
+FORM_MEMORY_BYTES = 256 << 20
+
+
+def choose_form(m: int, n0: int, n1: int, groups: int = 1, memory_limit_bytes: int = FORM_MEMORY_BYTES,
                 passes: int = 2 * len(DEFAULT_C_GRID), projected: bool = False) -> str:
     """Pick the Gram or the residual form for a layer with m calibration rows, fan-in n0 per
     group and n1 output columns *per group* (N1g), g groups and ``passes`` greedy passes (one per
