@@ -111,12 +111,17 @@ def place(graph: onnx.GraphProto, targets: list[Layer], weight_only: set[str] = 
                 if consts:
                     operands[node.name] = consts
     # keep a new tensor only where it leads to a quantized layer's input (or to a tensor the minimal
-    # placement quantizes anyway) through new tensors (newest first: consumers are decided first)
+    # placement quantizes anyway) through new tensors (in reverse topological order of the nodes that
+    # write them: consumers are decided first)
+    made: dict[str, list[str]] = {}  # node name -> the new tensors it makes (an Add's: after its Clip)
+    for tensor, node in new.items():
+        made.setdefault(node.name, []).append(tensor)
     keep: set[str] = set()
-    for out in reversed(list(new)):
-        if out in layer_inputs or out in base or any(
-                new.get(o) is c and o in keep for c in index.consumers.get(out, []) for o in c.output):
-            keep.add(out)
+    for node in reversed(graph.node):
+        for out in node.output:
+            if out in new and (out in layer_inputs or out in base or any(
+                    o in keep for c in index.consumers.get(out, []) for o in made.get(c.name, []))):
+                keep.add(out)
     operands = {n: c for n, c in operands.items() if n in {new[t].name for t in keep}}
     products = frozenset(n.name for n in graph.node if n.name in operands and n.op_type == "Div")
     constants = frozenset(operand_name(c, n in products) for n, cs in operands.items() for c in cs)
