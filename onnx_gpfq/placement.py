@@ -50,6 +50,8 @@ from .ops import Layer
 REMOVABLE_ACTIVATIONS = ("Relu", "Clip")
 # ops with a QLinear kernel: output range of their own; every activation input must be quantized
 INTEGER_OPS = ("Add", "Mul", "Div", "Concat", "Sigmoid", "LeakyRelu", "AveragePool", "GlobalAveragePool", "Softmax")
+# ops whose scalar constant operand is stored as 8-bit codes (Div: as a Mul by the reciprocal)
+CONSTANT_OPERAND_OPS = ("Add", "Mul", "Div")
 # data movement run on the integer codes: outputs share input 0's quantization
 PASSTHROUGH_OPS = ("MaxPool", "Resize", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Split",
                    "Gather", "Expand", "Tile")
@@ -164,7 +166,7 @@ def prepare(graph: onnx.GraphProto, placement: Placement) -> None:
 def _quantizable_operand(node: onnx.NodeProto, index: GraphIndex) -> bool:
     """Add / Mul (or Div by a constant) with one activation input and one finite float32 scalar
     constant (a Div's divisor: non-zero)."""
-    if len(node.input) != 2 or node.op_type not in ("Add", "Mul", "Div"):
+    if len(node.input) != 2 or node.op_type not in CONSTANT_OPERAND_OPS:
         return False
     k = 1 if index.is_constant(node.input[1]) else 0
     if index.is_constant(node.input[1 - k]) or (node.op_type == "Div" and k != 1):
