@@ -17,7 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import cpu, runtime
-from .formats import FORMATS
+from .formats import FORMATS, RECURRENT_FORMATS
 from .graph import consumers
 from .ops import OPS
 
@@ -80,10 +80,10 @@ def quantized_layers(model: onnx.ModelProto) -> list[LayerInfo]:
             for user in users:
                 layers.append(_info(user.name, user.op_type, w.name, w.dims, _bits_of(codes), granularity, fmt, scale))
             continue
-        for weight_format in FORMATS.values():
+        for weight_format in (*FORMATS.values(), *RECURRENT_FORMATS.values()):
             info = weight_format.layer_info(node, inits)
-            if info is not None:
-                layers.append(_info(**info))
+            if info is not None:  # one layer, or a list (DynamicQuantizeLSTM: W and R)
+                layers.extend(_info(**i) for i in (info if isinstance(info, list) else [info]))
                 break
     return layers
 

@@ -20,7 +20,7 @@ from .choices import (ACT_BITS, ACT_CALIBRATIONS, C_RANGE, FLAG, GRANULARITIES, 
                       parse_weight_bits)  # the parsers and choice tuples stay importable from here
 from .config import RULE_KEYS, RULE_TYPES, LayerRule, load_config, load_config_fix_inputs  # noqa: F401
 from .errors import UserError
-from .formats import FORMATS
+from .formats import FORMATS, RECURRENT_CHOICES
 from .specialise import parse_fix_inputs
 from .core import Alphabet, QuantSpec, Sparsity
 from .cpu import TARGETS
@@ -108,6 +108,11 @@ class Options:
     weight_format: str = opt("int8", "int8: codes in int8 containers, runs on int8 kernels; int4: packed INT4 with "
                              "opset-21 DequantizeLinear; matmulnbits: 2-D MatMul weights as com.microsoft MatMulNBits "
                              "(4-bit, block-wise)", check=Check("choice", FORMATS.keys()))  # the live registry
+    recurrent_format: str = opt("auto", "how LSTM / GRU / RNN weights are stored: dynamic: an LSTM as com.microsoft "
+                                "DynamicQuantizeLSTM (int8 W and R, input quantized at run time; other recurrent ops as "
+                                "float32); float32: the dequantized values (no DequantizeLinear at run time, 4 bytes a "
+                                "weight); qdq: as --weight-format stores them, through DequantizeLinear; auto: with 8-bit "
+                                "activations dynamic for LSTM, else float32", check=choice(RECURRENT_CHOICES))
     act_symmetric: bool = opt(False, "symmetric int8/int16 activations (zero point 0)", action="store_true", check=FLAG)
     act_calibration: str = opt("minmax", "activation range: full min-max, clipped at --percentile, the clip minimising "
                                "the quantization MSE, or auto: per tensor, the candidate (min-max, percentiles, MSE "

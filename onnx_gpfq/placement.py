@@ -11,9 +11,16 @@ Two placements (``Options.act_placement``, --act-placement):
     * QLinear kernels with their own output range (calibrated like any other tensor): Add, Mul
       (QLinearAdd/QLinearMul), Concat (QLinearConcat), Sigmoid, LeakyRelu, AveragePool,
       GlobalAveragePool, Softmax. One quantized input is enough: a float operand made by an op
-      with no integer kernel (the HardSigmoid of x * hardsigmoid(x), the Add-Clip-Div of a
-      decomposed HardSwish) gets a QDQ pair of its own, as onnxruntime's quantizer does, so that
-      only that op runs dequantize-op-quantize;
+      with no integer kernel (the HardSigmoid of x * hardsigmoid(x)) gets a QDQ pair of its own,
+      as onnxruntime's quantizer does, so that only that op runs dequantize-op-quantize;
+    * a constant operand of Add or Mul (the + 3 of a decomposed HardSwish x * Clip(x + 3, 0, 6) / 6)
+      is stored as 8-bit codes read through DequantizeLinear (``Placement.constants``), as
+      onnxruntime's quantizer stores it, so that the op runs as QLinearAdd/QLinearMul. Scalars
+      only: one 8-bit grid holds a scalar to about 1e-7, not a per-channel tensor of spread
+      values. Those nodes read a copy (other readers keep the float value). Their outputs go after a Relu/Clip chain only they feed (the Clip folds into the
+      uint8 range, as after a Conv). A Div by a constant (no integer kernel) becomes a Mul by the
+      constant's float32 reciprocal (``Placement.products``, ``prepare``): x * (1 / c) may differ
+      from x / c in the last bit of float32, far below one 8-bit step of the output;
     * data movement (its QDQ pair dropped by onnxruntime, the op run on uint8): MaxPool, Resize,
       Reshape, Transpose, Squeeze, Unsqueeze, Flatten, Slice, Split, Gather, Expand, Tile. Their
       outputs take the input's scale and zero point (``Placement.shared``): onnxruntime drops the
@@ -32,7 +39,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .choices import PLACEMENTS  # noqa: F401  (the choices: integer, minimal)
 from .graph import GraphIndex
@@ -40,7 +49,9 @@ from .ops import Layer
 
 REMOVABLE_ACTIVATIONS = ("Relu", "Clip")
 # ops with a QLinear kernel: output range of their own; every activation input must be quantized
-INTEGER_OPS = ("Add", "Mul", "Concat", "Sigmoid", "LeakyRelu", "AveragePool", "GlobalAveragePool", "Softmax")
+INTEGER_OPS = ("Add", "Mul", "Div", "Concat", "Sigmoid", "LeakyRelu", "AveragePool", "GlobalAveragePool", "Softmax")
+# ops whose scalar constant operand is stored as 8-bit codes (Div: as a Mul by the reciprocal)
+CONSTANT_OPERAND_OPS = ("Add", "Mul", "Div")
 # data movement run on the integer codes: outputs share input 0's quantization
 PASSTHROUGH_OPS = ("MaxPool", "Resize", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Split",
                    "Gather", "Expand", "Tile")
@@ -49,10 +60,14 @@ PASSTHROUGH_OPS = ("MaxPool", "Resize", "Reshape", "Transpose", "Squeeze", "Unsq
 @dataclass(frozen=True)
 class Placement:
     """calibrated: tensors whose range is calibrated on the float network. shared: tensor -> the
-    calibrated tensor whose scale and zero point it takes (outputs of data-movement ops)."""
+    calibrated tensor whose scale and zero point it takes (outputs of data-movement ops). constants:
+    initializers quantized over their own values, read by the ``operand_nodes`` (after ``prepare``)."""
 
     calibrated: frozenset[str] = frozenset()
     shared: dict[str, str] = field(default_factory=dict)
+    constants: frozenset[str] = frozenset()  # initializers stored as 8-bit codes (the copies ``prepare`` writes)
+    operand_nodes: frozenset[str] = frozenset()  # Add / Mul / Div nodes (by name) with such an operand
+    products: frozenset[str] = frozenset()  # the Div nodes among them: a Mul by the reciprocal
 
     @property
     def tensors(self) -> frozenset[str]:
@@ -73,9 +88,11 @@ def place(graph: onnx.GraphProto, targets: list[Layer], weight_only: set[str] = 
         return Placement(frozenset(base))
     layer_inputs = {t.x for t in targets if t.node not in weight_only and not index.is_constant(t.x)}
     chosen, shared, new = set(base), {}, {}  # new: tensor -> the node that makes it (integer or passthrough)
+    operands: dict[str, list[str]] = {}  # integer node name -> its constant operands
     producer = {o: n for n in graph.node for o in n.output if o}
     for node in graph.node:  # topological: inputs are decided before their consumers
         data = [i for i in node.input if i and not index.is_constant(i)]
+        consts = [i for i in node.input if i and index.is_constant(i)]
         if node.op_type in PASSTHROUGH_OPS and data and node.input[0] in chosen and not _skip_passthrough(node):
             root = shared.get(node.input[0], node.input[0])
             for out in node.output:
@@ -83,29 +100,82 @@ def place(graph: onnx.GraphProto, targets: list[Layer], weight_only: set[str] = 
                     shared[out] = root
                     chosen.add(out)
                     new[out] = node
-        elif node.op_type in INTEGER_OPS and any(i in chosen for i in data) and len(data) == len(
-                [i for i in node.input if i]):  # no constant operand: the QLinear kernel would need it quantized
+        elif node.op_type in INTEGER_OPS and any(i in chosen for i in data) and (
+                _quantizable_operand(node, index) if consts or node.op_type == "Div" else True):
             for i in data:  # a float operand (e.g. HardSigmoid's output in x * hardsigmoid(x)) gets a QDQ too
                 if i not in chosen and i in producer and i not in index.graph_outputs:
                     chosen.add(i)
                     new[i] = producer[i]
-            out = node.output[0]
+            out = after_activations(index, node.output[0]) if consts else node.output[0]
             if out not in index.graph_outputs:
                 chosen.add(out)
                 new[out] = node
+                if consts:
+                    operands[node.name] = consts
     # keep a new tensor only where it leads to a quantized layer's input (or to a tensor the minimal
-    # placement quantizes anyway) through new tensors
+    # placement quantizes anyway) through new tensors (in reverse topological order of the nodes that
+    # write them: consumers are decided first)
+    made: dict[str, list[str]] = {}  # node name -> the new tensors it makes (an Add's: after its Clip)
+    for tensor, node in new.items():
+        made.setdefault(node.name, []).append(tensor)
     keep: set[str] = set()
     for node in reversed(graph.node):
         for out in node.output:
-            if new.get(out) is node and (out in layer_inputs or out in base or any(
-                    new.get(o) is c and o in keep for c in index.consumers.get(out, []) for o in c.output)):
+            if out in new and (out in layer_inputs or out in base or any(
+                    o in keep for c in index.consumers.get(out, []) for o in made.get(c.name, []))):
                 keep.add(out)
+    operands = {n: c for n, c in operands.items() if n in {new[t].name for t in keep}}
+    products = frozenset(n.name for n in graph.node if n.name in operands and n.op_type == "Div")
+    constants = frozenset(operand_name(c, n in products) for n, cs in operands.items() for c in cs)
     # a tensor of the minimal placement made by a passthrough op stays quantized either way; it
     # takes the shared grid only when its source is quantized too
     shared = {t: s for t, s in shared.items() if t in keep}
     calibrated = (base - set(shared)) | {t for t in keep if t not in shared}
-    return Placement(frozenset(calibrated), shared)
+    return Placement(frozenset(calibrated), shared, constants, frozenset(operands), products)
+
+
+def operand_name(constant: str, reciprocal: bool = False) -> str:
+    """The initializer ``prepare`` writes for an integer node's constant operand: a copy (other readers
+    keep the float original), or 1 / constant for a Div."""
+    return f"{constant}_reciprocal" if reciprocal else f"{constant}_operand"
+
+
+def prepare(graph: onnx.GraphProto, placement: Placement) -> None:
+    """The graph edits the placement asks for, in place (node names and outputs unchanged): each node
+    of ``placement.operand_nodes`` reads a copy of its constant operand (``operand_name``), the one
+    stored as 8-bit codes, and a Div of ``placement.products`` becomes a Mul by the float32
+    reciprocal of its divisor (onnxruntime has no integer Div; QLinearMul computes x * (1 / c))."""
+    inits = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.name not in placement.operand_nodes:
+            continue
+        k = 1 if node.input[1] in inits else 0
+        reciprocal = node.name in placement.products
+        source = node.input[k]
+        name = operand_name(source, reciprocal)
+        if name not in inits:
+            values = numpy_helper.to_array(inits[source]).astype(np.float32)
+            values = (np.float32(1) / values).astype(np.float32) if reciprocal else values
+            inits[name] = numpy_helper.from_array(values, name)
+            graph.initializer.append(inits[name])
+        node.input[k] = name
+        if reciprocal:
+            node.op_type = "Mul"
+
+
+def _quantizable_operand(node: onnx.NodeProto, index: GraphIndex) -> bool:
+    """Add / Mul (or Div by a constant) with one activation input and one finite float32 scalar
+    constant (a Div's divisor: non-zero)."""
+    if len(node.input) != 2 or node.op_type not in CONSTANT_OPERAND_OPS:
+        return False
+    k = 1 if index.is_constant(node.input[1]) else 0
+    if index.is_constant(node.input[1 - k]) or (node.op_type == "Div" and k != 1):
+        return False
+    init = index.initializers[node.input[k]]
+    if init.data_type != onnx.TensorProto.FLOAT:
+        return False
+    values = numpy_helper.to_array(init)
+    return bool(values.size == 1 and np.isfinite(values).all() and (node.op_type != "Div" or (values != 0).all()))
 
 
 def after_activations(index: GraphIndex, out: str) -> str:

@@ -10,7 +10,7 @@ import onnx
 
 from . import cpu
 from .core import DEFAULT_C_GRID, QuantSpec
-from .formats import FORMATS, WeightFormat
+from .formats import FORMATS, RECURRENT_FORMATS, WeightFormat
 from .ops import Layer
 from .options import Options
 
@@ -38,16 +38,28 @@ class LayerPlan:
 def plan_layer(t: Layer, options: Options) -> LayerPlan:
     """The spec and format of one layer, with the format's constraints checked (UserError)."""
     fmt = FORMATS[options.weight_format].for_layer(t)
+    if t.DEPLOYED_FORMAT is not None and options.recurrent_format != "qdq":  # LSTM / GRU / RNN
+        fmt = RECURRENT_FORMATS[recurrent_format(t, options)].for_layer(t)
     layer = fmt.check(t, options.layer(t.node, t.op_type))
     plan = LayerPlan(fmt.adjust_spec(t, options.spec(layer, use_blocks=t.fan_in_axis is not None)), fmt)
     return _bounded_for_target(t, plan, options)
+
+
+def recurrent_format(t: Layer, options: Options) -> str:
+    """The RECURRENT_FORMATS entry of a recurrent layer: --recurrent-format, where auto is the op's
+    ``DEPLOYED_FORMAT`` with 8-bit activations and float32 otherwise (weight-only and 16-bit runs ask
+    for no 8-bit activations, which DynamicQuantizeLSTM would bring in at run time)."""
+    if options.recurrent_format != "auto":
+        return options.recurrent_format
+    return t.DEPLOYED_FORMAT if options.act_bits == 8 else "float32"
 
 
 def _bounded_for_target(t: Layer, plan: LayerPlan, options: Options) -> LayerPlan:
     """The plan with the target's pair bound on its codes (onnx_gpfq.cpu), where an int8 kernel that could
     saturate will run the layer: 8-bit activations, an op onnxruntime runs as an int8 kernel, codes large
     enough to overflow a pair."""
-    acts = None if plan.weight_only or not t.INT8_KERNEL else 8 if options.act_bits == "auto" else options.act_bits
+    acts = (8 if plan.fmt.runtime_uint8 else None if plan.weight_only or not t.INT8_KERNEL
+            else 8 if options.act_bits == "auto" else options.act_bits)
     bound = cpu.pair_bound(options.target, plan.spec.alphabet.hi, acts)
     if bound is None:
         return plan

@@ -27,10 +27,10 @@ from .graph import GraphIndex, check_runs, load_model, normalise, save_model, se
 from .options import Options
 from . import act_ranges
 from .ops import OPS, Layer, Skipped, find_targets, model_weight_bytes
-from .placement import Placement, place
+from .placement import Placement, place, prepare
 from .plan import LayerPlan, add_domains, onnx_scale, plan_layer, required_opset
 from .report import LayerReport, Report
-from .rewrite import ActQuant, QuantizedLayer, read_name
+from .rewrite import ActQuant, QuantizedLayer, act_quant_from_range, read_name
 from .specialise import fix_inputs
 
 
@@ -53,7 +53,7 @@ def _observe_new(placement: Placement, acts: dict[str, ActQuant], stream: Stream
     another's grid (placement.shared) takes it once that one is chosen."""
     for name in sorted(placement.calibrated - set(acts)):
         if name in stream.values:
-            rng = np.random.default_rng([options.seed, len(acts)])
+            rng = np.random.default_rng([options.seed, len(set(acts) - placement.constants)])
             bits = (16 if name in wide else 8) if options.act_bits == "auto" else options.act_bits
             scorers = [act_ranges.Scorer.of(t, index.array(t.w), rng, steps) for t, steps in scoring.get(name, [])]
             acts[name], row = act_ranges.choose(name, stream.values[name], options.act_calibration, bits,
@@ -130,19 +130,21 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
                      report: Report, float_stream: Stream, quant_stream: Stream, first_batch: dict) -> onnx.ModelProto:
     """Layer by layer in topological order: capture X and X~, run GPFQ, rewrite; the output model."""
     graph = base.graph
-    index = GraphIndex(graph)
     weight_only = {t.node for t in targets if plans[t.key].weight_only or not t.INT8_KERNEL}
     # onnxruntime's QLinear kernels between layers are 8-bit only: 16-bit activations (all or some, --act-bits
     # auto) keep the minimal placement
     kind = options.act_placement if options.act_bits == 8 else "minimal"
     placement = place(graph, targets, weight_only, kind) if options.act_bits else Placement()
+    prepare(graph, placement)  # integer Add/Mul read copies of their constants, Div by a constant -> Mul
+    index = GraphIndex(graph)
     quant_acts = placement.calibrated
     if options.act_bits == "auto":  # measured once, on the float model, before any range is set
         report.promotions = mixed.choose(base, quant_acts, first_batch, targets, options)
     wide = {p.tensor for p in report.promotions if p.promoted}
     integer_input = {t.node for t in targets if t.x in quant_acts and t.node not in weight_only}
     scoring = act_ranges.scoring_layers(graph, targets, integer_input)
-    acts: dict[str, ActQuant] = {}
+    acts: dict[str, ActQuant] = {c: act_quant_from_range(index.array(c).min(), index.array(c).max(), 8, options.act_symmetric)
+                                 for c in sorted(placement.constants)}  # fixed: their values are known
     layers: dict[str, QuantizedLayer] = {}
     by_weight: dict[str, QuantizedLayer] = {}
     moments_cache: dict[tuple, core.Moments] = {}
@@ -219,7 +221,7 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
         _observe_new(placement, acts, float_stream, options, report, scoring, index, wide)
 
     nodes, inits = rewrite.apply(graph, layers, acts)
-    report.activations = len(acts)
+    report.activations = len(acts) - len(placement.constants)
     model_weights = model_weight_bytes(graph)
     report.model_weight_bytes = sum(model_weights.values())
     report.float_weight_bytes = sum(model_weights.get(w, _tensor_bytes(index.initializers[w])) for w in by_weight)

@@ -143,6 +143,19 @@ class Emitter:
                                            [read_name(tensor, self.acts, self.graph_outputs)],
                                            name=f"{tensor}_DequantizeLinear"))
 
+    def constant_dq(self, tensor: str) -> None:
+        """A constant operand (``placement.Placement.constants``) as 8-bit codes read through
+        DequantizeLinear: what onnxruntime's QLinearAdd/QLinearMul take for it."""
+        quant = self.acts[tensor]
+        info = np.iinfo(quant.dtype)
+        values = numpy_helper.to_array(self.inits[tensor]).astype(np.float64)
+        codes = np.clip(np.rint(values / quant.scale) + quant.zero_point, info.min, info.max).astype(quant.dtype)
+        names = f"{tensor}_codes", f"{tensor}_scale", f"{tensor}_zero_point"
+        for name, value in zip(names, (codes, np.array(quant.scale, np.float32), np.array(quant.zero_point, quant.dtype))):
+            self.inits[name] = numpy_helper.from_array(value, name)
+        self.nodes.append(helper.make_node("DequantizeLinear", list(names), [dq_name(tensor)],
+                                           name=f"{tensor}_DequantizeLinear"))
+
     def bias(self, node: onnx.NodeProto, layer: QuantizedLayer) -> str | None:
         """The tensor the layer's bias input should read, or None to leave it as it is.
 
@@ -185,12 +198,16 @@ def apply(
 
     layers: keyed by ``Layer.key`` (a node with several weights, LSTM W and R, has one layer per
     weight: the last one's format emits the node, the others only their dequantized weight);
-    acts: keyed by tensor name. Unchanged initializers are shared with ``graph`` (not copied).
+    acts: keyed by tensor name (an initializer among them is stored as codes: ``Emitter.constant_dq``).
+    Unchanged initializers are shared with ``graph`` (not copied).
     """
     by_node: dict[str, list[QuantizedLayer]] = {}
     for q in layers.values():
         by_node.setdefault(q.target.node, []).append(q)
     em = Emitter(acts, {o.name for o in graph.output}, {t.name: t for t in graph.initializer})
+    for name in sorted(acts):
+        if name in em.inits:  # a constant operand of an integer Add/Mul
+            em.constant_dq(name)
     for name in (i.name for i in graph.input if i.name not in em.inits):
         if name in acts:
             em.act_qdq(name)

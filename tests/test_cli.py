@@ -126,6 +126,8 @@ def test_output_folder_missing_or_not_writable(capsys, tmp_path):
     (["--sparsity", "medium:1"], "--sparsity must look like"),
     (["--seed", "abc"], "invalid int value"),
     (["--c", "0"], "C must be > 0"),
+    (["--recurrent-format", "int3"], "--recurrent-format"),
+    (["--act-placement", "all"], "--act-placement"),
 ])
 def test_invalid_option_values(capsys, out, option, fragment):
     assert_user_error(["quantize", MLP, "-o", out, "--calib", CALIB] + option, capsys, fragment, out)

@@ -13,6 +13,8 @@ import pytest
 from onnx import TensorProto as TP, helper as h, numpy_helper as nh
 
 import onnx_gpfq
+from onnx_gpfq import cpu
+from onnx_gpfq.errors import UserError
 from onnx_gpfq.graph import GraphIndex
 from onnx_gpfq.ops import find_targets
 
@@ -100,7 +102,7 @@ def dequantized_inputs(model, node_op):
     ("GRU", False, False, True), ("GRU", True, True, False), ("RNN", True, True, True)])
 def test_recurrent_weights_quantized(op, bidir, init_h, seq_lens):
     model = recurrent_model(op, bidir, init_h, seq_lens)
-    quant, report = onnx_gpfq.quantize(model, [data(seq_lens)], weight_bits=4, quiet=True)
+    quant, report = onnx_gpfq.quantize(model, [data(seq_lens)], weight_bits=4, recurrent_format="qdq", quiet=True)
     onnx.checker.check_model(quant, full_check=True)
     out = run(quant, data(seq_lens, seed=2))[0]
     assert np.isfinite(out).all()
@@ -112,6 +114,82 @@ def test_recurrent_weights_quantized(op, bidir, init_h, seq_lens):
     # weight-only: no QuantizeLinear in front of the recurrent node
     rnn = next(n for n in quant.graph.node if n.op_type == op)
     assert rnn.input[0] == "x"
+
+
+def _weights(model, node_op):
+    """W and R of the ``node_op`` node as the float values it reads: float initializers (float32
+    format) or DequantizeLinear of int8 codes per row, reshaped (qdq format)."""
+    index = GraphIndex(model.graph)
+    node = next(n for n in model.graph.node if n.op_type == node_op)
+    out = []
+    for slot in (1, 2):
+        name = node.input[slot]
+        if name in index.initializers:
+            out.append(index.array(name))
+            continue
+        shape = index.array(index.producer[name].input[1])
+        dq = index.producer[index.producer[name].input[0]]
+        codes, scale = index.array(dq.input[0]).astype(np.float32), index.array(dq.input[1])
+        out.append((codes * scale[:, None]).astype(np.float32).reshape(shape))
+    return out
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+def test_recurrent_format_choice(op):
+    """--recurrent-format auto: an LSTM as DynamicQuantizeLSTM (int8 W and R, the same codes and
+    per-row steps as the qdq format's, transposed to (D, fan-in, G*H)), GRU and RNN as float32 values
+    equal, bit for bit, to what DequantizeLinear computes from the qdq format's codes, so the
+    float32 model's output is the qdq model's; no DequantizeLinear on a recurrent weight. (On a VNNI
+    target: for --target any, DynamicQuantizeLSTM's u8s8 products are pair-bounded, the qdq LSTM's
+    float ones are not.)"""
+    model = recurrent_model(op, True, True, True)
+    feed = data(True, seed=2)
+    opts = dict(weight_bits=8, target="x86-vnni", quiet=True)
+    qdq, _ = onnx_gpfq.quantize(model, [data(True)], recurrent_format="qdq", **opts)
+    auto, report = onnx_gpfq.quantize(model, [data(True)], **opts)
+    onnx.checker.check_model(auto, full_check=True)
+    index = GraphIndex(auto.graph)
+    if op == "LSTM":
+        node = next(n for n in auto.graph.node if n.op_type == "DynamicQuantizeLSTM")
+        assert node.domain == "com.microsoft" and not any(n.op_type == "LSTM" for n in auto.graph.node)
+        for slot, scale_slot, want in zip((1, 2), (8, 10), _weights(qdq, "LSTM")):
+            codes = index.array(node.input[slot])
+            assert codes.dtype == np.int8
+            got = codes.astype(np.float32) * index.array(node.input[scale_slot])[:, None, :]
+            np.testing.assert_array_equal(got.transpose(0, 2, 1), want)
+        # the run-time uint8 quantization of input and hidden state costs little against the qdq model
+        a, b, f = run(qdq, feed)[0], run(auto, feed)[0], run(model, feed)[0]
+        assert 10 * np.log10((f ** 2).sum() / ((f - b) ** 2).sum()) > 10 * np.log10((f ** 2).sum() / ((f - a) ** 2).sum()) - 3
+        assert report.quant_weight_bytes < report.float_weight_bytes / 3  # int8: the size column stays honest
+    else:
+        for got, want in zip(_weights(auto, op), _weights(qdq, op)):
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(run(auto, feed)[0], run(qdq, feed)[0])
+        rnn = {r.node: r for r in report.layers}
+        w_bytes = sum(int(np.prod(r.weight_shape)) for k, r in rnn.items() if k.startswith("rnn:"))
+        fc = next(r for k, r in rnn.items() if k == "fc")
+        assert report.quant_weight_bytes == 4 * w_bytes + int(np.prod(fc.weight_shape))  # float32: 4 bytes a weight
+    assert not any(n.op_type == "DequantizeLinear" and n.output[0] in {i for m in auto.graph.node if m.op_type in (
+        op, "DynamicQuantizeLSTM") for i in m.input} for n in auto.graph.node)
+
+
+def test_dynamic_lstm_codes_keep_the_pair_bound():
+    """DynamicQuantizeLSTM multiplies uint8 activations by the int8 codes on onnxruntime's u8s8 GEMM, which
+    saturates on x86 without VNNI: under --target any the codes of W and R keep the pair bound along the
+    fan-in (the GEMM's K), as the int8 Conv/Gemm codes do."""
+    model = recurrent_model("LSTM", True, True, True)
+    quant, report = onnx_gpfq.quantize(model, [data(True)], weight_bits=8, quiet=True)
+    index = GraphIndex(quant.graph)
+    node = next(n for n in quant.graph.node if n.op_type == "DynamicQuantizeLSTM")
+    for slot in (1, 2):
+        codes = index.array(node.input[slot])  # (D, fan-in, G*H)
+        assert all(cpu.pair_reach(codes[d]).max() <= cpu.PAIR_BOUND for d in range(codes.shape[0]))
+    assert report.bounded_layers == 3  # W, R and the head's MatMul
+
+
+def test_recurrent_format_is_validated():
+    with pytest.raises(UserError, match="--recurrent-format must be one of auto, dynamic, float32, qdq"):
+        onnx_gpfq.Options(recurrent_format="int3")
 
 
 def test_rows_rebuild_the_rnn_output():
@@ -174,7 +252,8 @@ def test_recurrent_codes_match_the_reference():
     and X~ (Y of the network with W quantized, shifted), with the output's steps."""
     model = recurrent_model("LSTM", bidir=True, init_h=False, seq_lens=True, head=False)
     feed = data(True, n=32)
-    quant, _ = onnx_gpfq.quantize(model, [feed], weight_bits=4, act_bits=None, scale_rule="fixed", c=1.0, quiet=True)
+    quant, _ = onnx_gpfq.quantize(model, [feed], weight_bits=4, act_bits=None, scale_rule="fixed", c=1.0,
+                                  recurrent_format="qdq", quiet=True)
     qi = {t.name: nh.to_array(t) for t in quant.graph.initializer}
     w_deq = (qi["W_quantized"].astype(np.float64) * qi["W_scale"][:, None]).astype(np.float32)
     probe = onnx.ModelProto()

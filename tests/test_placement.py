@@ -191,3 +191,73 @@ def test_16_bit_activations_keep_the_minimal_placement():
     model, _ = quantize(_model(), _calib(), weight_bits=8, act_bits=16, quiet=True)
     quantized = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
     assert quantized == {"x", "conv1_out", "pool1", "conv2_out", "cat", "conv3_out"}
+
+
+def _decomposed_hardswish_model() -> onnx.ModelProto:
+    """conv1 -> x * Clip(x + 3, 0, 6) / 6 (PicoDet's HardSwish: Add, Clip, Mul, Div with scalar
+    constants) -> conv2 -> output."""
+    nodes, inits = [], []
+    node, ws = _conv("conv1", "x", 3, 8)
+    nodes.append(node)
+    inits += ws + [numpy_helper.from_array(np.array([3.0], np.float32), "three"),
+                   numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+                   numpy_helper.from_array(np.array(6.0, np.float32), "six"),
+                   numpy_helper.from_array(np.array([6.0], np.float32), "six_div")]
+    nodes += [helper.make_node("Add", ["conv1_out", "three"], ["a"], name="add"),
+              helper.make_node("Clip", ["a", "zero", "six"], ["c"], name="clip"),
+              helper.make_node("Mul", ["conv1_out", "c"], ["m"], name="mul"),
+              helper.make_node("Div", ["m", "six_div"], ["hswish"], name="div")]
+    node, ws = _conv("conv2", "hswish", 8, 4, k=1)
+    nodes.append(node)
+    inits += ws
+    graph = helper.make_graph(nodes, "hardswish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
+                              [helper.make_tensor_value_info("conv2_out", TensorProto.FLOAT, [None, 4, 8, 8])],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_constant_operands_become_integer_kernels():
+    """The scalar + 3 and / 6 of a decomposed HardSwish: the Add's output is quantized after its Clip,
+    the constants are stored as 8-bit codes (copies: the Clip keeps its float bounds), the Div becomes a
+    Mul by 1/6, and onnxruntime's optimiser makes QLinearAdd and two QLinearMul of them: nothing is left in
+    float between the two QLinearConv (what it produced, not what the QDQ graph suggests)."""
+    base = normalise(_decomposed_hardswish_model())
+    targets, _ = find_targets(base.graph)
+    p = place(base.graph, targets, set(), "integer")
+    assert p.calibrated == {"x", "conv1_out", "c", "m", "hswish", "conv2_out"}
+    assert p.constants == {"three_operand", "six_div_reciprocal"} and p.products == {"div"}
+    assert p.operand_nodes == {"add", "div"}
+    assert place(base.graph, targets, set(), "minimal").calibrated == {"x", "conv1_out", "hswish", "conv2_out"}
+    model, _ = quantize(_decomposed_hardswish_model(), _calib(), weight_bits=8, quiet=True)
+    ops = Counter(n.op_type for n in optimised_ops(model))
+    assert ops["QLinearAdd"] == 1 and ops["QLinearMul"] == 2 and ops["QLinearConv"] == 2
+    assert not any(ops[k] for k in ("Add", "Mul", "Div", "Clip"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert inits["six_div_reciprocal_codes"].dtype == np.uint8 and inits["three_operand_codes"].dtype == np.uint8
+    for name, value in (("three_operand", 3.0), ("six_div_reciprocal", np.float32(1) / np.float32(6))):
+        dq = (inits[f"{name}_codes"].astype(np.float64) - int(inits[f"{name}_zero_point"])) * float(inits[f"{name}_scale"])
+        assert abs(dq.item() - value) <= 1e-6 * abs(value)  # a scalar is held to float32 precision
+    minimal, _ = quantize(_decomposed_hardswish_model(), _calib(), weight_bits=8, act_placement="minimal", quiet=True)
+    assert Counter(n.op_type for n in optimised_ops(minimal))["Div"] == 1  # the minimal placement is today's
+
+
+def test_constant_operand_kernels_compute_the_qdq_reference():
+    """QLinearAdd / QLinearMul with the quantized constants as deployed (all optimisations) against the
+    QDQ math (ORT_DISABLE_ALL): within one output step of conv2 per input code moved."""
+    model, _ = quantize(_decomposed_hardswish_model(), _calib(), weight_bits=8, quiet=True)
+    x = _calib(32)["x"]
+    data = model.SerializeToString()
+
+    def run(level):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    deployed = run(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    reference = run(ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    float_out = ort.InferenceSession(_decomposed_hardswish_model().SerializeToString(),
+                                     providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    err_deployed = np.sqrt(np.mean((deployed - reference) ** 2))
+    err_quant = np.sqrt(np.mean((reference - float_out) ** 2))
+    assert err_deployed < 0.5 * err_quant  # the integer kernels' rounding is well below the quantization error
+    assert np.mean(np.isclose(deployed, reference, atol=1e-5)) > 0.5

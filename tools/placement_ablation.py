@@ -1,6 +1,7 @@
 """What each op kind of ``--act-placement integer`` buys in deployed latency: the model quantized with
 the integer placement, with the minimal one, and with the integer placement less one op kind at a time
-(onnx_gpfq.placement's INTEGER_OPS / PASSTHROUGH_OPS, patched in this process only), then every
+(onnx_gpfq.placement's INTEGER_OPS / PASSTHROUGH_OPS, patched in this process only) and without the
+constant operands (CONSTANT_OPERAND_OPS), then every
 variant timed interleaved by tools/latency.py's method (one thread, one sample per run, median over
 rounds). Placement does not depend on the weight method, so RTN W8A8 on a few calibration samples
 builds the graphs quickly. Prints JSON.
@@ -47,7 +48,9 @@ def main(argv=None) -> int:
         arrays = {k: d[k] for k in d.files}
     calib = {k: v[:args.calib] for k, v in arrays.items()}
     integer_ops, passthrough_ops = placement.INTEGER_OPS, placement.PASSTHROUGH_OPS
-    variants = [("integer", "integer", None), ("minimal", "minimal", None)]
+    constant_ops = placement.CONSTANT_OPERAND_OPS
+    variants = [("integer", "integer", None), ("minimal", "minimal", None),
+                ("integer without constant operands", "integer", "constants")]
     variants += [(f"integer without {op}", "integer", op) for op in integer_ops + passthrough_ops]
     with tempfile.TemporaryDirectory(prefix="placement_ablation_") as work:
         paths, built, placements, skipped = [], {}, [], {}
@@ -58,6 +61,7 @@ def main(argv=None) -> int:
         for label, kind, without in variants:
             placement.INTEGER_OPS = tuple(o for o in integer_ops if o != without)
             placement.PASSTHROUGH_OPS = tuple(o for o in passthrough_ops if o != without)
+            placement.CONSTANT_OPERAND_OPS = () if without == "constants" else constant_ops
             where = placement.place(graph, targets, weight_only, kind)
             same = next((other for other, w in placements if w == where), None)
             if same is not None:  # e.g. the model has no such op between layers
@@ -72,6 +76,7 @@ def main(argv=None) -> int:
             built[label] = {"activation_tensors": report.activations, "optimised_ops": dict(sorted(ops.items()))}
             paths.append(path)
         placement.INTEGER_OPS, placement.PASSTHROUGH_OPS = integer_ops, passthrough_ops
+        placement.CONSTANT_OPERAND_OPS = constant_ops
         times = measure(paths, arrays, args.rounds, args.samples)
     for (label, info), path in zip(built.items(), paths):
         info.update({k: times[path][k] for k in ("median_ms", "min_ms", "ratio_to_first")})

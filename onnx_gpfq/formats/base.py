@@ -27,6 +27,7 @@ class WeightFormat:
     domains: ClassVar[dict[str, int]] = {}  # operator domains beyond ai.onnx the emitted nodes use
     weight_only: ClassVar[bool] = False  # layers stored this way read their input in float
     max_bits: ClassVar[int] = 8  # widest codes the container holds
+    runtime_uint8: ClassVar[bool] = False  # its int8 kernel quantizes the input to uint8 at run time (weight_only too)
 
     def for_layer(self, target: "Layer") -> "WeightFormat":
         """The format a layer actually gets (a format that cannot store an op hands it to another)."""
@@ -51,9 +52,9 @@ class WeightFormat:
         raise NotImplementedError
 
     @staticmethod
-    def layer_info(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> dict | None:
+    def layer_info(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> dict | list[dict] | None:
         """For ``inspect``: a node of the format's own op type as a quantized layer (node, op_type,
-        weight, weight_shape, bits, granularity, format, scale), or None. QDQ formats have none:
+        weight, weight_shape, bits, granularity, format, scale) or a list of them, or None. QDQ formats have none:
         inspect finds their layers by the DequantizeLinear on the weight."""
         return None
 

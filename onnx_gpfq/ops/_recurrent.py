@@ -14,10 +14,14 @@ G, H and F (they only count in the reported row total). For a GRU with linear_be
 hidden gate's recurrent product is R_h (r * h), not R_h h; its rows are taken as h like the other
 gates' (the error that GPFQ minimises for those columns is the one of R_h h).
 
-The codes are stored as a 2-D (D*G*H, fan-in) tensor with one DequantizeLinear scale per row
-(opset 13 per-axis), reshaped back to (D, G*H, fan-in) in the graph (``graph_shape``). onnxruntime
-has no integer LSTM/GRU kernel reading a QDQ input, so the node runs in float on the dequantized
-weights and its input stays float (``INT8_KERNEL = False``: a weight-only layer, no activation QDQ).
+onnxruntime has no integer LSTM/GRU kernel reading a QDQ input, so the input stays float
+(``INT8_KERNEL = False``: no activation QDQ) and how the weights are stored is the format's
+(--recurrent-format, ``DEPLOYED_FORMAT`` by default): GRU and RNN as their dequantized float32 values
+(``formats/float32``: DequantizeLinear of the codes would run on every inference), LSTM as
+com.microsoft DynamicQuantizeLSTM (``formats/dynamic_lstm``: int8 W and R, input and hidden state
+quantized at run time). With --recurrent-format qdq the codes are stored as a 2-D (D*G*H, fan-in)
+tensor with one DequantizeLinear scale per row (opset 13 per-axis), reshaped back to (D, G*H,
+fan-in) in the graph (``graph_shape``), and the node runs in float on the dequantized weights.
 The bias B, the peepholes P and the states stay float.
 """
 
@@ -36,6 +40,7 @@ class Recurrent(Layer):
     GATES: ClassVar[int]
     BIAS_INPUT: ClassVar[int | None] = None  # B holds both W's and R's biases: left as it is
     INT8_KERNEL: ClassVar[bool] = False
+    DEPLOYED_FORMAT: ClassVar[str | None] = "float32"  # GRU, RNN: no int8 kernel, no DequantizeLinear per run
     OWN_OUTPUT: ClassVar[int | None] = None  # which output of its own node the rows come from (R)
 
     directions: tuple[bool, ...] = (False,)  # per direction: runs backwards in time
@@ -150,9 +155,9 @@ class _Hidden:
         return self._select(per_dir, None if seq_lens is None else lens, positions)
 
 
-def recurrent(op_type: str, gates: int) -> type[Recurrent]:
+def recurrent(op_type: str, gates: int, deployed_format: str = "float32") -> type[Recurrent]:
     """The layer class of one recurrent op (its R targets are the nested ``Hidden`` class)."""
-    cls = dataclass(frozen=True, kw_only=True)(type(op_type, (Recurrent,), {"OP_TYPE": op_type, "GATES": gates,
-                                                                           "__module__": __name__}))
+    cls = dataclass(frozen=True, kw_only=True)(type(op_type, (Recurrent,), {
+        "OP_TYPE": op_type, "GATES": gates, "DEPLOYED_FORMAT": deployed_format, "__module__": __name__}))
     cls.Hidden = dataclass(frozen=True, kw_only=True)(type(f"{op_type}Hidden", (_Hidden, cls), {"__module__": __name__}))
     return cls

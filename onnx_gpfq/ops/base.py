@@ -42,6 +42,8 @@ class Layer:
     INT8_KERNEL: ClassVar[bool] = True
     # The rows come from this output of the layer's own node (recurrent weights), None: from ``x``.
     OWN_OUTPUT: ClassVar[int | None] = None
+    # The formats.RECURRENT_FORMATS entry --recurrent-format auto stores the layer in; None: --weight-format's.
+    DEPLOYED_FORMAT: ClassVar[str | None] = None
 
     node: str  # node name
     x: str  # activation input

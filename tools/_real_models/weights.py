@@ -4,7 +4,8 @@ The denominator counts the constant weight inputs of every weight-carrying op of
 (Conv / ConvTranspose / Gemm / MatMul and the W, R of LSTM / GRU / RNN), biases excluded, as float32
 bytes. The numerator counts, in the quantized model, the integer initializers read by a
 DequantizeLinear whose output reaches one of those ops (through Transpose / Reshape / ... at most),
-or MatMulNBits' packed weights; both as the float bytes they replace.
+or MatMulNBits' packed weights, or DynamicQuantizeLSTM's int8 W and R; all as the float bytes they
+replace.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def quantized_weights(model: onnx.ModelProto) -> tuple[int, Counter]:
             return node, name
 
         for node in graph.node:
+            if node.op_type == "DynamicQuantizeLSTM":  # int8 W and R (inputs 1, 2) read directly
+                quant += sum(_elements(consts[i]) for i in node.input[1:3] if i in consts)
             if node.op_type == "MatMulNBits":
                 quant += int(dict((a.name, a.i) for a in node.attribute).get("K", 0)) * \
                     int(dict((a.name, a.i) for a in node.attribute).get("N", 0))
