@@ -133,9 +133,9 @@ class Options:
                            check=POSITIVE)
     max_rows: int = opt(4096, "rows of X per layer over all calibration samples; beyond it fewer patches per sample, "
                         "then a seeded subset", kind=int, check=POSITIVE)
-    memory_budget: int | None = opt(1 << 30, "captured activations kept in memory (e.g. 512M, 2G, none); beyond it "
+    memory_budget: int | None = opt(256 << 20, "captured activations kept in memory (e.g. 512M, 2G, none); beyond it "
                                     "they spill to .npy files in a temporary folder (read back one batch at a time, "
-                                    "always removed)", metavar="SIZE", cli_default="1G")
+                                    "always removed)", metavar="SIZE", cli_default="256M")
     exclude: tuple[str, ...] = opt((), "leave nodes in float: a node-name glob or an op type (repeatable)",
                                    metavar="GLOB|OP", repeat=True)
     rules: tuple[LayerRule, ...] = opt((), "", cli=False)
