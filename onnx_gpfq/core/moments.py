@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-GRAM_CHUNK_BYTES = 8 << 20  # Gram form: rows gathered before one product per matrix
+GRAM_CHUNK_BYTES = 32 << 20  # Gram form: rows gathered before one product per matrix
 PROJECTED_BLOCK = 256  # fan-in rows per block of the projected Gram accumulation
 
 
