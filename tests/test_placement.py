@@ -157,19 +157,19 @@ def test_quantized_stream_carries_the_new_qdq(monkeypatch):
 
 def _hardswish_model() -> onnx.ModelProto:
     """conv1 -> x * HardSigmoid(x) -> GlobalAveragePool -> conv2 (1x1) -> output (PP-LCNet's pattern)."""
-    nodes, inits = [], []
-    node, ws = _conv("conv1", "x", 3, 8)
-    nodes.append(node)
-    inits += ws
-    nodes += [helper.make_node("HardSigmoid", ["conv1_out"], ["hs"], name="hs", alpha=1 / 6, beta=0.5),
-              helper.make_node("Mul", ["conv1_out", "hs"], ["hswish"], name="mul"),
-              helper.make_node("GlobalAveragePool", ["hswish"], ["gap"], name="gap")]
-    node, ws = _conv("conv2", "gap", 8, 4, k=1)
-    nodes.append(node)
-    inits += ws
-    graph = helper.make_graph(nodes, "hardswish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
-                              [helper.make_tensor_value_info("conv2_out", TensorProto.FLOAT, [None, 4, 1, 1])],
-                              initializer=inits)
+    return _between_convs([helper.make_node("HardSigmoid", ["conv1_out"], ["hs"], name="hs", alpha=1 / 6, beta=0.5),
+                           helper.make_node("Mul", ["conv1_out", "hs"], ["hswish"], name="mul"),
+                           helper.make_node("GlobalAveragePool", ["hswish"], ["gap"], name="gap")], [], "gap", 1)
+
+
+def _between_convs(middle: list, consts: list, last: str, hw: int) -> onnx.ModelProto:
+    """conv1 (3 -> 8, 3x3) -> the middle nodes (reading conv1_out, ending in ``last``) -> conv2 (1x1, 8 -> 4)
+    -> output (N, 4, hw, hw); consts: the middle nodes' initializers."""
+    node1, w1 = _conv("conv1", "x", 3, 8)
+    node2, w2 = _conv("conv2", last, 8, 4, k=1)
+    graph = helper.make_graph([node1, *middle, node2], "between", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
+                              [helper.make_tensor_value_info("conv2_out", TensorProto.FLOAT, [None, 4, hw, hw])],
+                              initializer=w1 + consts + w2)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
@@ -196,24 +196,14 @@ def test_16_bit_activations_keep_the_minimal_placement():
 def _decomposed_hardswish_model() -> onnx.ModelProto:
     """conv1 -> x * Clip(x + 3, 0, 6) / 6 (PicoDet's HardSwish: Add, Clip, Mul, Div with scalar
     constants) -> conv2 -> output."""
-    nodes, inits = [], []
-    node, ws = _conv("conv1", "x", 3, 8)
-    nodes.append(node)
-    inits += ws + [numpy_helper.from_array(np.array([3.0], np.float32), "three"),
-                   numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
-                   numpy_helper.from_array(np.array(6.0, np.float32), "six"),
-                   numpy_helper.from_array(np.array([6.0], np.float32), "six_div")]
-    nodes += [helper.make_node("Add", ["conv1_out", "three"], ["a"], name="add"),
-              helper.make_node("Clip", ["a", "zero", "six"], ["c"], name="clip"),
-              helper.make_node("Mul", ["conv1_out", "c"], ["m"], name="mul"),
-              helper.make_node("Div", ["m", "six_div"], ["hswish"], name="div")]
-    node, ws = _conv("conv2", "hswish", 8, 4, k=1)
-    nodes.append(node)
-    inits += ws
-    graph = helper.make_graph(nodes, "hardswish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
-                              [helper.make_tensor_value_info("conv2_out", TensorProto.FLOAT, [None, 4, 8, 8])],
-                              initializer=inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    consts = [numpy_helper.from_array(np.array([3.0], np.float32), "three"),
+              numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+              numpy_helper.from_array(np.array(6.0, np.float32), "six"),
+              numpy_helper.from_array(np.array([6.0], np.float32), "six_div")]
+    return _between_convs([helper.make_node("Add", ["conv1_out", "three"], ["a"], name="add"),
+                           helper.make_node("Clip", ["a", "zero", "six"], ["c"], name="clip"),
+                           helper.make_node("Mul", ["conv1_out", "c"], ["m"], name="mul"),
+                           helper.make_node("Div", ["m", "six_div"], ["hswish"], name="div")], consts, "hswish", 8)
 
 
 def test_constant_operands_become_integer_kernels():
