@@ -23,6 +23,7 @@ from ._threads import blas_workers_sleep, limit as limit_threads
 from .calib import load_batches, model_inputs
 from .capture import Spill, Stream, inputs
 from .errors import UserError
+from .npyfile import as_array
 from .graph import GraphIndex, check_runs, load_model, normalise, save_model, serialize
 from .options import Options
 from . import act_ranges
@@ -89,8 +90,10 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
     model, specialised = fix_inputs(load_model(model), options.fix_inputs)
     base = normalise(model, min_opset=required_opset(options), source=source)
     batches = load_batches(calibration, model_inputs(base), options.batch_size, batch_axes=dict(options.batch_axes),
-                           input_shapes=dict(options.input_shapes), images=options.images, seed=options.seed)
-    check_runs(base, batches[0], str(source) if source is not None else "the model", options.threads)
+                           input_shapes=dict(options.input_shapes), images=options.images, seed=options.seed,
+                           lazy=True)
+    first_batch = {name: np.array(as_array(a)) for name, a in batches[0].items()}  # its own copy, not a view
+    check_runs(base, first_batch, str(source) if source is not None else "the model", options.threads)
     base, smoothed = smooth.smooth(base, batches, options)  # --smooth: before anything reads the graph
     graph = base.graph
 
@@ -111,7 +114,6 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
                     smoothed=smoothed, target=options.target, bounded_layers=sum(1 for plan in plans.values() if plan.spec.pair_bound))
     with tempfile.TemporaryDirectory(prefix="onnx_gpfq_spill_") as spill_dir:
         spill = Spill(options.memory_budget, spill_dir)
-        first_batch = {name: np.array(a) for name, a in batches[0].items()}  # its own copy, not a view
         held = inputs(batches, spill)
         del batches  # held (or spilled) once for both streams now
         float_stream = Stream(held, base, threads=options.threads, spill=spill)
@@ -284,7 +286,7 @@ def _accumulate(t: Layer, xs, xts, W: np.ndarray, spec: core.QuantSpec, options:
     project = may_project and not same and core.projection_pays(m, n0, n1, groups)
     passes = core.search_passes(spec, m, n0, n1, groups)
     form = core.choose_form(m, n0, n1, groups, passes=passes, projected=project)
-    moments = core.Moments(groups, n0, form, W=W if project and form == "gram" else None)
+    moments = core.Moments(groups, n0, form, W=W if project and form == "gram" else None, rows=m)
     for b, (pos, idx) in enumerate(zip(positions, keep)):
         if b > 0:
             x, xt = xs[b], xts[b]

@@ -12,6 +12,75 @@ GRAM_CHUNK_BYTES = 32 << 20  # Gram form: rows gathered before one product per m
 PROJECTED_BLOCK = 256  # fan-in rows per block of the projected Gram accumulation
 
 
+class _Rows:
+    """Rows of X and X~ (g, rows, N0) appended batch by batch into one buffer per stream, so that
+    the rows are copied once, where a list of batches joined by np.concatenate holds them twice at
+    the join. ``reserve(rows)`` before the first batch sizes the buffer (the caller knows how many
+    rows come); without it, or beyond it, the buffer grows by half. What ``take`` returns equals
+    np.concatenate of the batches (float32 and float64 batches mixed: float64, as concatenate
+    promotes)."""
+
+    def __init__(self, groups: int, n0: int):
+        self.groups, self.n0 = groups, n0
+        self.n = 0
+        self._x: np.ndarray | None = None
+        self._xt: np.ndarray | None = None  # None while every batch had X~ = X
+        self._reserved = 0
+
+    def reserve(self, rows: int) -> None:
+        """Allocate room for ``rows`` rows at the next append (only while empty)."""
+        if self.n == 0:
+            self._reserved = max(int(rows), 0)
+
+    def append(self, X: np.ndarray, Xt: np.ndarray | None) -> None:
+        """X (g, rows, N0); Xt the same shape, or None where X~ = X for this batch."""
+        rows = X.shape[1]
+        dtype = np.result_type(X.dtype, X.dtype if Xt is None else Xt.dtype,
+                               X.dtype if self._x is None else self._x.dtype)
+        cap = 0 if self._x is None else self._x.shape[1]
+        if self.n + rows > cap or dtype != self._x.dtype:
+            if self.n + rows > cap:
+                cap = max(self.n + rows, self._reserved if self._x is None else cap + cap // 2)
+            self._x = self._grown(self._x, cap, dtype)
+            self._xt = None if self._xt is None else self._grown(self._xt, cap, dtype)
+        if Xt is not None and self._xt is None:  # the first batch with X~ != X: X~ so far equals X
+            self._xt = self._grown(self._x, cap, dtype, copy=True)
+        self._x[:, self.n:self.n + rows] = X
+        if self._xt is not None:
+            self._xt[:, self.n:self.n + rows] = X if Xt is None else Xt
+        self.n += rows
+
+    def _grown(self, a: np.ndarray | None, cap: int, dtype, copy: bool = False) -> np.ndarray:
+        if a is not None and a.shape[1] == cap and a.dtype == dtype and not copy:
+            return a
+        out = np.empty((self.groups, cap, self.n0), dtype)
+        if a is not None:
+            out[:, :self.n] = a[:, :self.n]
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows held (both streams)."""
+        if self._x is None:
+            return 0
+        return self._x.itemsize * self.groups * self.n0 * self.n * (1 if self._xt is None else 2)
+
+    def take(self, contiguous: bool = True) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(X, Xt, same): X, Xt (g, n, N0); same: X~ = X for every row (then Xt is X). Where room
+        was left over they are leading slices of the buffers (each (n, N0) matrix still has unit
+        column stride, as BLAS takes it), copied to C order only if ``contiguous``. The buffers are
+        handed over and this object starts empty."""
+        if self._x is None:
+            e = np.zeros((self.groups, 0, self.n0), np.float32)
+            return e, e, True
+        X, Xt, n = self._x, self._xt, self.n
+        if X.shape[1] != n:
+            X = np.ascontiguousarray(X[:, :n]) if contiguous else X[:, :n]
+            Xt = None if Xt is None else np.ascontiguousarray(Xt[:, :n]) if contiguous else Xt[:, :n]
+        self._x, self._xt, self.n, self._reserved = None, None, 0, 0
+        return X, (X if Xt is None else Xt), Xt is None
+
+
 class Moments:
     """Accumulates, over calibration batches, what one layer needs.
 
@@ -29,9 +98,11 @@ class Moments:
     Both: column sums of X and Xt -> mu_x, mu_xt (g, N0), and the row count m.
     Layers reading the same input tensor can share one Moments object (quantize_layer does not
     modify it) unless it is projected on one layer's W.
+    rows: how many rows the batches will bring in all, where the caller knows (0: unknown). It only
+    sizes the row buffers (rows are copied once, into place); the statistics do not depend on it.
     """
 
-    def __init__(self, groups: int, n0: int, form: str, W: np.ndarray | None = None):
+    def __init__(self, groups: int, n0: int, form: str, W: np.ndarray | None = None, rows: int = 0):
         if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
             raise ValueError(f"Moments: groups must be an int >= 1 (got {groups!r})")
         if isinstance(n0, bool) or not isinstance(n0, (int, np.integer)) or n0 < 1:
@@ -39,6 +110,7 @@ class Moments:
         if form not in ("gram", "residual"):
             raise ValueError(f"Moments: form must be 'gram' or 'residual' (got {form!r})")
         self.groups, self.n0, self.form = int(groups), int(n0), form
+        self._expected = max(int(rows), 0)  # the caller's estimate of the rows to come (buffer sizes)
         self.m = 0
         self.rows_dtype = None  # float32 when every batch came as float32, else float64
         self._sx = np.zeros((self.groups, self.n0))
@@ -60,11 +132,10 @@ class Moments:
                 self._G = np.zeros((self.groups, self.n0, self.n0))
                 self._F = np.zeros((self.groups, self.n0, self.n0))
             self._H = np.zeros((self.groups, self.n0, self.n0))
-            self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []  # rows not yet in G, H, F
-            self._pending_bytes = 0
+            self._pending = _Rows(self.groups, self.n0)  # rows not yet in G, H, F
         else:
-            self._xs: list[np.ndarray] = []
-            self._xts: list[np.ndarray] = []
+            self._rows_kept = _Rows(self.groups, self.n0)
+            self._rows_kept.reserve(self._expected)
             self._cat: tuple[np.ndarray, np.ndarray] | None = None
 
     def _as3d(self, a, name) -> np.ndarray:
@@ -103,6 +174,12 @@ class Moments:
         sxt = sx if same else np.matmul(ones, Xt64)
         if not (np.isfinite(sx).all() and np.isfinite(sxt).all()):  # a NaN / inf anywhere shows here
             raise ValueError("Moments.update: X / Xt contain NaN or inf")
+        if self.form == "gram" and self._pending.n == 0 and self._expected:
+            # room for the chunk this batch starts: the rows still to come, at most up to the batch
+            # that will cross GRAM_CHUNK_BYTES (as many rows as this one in each batch)
+            per_row = X64.itemsize * self.groups * self.n0 * (1 if same else 2)
+            to_cross = -(-GRAM_CHUNK_BYTES // per_row)
+            self._pending.reserve(min(self._expected - self.m, -(-to_cross // rows) * rows))
         self._sx += sx
         self._sxt += sxt
         self.m += rows
@@ -110,24 +187,22 @@ class Moments:
             # Small batches (e.g. models with a fixed batch of 1) are gathered into chunks of
             # GRAM_CHUNK_BYTES first: the products' cost is in the rows, but every product also
             # adds N0^2 entries into G, H, F.
-            self._pending.append((np.array(X64, copy=True), None if same else np.array(Xt64, copy=True)))
-            self._pending_bytes += X64.nbytes * (1 if same else 2)
-            if self._pending_bytes >= GRAM_CHUNK_BYTES:
+            self._pending.append(X64, None if same else Xt64)
+            if self._pending.nbytes >= GRAM_CHUNK_BYTES:
                 self._flush()
         else:
             keep = np.float64 if X.dtype == np.float64 and Xt.dtype == np.float64 else np.float32
-            self._xs.append(np.array(X, dtype=keep))
-            self._xts.append(self._xs[-1] if same else np.array(Xt, dtype=keep))
-            self._cat = None
+            if self._cat is not None:  # rows already handed out: carry them on
+                X0, Xt0 = self._cat
+                self._rows_kept.append(X0, None if Xt0 is X0 else Xt0)
+                self._cat = None
+            self._rows_kept.append(X.astype(keep, copy=False), None if same else Xt.astype(keep, copy=False))
 
     def _flush(self) -> None:
         """Add the pending rows to G, H, F (one product per matrix for the whole chunk)."""
-        if not self._pending:
+        if self._pending.n == 0:
             return
-        same = all(xt is None for _, xt in self._pending)
-        X64 = np.concatenate([x for x, _ in self._pending], axis=1)  # mixed dtypes promote to float64
-        Xt64 = X64 if same else np.concatenate([x if xt is None else xt for x, xt in self._pending], axis=1)
-        self._pending, self._pending_bytes = [], 0
+        X64, Xt64, same = self._pending.take(contiguous=False)  # mixed dtypes promoted to float64
         if self.W is not None:
             self._flush_projected(X64, Xt64)
             return
@@ -210,14 +285,8 @@ class Moments:
         if self.form != "residual":
             raise AttributeError("X / Xt rows are only kept by form='residual' Moments")
         if self._cat is None:
-            if not self._xs:
-                empty = np.zeros((self.groups, 0, self.n0), np.float32)
-                self._cat = (empty, empty)
-            else:
-                X = np.concatenate(self._xs, axis=1)
-                Xt = X if all(a is b for a, b in zip(self._xs, self._xts)) else np.concatenate(self._xts, axis=1)
-                self._xs, self._xts = [X], [Xt]
-                self._cat = (X, Xt)
+            X, Xt, _ = self._rows_kept.take()
+            self._cat = (X, Xt)
         return self._cat
 
     @property
