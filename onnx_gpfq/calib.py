@@ -27,6 +27,7 @@ from onnx import helper
 
 from .choices import ImageChannels, ImageLayout, ImageResize, choice, opt, values
 from .errors import UserError, warn
+from .npyfile import FileArray, as_array
 
 Batch = dict[str, np.ndarray]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -112,8 +113,12 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
 
 def load_batches(source, inputs: list[InputSpec], batch_size: int, *, batch_axes: Mapping[str, int | None] | None = None,
                  input_shapes: Mapping[str, tuple[int, ...]] | None = None, images: ImageOptions | None = None,
-                 seed: int = 0) -> list[Batch]:
-    """Read, validate and batch calibration data. Raises UserError naming the offending input."""
+                 seed: int = 0, lazy: bool = False) -> list[Batch]:
+    """Read, validate and batch calibration data. Raises UserError naming the offending input.
+
+    lazy: from a single uncompressed .npz (what np.savez writes), batches are ``npyfile.FileArray``s
+    into the file, checked here as they are read once, then read again batch by batch where used
+    (``npyfile.as_array``): the calibration set never sits in memory whole."""
     axes = {spec.name: (None if len(spec.dims) == 0 else 0) for spec in inputs}
     for name, axis in (batch_axes or {}).items():
         if name not in axes:
@@ -131,7 +136,7 @@ def load_batches(source, inputs: list[InputSpec], batch_size: int, *, batch_axes
         if text.startswith("random:"):
             arrays = _random(text, inputs, input_shapes or {}, axes, seed)
         else:
-            arrays = _read_path(Path(source), inputs, images, axes)
+            arrays = _read_path(Path(source), inputs, images, axes, lazy)
         batches = _split(arrays, inputs, batch_size, text, axes)
     elif hasattr(source, "get_next"):
         batches = []
@@ -150,14 +155,15 @@ def load_batches(source, inputs: list[InputSpec], batch_size: int, *, batch_axes
 
 # --- sources ------------------------------------------------------------------------------------
 
-def _read_path(path: Path, inputs: list[InputSpec], images: ImageOptions | None, axes) -> dict[str, np.ndarray]:
+def _read_path(path: Path, inputs: list[InputSpec], images: ImageOptions | None, axes,
+               lazy: bool = False) -> dict[str, np.ndarray]:
     if not path.exists():
         raise UserError(f"calibration data not found: {path}")
     names = [spec.name for spec in inputs]
     if path.is_file():
         if path.suffix != ".npz":
             raise UserError(f"calibration file must be a .npz archive or a folder (got {path})")
-        return _read_npz(path, names)
+        return _read_npz(path, names, lazy)
     if not path.is_dir():
         raise UserError(f"calibration data {path} is neither a regular file nor a folder")
     files = sorted(p for p in path.iterdir() if p.is_file())
@@ -199,11 +205,12 @@ def _concat(arrays: list[np.ndarray], axis: int | None, name: str) -> np.ndarray
         raise UserError(f"calibration input {name!r}: files do not stack ({exc})") from None
 
 
-def _read_npz(path: Path, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-    """The arrays of a .npz (only those in ``names`` when given), each checked before reading."""
+def _read_npz(path: Path, names: Iterable[str] | None = None, lazy: bool = False) -> dict[str, np.ndarray]:
+    """The arrays of a .npz (only those in ``names`` when given), each checked before reading;
+    lazy: uncompressed members as FileArrays (see load_batches)."""
     from .npyfile import read_npz
 
-    return read_npz(path, names)
+    return read_npz(path, names, lazy=lazy)
 
 
 def _read_images(files: list[Path], inputs: list[InputSpec], opts: ImageOptions) -> dict[str, np.ndarray]:
@@ -284,6 +291,7 @@ def _split(arrays: dict[str, np.ndarray], inputs: list[InputSpec], batch_size: i
         if spec.name not in arrays:
             found = ", ".join(sorted(arrays)) or "nothing"
             raise UserError(f"{where} has no array for model input {spec.name!r} (found: {found})")
+    arrays = {k: v if axes.get(k, 0) == 0 else as_array(v) for k, v in arrays.items()}  # lazy: axis 0 only
     batched = [spec for spec in inputs if axes[spec.name] is not None]
     if not batched:  # nothing to split: one run with everything as given
         return [{spec.name: arrays[spec.name] for spec in inputs}]
@@ -327,7 +335,14 @@ def _check_batch(batch: Batch, inputs: list[InputSpec], index: int) -> Batch:
     for spec in inputs:
         if spec.name not in batch:
             raise UserError(f"calibration batch {index} has no value for model input {spec.name!r}")
-        array = np.asarray(batch[spec.name])
+        array = batch[spec.name]
+        if isinstance(array, FileArray):
+            if array.dtype != spec.dtype:
+                array = array.read()
+            else:
+                out[spec.name] = _checked_file_array(array, spec)
+                continue
+        array = np.asarray(array)
         if array.dtype != spec.dtype:
             if array.dtype.kind == spec.dtype.kind == "f" or (array.dtype.kind in "iu" and spec.dtype.kind in "iu"):
                 array = array.astype(spec.dtype)
@@ -346,6 +361,23 @@ def _check_batch(batch: Batch, inputs: list[InputSpec], index: int) -> Batch:
             raise UserError(f"calibration input {spec.name!r} contains NaN or Inf values")
         out[spec.name] = np.ascontiguousarray(array) if array.ndim else array  # (it makes 0-d arrays 1-d)
     return out
+
+
+def _checked_file_array(array: FileArray, spec: InputSpec) -> FileArray:
+    """The checks of _check_batch on a batch that stays in its file: shape from the header, the
+    values read once here for NaN / Inf."""
+    if array.ndim != len(spec.dims):
+        raise UserError(f"calibration input {spec.name!r} has rank {array.ndim} (shape {array.shape}), the model "
+                        f"expects rank {len(spec.dims)}")
+    for axis, (got, want) in enumerate(zip(array.shape, spec.dims)):
+        if want is not None and got != want:
+            raise UserError(f"calibration input {spec.name!r} has shape {array.shape}, the model expects "
+                            f"{_dims_text(spec.dims)} (axis {axis})")
+    if array.size == 0:
+        raise UserError(f"calibration input {spec.name!r} is empty (shape {array.shape})")
+    if array.dtype.kind == "f" and not np.isfinite(array.read()).all():
+        raise UserError(f"calibration input {spec.name!r} contains NaN or Inf values")
+    return array
 
 
 def _dims_text(dims: tuple[int | None, ...]) -> str:

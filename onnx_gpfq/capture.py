@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -22,15 +21,17 @@ from onnx import helper
 
 from . import runtime
 from .graph import node_inputs, producers
+from .npyfile import FileArray
 
 Batch = dict[str, np.ndarray]
 
 
 class Spill:
     """Where frontier tensors live: in memory up to ``budget`` bytes (shared by both streams), then
-    in .npy files under ``folder`` (the caller removes the folder when done), written with plain
+    in raw files under ``folder`` (the caller removes the folder when done), written with plain
     buffered writes and read back one batch at a time when used, so that what lies on disk never
-    counts in the process's resident memory.
+    counts in the process's resident memory. Calibration batches that are still in the user's file
+    (``npyfile.FileArray``) are read from there the same way: never copied, never counted.
 
     ``in_memory`` (bytes held now) never exceeds ``budget`` when there is a folder to spill to:
     ``peak_in_memory``, its high-water mark, is the bound's witness (reported, and tested)."""
@@ -42,10 +43,12 @@ class Spill:
         self.spilled_bytes = 0  # total ever written to disk (for the report)
         self._count = 0
 
-    def keep(self, array: np.ndarray, caller_data: bool = False) -> "np.ndarray | OnDisk":
+    def keep(self, array: "np.ndarray | FileArray", caller_data: bool = False) -> "np.ndarray | FileArray":
         """The array, held in memory (counted against the budget) or spilled. caller_data: a
         calibration batch, possibly a view of the caller's arrays, which stay alive anyway: held
-        as it is, without a copy."""
+        as it is, without a copy (or left in its file, when it is a FileArray)."""
+        if isinstance(array, FileArray):
+            return array
         if self.budget is None or self.folder is None or self.in_memory + array.nbytes <= self.budget:
             if array.base is not None and not caller_data:
                 # not its own buffer: own it. A view of the whole calibration array would keep all of
@@ -56,19 +59,19 @@ class Spill:
             self.peak_in_memory = max(self.peak_in_memory, self.in_memory)
             return array
         self._count += 1
-        path = os.path.join(self.folder, f"t{self._count}.npy")
-        # a plain buffered write: the pages go to the OS's page cache, never into this process's
-        # resident memory, and nothing waits for the disk (no msync: the file lives only as long
-        # as the run, and is read back through the same page cache)
+        path = os.path.join(self.folder, f"t{self._count}.bin")
+        # a plain buffered write of the raw bytes: the pages go to the OS's page cache, never into
+        # this process's resident memory, and nothing waits for the disk (no msync: the file lives
+        # only as long as the run, and is read back through the same page cache)
         with open(path, "wb") as f:
-            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+            f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
         self.spilled_bytes += array.nbytes
-        return OnDisk(path, array.shape, array.dtype)
+        return Spilled(path, 0, array.shape, array.dtype)
 
-    def release(self, entry: "np.ndarray | OnDisk") -> None:
-        if isinstance(entry, OnDisk):
+    def release(self, entry: "np.ndarray | FileArray") -> None:
+        if isinstance(entry, Spilled):
             os.unlink(entry.path)
-        else:
+        elif not isinstance(entry, FileArray):  # a calibration batch in the user's file: nothing held
             self.in_memory -= entry.nbytes
 
     def release_all(self, batches: "Batches") -> None:
@@ -78,12 +81,10 @@ class Spill:
         del batches[:]
 
 
-class OnDisk(NamedTuple):
-    """A spilled batch of one tensor."""
+class Spilled(FileArray):
+    """A spilled batch of one tensor: a file of the Spill's own, removed when released."""
 
-    path: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
+    __slots__ = ()
 
 
 class Batches(list):
@@ -95,13 +96,13 @@ class Batches(list):
 
     def __getitem__(self, i):
         entry = list.__getitem__(self, i)
-        return np.load(entry.path) if isinstance(entry, OnDisk) else entry
+        return entry.read() if isinstance(entry, FileArray) else entry
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
     def entries(self) -> list:
-        """The stored items themselves (arrays or OnDisk), nothing read."""
+        """The stored items themselves (arrays or FileArrays), nothing read."""
         return list(list.__iter__(self))
 
     def shapes(self) -> list[tuple[int, ...]]:
@@ -111,7 +112,7 @@ class Batches(list):
 
 def inputs(batches: Sequence[Batch], spill: Spill) -> dict[str, Batches]:
     """The model inputs over all calibration batches, kept in memory (the caller's arrays
-    themselves, no copy) or spilled by ``spill``; give the result to two Streams to hold the data
+    themselves, no copy), left in the user's file (FileArray batches) or spilled by ``spill``; give the result to two Streams to hold the data
     once."""
     kept = {name: Batches(spill.keep(b[name], caller_data=True) for b in batches) for name in batches[0]}
     for b in kept.values():

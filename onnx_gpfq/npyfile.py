@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import zipfile
 import zlib
 from collections.abc import Iterable
@@ -52,7 +53,56 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def _read_array(f, where: str) -> np.ndarray:
+class FileArray:
+    """A C-order array whose bytes lie in a file from ``offset`` on (a member of an uncompressed .npz,
+    a spilled batch): shape and dtype known, nothing read until ``read()``, which gives a fresh
+    array each time. A leading-axis slice ``a[i:j]`` is another FileArray (no reading)."""
+
+    __slots__ = ("path", "offset", "shape", "dtype")
+
+    def __init__(self, path: str, offset: int, shape: tuple[int, ...], dtype):
+        self.path, self.offset, self.shape, self.dtype = str(path), int(offset), tuple(shape), np.dtype(dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __getitem__(self, key) -> "FileArray":
+        if isinstance(key, tuple) and len(key) == 1:
+            key = key[0]
+        if not isinstance(key, slice) or key.step not in (None, 1) or not self.shape:
+            raise TypeError("FileArray: only a leading-axis slice a[i:j] is supported")
+        start, stop, _ = key.indices(self.shape[0])
+        stop = max(stop, start)
+        row = math.prod(self.shape[1:]) * self.dtype.itemsize
+        return FileArray(self.path, self.offset + start * row, (stop - start, *self.shape[1:]), self.dtype)
+
+    def read(self) -> np.ndarray:
+        """The values, a fresh array (its own buffer)."""
+        out = np.empty(self.shape, self.dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            got = f.readinto(memoryview(out).cast("B")) if out.nbytes else 0
+        if got != out.nbytes:
+            raise UserError(f"{self.path} is truncated: {got} of the {out.nbytes} bytes expected at offset {self.offset}")
+        return out
+
+
+def as_array(a) -> np.ndarray:
+    """``a`` itself when it is an array, its values when it is a FileArray."""
+    return a.read() if isinstance(a, FileArray) else a
+
+
+def _read_header(f, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the .npy stream ``f``, which is left at the data."""
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
@@ -62,6 +112,11 @@ def _read_array(f, where: str) -> np.ndarray:
         shape, fortran, dtype = np.lib.format._read_array_header(f, version)
     if dtype.hasobject:
         raise UserError(f"{where} holds Python objects (dtype {dtype}); only numeric arrays are read")
+    return shape, fortran, dtype
+
+
+def _read_array(f, where: str) -> np.ndarray:
+    shape, fortran, dtype = _read_header(f, where)
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
     check_claim(nbytes, where)
@@ -87,10 +142,36 @@ def read_npy(path: Path) -> np.ndarray:
         raise UserError(f"cannot read {path}: {first_line(exc)}") from None
 
 
-def read_npz(path: Path, names: Iterable[str] | None = None, what: str = "calibration file") -> dict[str, np.ndarray]:
-    """The arrays of ``path`` by name; with ``names``, only those (others are never decompressed)."""
+def _stored(zf: zipfile.ZipFile, raw, member: str, where: str) -> FileArray | None:
+    """Member ``member`` as a FileArray into the .npz file itself, when it is stored uncompressed
+    in C order (what np.savez writes); None otherwise (then it is read whole)."""
+    info = zf.getinfo(member)
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:  # compressed or encrypted
+        return None
+    raw.seek(info.header_offset)
+    local = raw.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        return None
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    start = info.header_offset + 30 + name_len + extra_len
+    with zf.open(member) as f:
+        shape, fortran, dtype = _read_header(f, where)
+        header = f.tell()
+    if fortran and len(shape) > 1:
+        return None
+    nbytes = math.prod(shape) * dtype.itemsize
+    if header + nbytes > info.file_size:
+        raise UserError(f"{where} is truncated: {info.file_size - header} of the {nbytes} bytes its header announces")
+    return FileArray(os.fspath(zf.filename), start + header, shape, dtype)
+
+
+def read_npz(path: Path, names: Iterable[str] | None = None, what: str = "calibration file",
+             lazy: bool = False) -> dict[str, "np.ndarray | FileArray"]:
+    """The arrays of ``path`` by name; with ``names``, only those (others are never decompressed).
+    lazy: members stored uncompressed come back as FileArrays into the file (read batch by batch
+    by whoever uses them); compressed ones are read."""
     try:
-        with zipfile.ZipFile(path) as zf:
+        with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
             members = {}
             for member in zf.namelist():
                 members.setdefault(member[:-4] if member.endswith(".npy") else member, member)
@@ -99,6 +180,9 @@ def read_npz(path: Path, names: Iterable[str] | None = None, what: str = "calibr
             for key in keys:
                 member = members[key]
                 where = f"{what} {path} (array {key!r})"
+                if lazy and (lazy_array := _stored(zf, raw, member, where)) is not None:
+                    out[key] = lazy_array
+                    continue
                 check_claim(zf.getinfo(member).file_size, where)
                 with zf.open(member) as f:
                     out[key] = _read_array(f, where)

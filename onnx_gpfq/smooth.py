@@ -30,6 +30,7 @@ from onnx import numpy_helper
 from . import runtime
 from .core import Alphabet
 from .graph import GraphIndex, serialize
+from .npyfile import as_array
 from .ops import Layer, find_targets
 from .options import Options
 from .plan import plan_layer
@@ -212,7 +213,8 @@ def _statistics(data: bytes, names: list[str], batches: list[dict], options: Opt
     lo, hi, rows = {}, {}, {n: [] for n in names}
     per_batch = -(-ROWS // len(batches))
     for b, batch in enumerate(batches):
-        for k, (name, v) in enumerate(zip(names, session.run(names, batch))):
+        feed = {k: as_array(v) for k, v in batch.items()}  # a batch still in the user's file: read now
+        for k, (name, v) in enumerate(zip(names, session.run(names, feed))):
             v = v.reshape(-1, v.shape[-1]).astype(np.float64)
             lo[name] = np.minimum(lo.get(name, np.inf), v.min(axis=0))
             hi[name] = np.maximum(hi.get(name, -np.inf), v.max(axis=0))

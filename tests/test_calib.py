@@ -12,6 +12,8 @@ from onnx_gpfq import quantize
 from onnx_gpfq.calib import ImageOptions, InputSpec, load_batches
 from onnx_gpfq.cli import main
 from onnx_gpfq.errors import UserError
+from onnx_gpfq.capture import Spill, inputs
+from onnx_gpfq.npyfile import FileArray
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 CALIB = MODELS / "digits_calib.npz"
@@ -27,6 +29,41 @@ def test_npz_is_split_into_batches():
     batches = load_batches(str(CALIB), SPEC, 100)
     assert [b["input"].shape[0] for b in batches] == [100, 100, 56]
     np.testing.assert_array_equal(stacked(batches), DIGITS)
+
+
+def test_uncompressed_npz_stays_in_its_file_until_each_batch_is_read(tmp_path):
+    """lazy=True: an np.savez file gives FileArray batches into the file (nothing read but the
+    NaN check), equal to the data; np.savez_compressed gives arrays; a NaN is still refused."""
+    lazy = load_batches(str(CALIB), SPEC, 100, lazy=True)
+    assert all(isinstance(b["input"], FileArray) for b in lazy)
+    assert [b["input"].shape for b in lazy] == [(100, 1, 8, 8), (100, 1, 8, 8), (56, 1, 8, 8)]
+    np.testing.assert_array_equal(np.concatenate([b["input"].read() for b in lazy]), DIGITS)
+    np.savez_compressed(tmp_path / "z.npz", input=DIGITS)
+    packed = load_batches(str(tmp_path / "z.npz"), SPEC, 100, lazy=True)
+    assert all(type(b["input"]) is np.ndarray for b in packed)
+    np.testing.assert_array_equal(stacked(packed), DIGITS)
+    bad = DIGITS.copy()
+    bad[130, 0, 3, 3] = np.nan
+    np.savez(tmp_path / "nan.npz", input=bad)
+    with pytest.raises(UserError, match="NaN or Inf"):
+        load_batches(str(tmp_path / "nan.npz"), SPEC, 100, lazy=True)
+
+
+def test_quantize_from_a_file_left_on_disk_matches_arrays_in_memory(tmp_path):
+    """The same model, byte for byte, whether the calibration set is read from its .npz batch by
+    batch or given as arrays; the batches left in the file count nothing against the budget,
+    and the file is not changed."""
+    before = CALIB.read_bytes()
+    from_file, r1 = quantize(MODELS / "digits_cnn.onnx", str(CALIB), quiet=True)
+    from_memory, r2 = quantize(MODELS / "digits_cnn.onnx", {"input": DIGITS}, quiet=True)
+    assert from_file.SerializeToString() == from_memory.SerializeToString()
+    assert CALIB.read_bytes() == before
+    spill = Spill(budget=1 << 30, folder=str(tmp_path))
+    held = inputs(load_batches(str(CALIB), SPEC, 100, lazy=True), spill)
+    assert spill.in_memory == 0 and not list(tmp_path.iterdir())  # neither counted nor copied
+    np.testing.assert_array_equal(np.concatenate(list(held["input"])), DIGITS)
+    spill.release_all(held["input"])
+    assert CALIB.exists() and CALIB.read_bytes() == before  # released: the user's file stays
 
 
 def test_folder_of_npz_files_reads_in_name_order(tmp_path):

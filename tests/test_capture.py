@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_gpfq import core, quantize
-from onnx_gpfq.capture import OnDisk, Spill, Stream, inputs
+from onnx_gpfq.capture import Spill, Spilled, Stream, inputs
 from onnx_gpfq.graph import GraphIndex, normalise
 from onnx_gpfq.quantize import _row_plan
 from onnx_gpfq.rewrite import dq_name
@@ -111,7 +111,7 @@ def test_spilled_frontier_lives_on_disk_and_reads_back_exactly(tmp_path):
     assert set(stream.values) == {"a2"}  # x, c1, r1, c2: nothing still to run reads them
     for name in ("a2",):
         entries = stream.values[name].entries()
-        assert len(entries) == 3 and all(isinstance(e, OnDisk) for e in entries)
+        assert len(entries) == 3 and all(isinstance(e, Spilled) for e in entries)
         for b, batch in enumerate(batches):
             got = stream.values[name][b]
             assert type(got) is np.ndarray  # a fresh array, not a memory map
@@ -250,7 +250,7 @@ def test_peeked_output_is_kept_under_the_budget_and_given_back(tmp_path):
     held = spill.in_memory
     peeked = stream.peek(list(graph.node), index.initializers, "a2")
     assert spill.in_memory <= spill.budget and spill.peak_in_memory <= spill.budget
-    assert any(isinstance(e, OnDisk) for e in peeked.entries())
+    assert any(isinstance(e, Spilled) for e in peeked.entries())
     for b, batch in enumerate(batches):
         np.testing.assert_array_equal(peeked[b], _intermediates(model, ["a2"], batch["x"])["a2"])
     spill.release_all(peeked)

@@ -245,10 +245,14 @@ def test_unused_npz_members_are_never_read_and_claims_are_checked(capsys, tmp_pa
         zf.writestr("unused.npy", npy_header_claiming((10**7, 10**7)))  # 400 TB if anyone read it
     out = tmp_path / "o.onnx"
     assert run(["quantize", MLP, "-o", out, "--calib", bomb] + FAST, capsys)[0] == 0
-    huge = tmp_path / "huge.npz"
-    with zipfile.ZipFile(huge, "w") as zf:
+    huge = tmp_path / "huge.npz"  # compressed: it would be read into memory, so the claim is checked first
+    with zipfile.ZipFile(huge, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("input.npy", npy_header_claiming((10**7, 1, 10**4, 10**4)))
     assert_refused(["quantize", MLP, "-o", tmp_path / "o2.onnx", "--calib", huge], capsys, "of memory available")
+    stored = tmp_path / "stored.npz"  # uncompressed: read batch by batch from the file, which must hold it all
+    with zipfile.ZipFile(stored, "w") as zf:
+        zf.writestr("input.npy", npy_header_claiming((10**7, 1, 10**4, 10**4)))
+    assert_refused(["quantize", MLP, "-o", tmp_path / "o2.onnx", "--calib", stored], capsys, "is truncated")
     assert_refused(["quantize", MLP, "-o", tmp_path / "o2.onnx", "--calib", "random:1000000000000"], capsys,
                    "of memory available")
 
