@@ -12,6 +12,7 @@ whose graph changes between segments as layers get quantized (see ``rewrite.appl
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Iterable, Sequence
 
@@ -28,10 +29,17 @@ Batch = dict[str, np.ndarray]
 
 class Spill:
     """Where frontier tensors live: in memory up to ``budget`` bytes (shared by both streams), then
-    in raw files under ``folder`` (the caller removes the folder when done), written with plain
-    buffered writes and read back one batch at a time when used, so that what lies on disk never
-    counts in the process's resident memory. Calibration batches that are still in the user's file
-    (``npyfile.FileArray``) are read from there the same way: never copied, never counted.
+    on disk under ``folder`` (the caller removes the folder when done), read back one batch at a
+    time when used, so that what lies on disk never counts in the process's resident memory.
+    Calibration batches that are still in the user's file (``npyfile.FileArray``) are read from
+    there the same way: never copied, never counted.
+
+    On disk is one file, an arena kept open for the whole run: a spilled batch takes the smallest
+    free extent that holds it (or the end of the file), and a released one gives its extent back
+    (merged with free neighbours). Plain positioned writes and reads (os.pwrite / os.preadv): the
+    pages go through the OS's page cache, never into this process's memory, nothing waits for
+    the disk (no msync), and freed extents are overwritten in place, where a file per batch paid
+    an open, a fresh allocation of page-cache pages and an unlink for every batch.
 
     ``in_memory`` (bytes held now) never exceeds ``budget`` when there is a folder to spill to:
     ``peak_in_memory``, its high-water mark, is the bound's witness (reported, and tested)."""
@@ -41,7 +49,11 @@ class Spill:
         self.in_memory = 0
         self.peak_in_memory = 0  # the most bytes ever held at once
         self.spilled_bytes = 0  # total ever written to disk (for the report)
-        self._count = 0
+        self.on_disk = 0  # bytes of the batches spilled and not yet released
+        self._fd: int | None = None
+        self._path: str | None = None
+        self._end = 0  # the arena file's length
+        self._free: list[tuple[int, int]] = []  # free extents (offset, size), sorted by offset
 
     def keep(self, array: "np.ndarray | FileArray", caller_data: bool = False) -> "np.ndarray | FileArray":
         """The array, held in memory (counted against the budget) or spilled. caller_data: a
@@ -58,19 +70,48 @@ class Spill:
             self.in_memory += array.nbytes
             self.peak_in_memory = max(self.peak_in_memory, self.in_memory)
             return array
-        self._count += 1
-        path = os.path.join(self.folder, f"t{self._count}.bin")
-        # a plain buffered write of the raw bytes: the pages go to the OS's page cache, never into
-        # this process's resident memory, and nothing waits for the disk (no msync: the file lives
-        # only as long as the run, and is read back through the same page cache)
-        with open(path, "wb") as f:
-            f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
-        self.spilled_bytes += array.nbytes
-        return Spilled(path, 0, array.shape, array.dtype)
+        if self._fd is None:
+            self._path = os.path.join(self.folder, "spill.bin")
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        data = memoryview(np.ascontiguousarray(array)).cast("B")
+        offset = self._allocate(data.nbytes)
+        done = 0
+        while done < data.nbytes:  # pwrite may write less than asked (at most ~2 GiB a call)
+            done += os.pwrite(self._fd, data[done:], offset + done)
+        self.spilled_bytes += data.nbytes
+        self.on_disk += data.nbytes
+        return Spilled(self._path, offset, array.shape, array.dtype, self._fd)
+
+    def _allocate(self, size: int) -> int:
+        """The offset of ``size`` free bytes: the smallest free extent that holds them, else the end."""
+        fits = [(extent, i) for i, extent in enumerate(self._free) if extent[1] >= size]
+        if not fits:
+            offset, self._end = self._end, self._end + size
+            return offset
+        (offset, free), i = min(fits, key=lambda f: (f[0][1], f[0][0]))
+        if free == size:
+            del self._free[i]
+        else:
+            self._free[i] = (offset + size, free - size)
+        return offset
+
+    def _give_back(self, offset: int, size: int) -> None:
+        i = bisect.bisect(self._free, (offset, size))
+        if i < len(self._free) and offset + size == self._free[i][0]:  # merge with the next extent
+            size += self._free.pop(i)[1]
+        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == offset:  # and with the previous one
+            offset, size = self._free[i - 1][0], self._free[i - 1][1] + size
+            del self._free[i - 1]
+            i -= 1
+        if offset + size == self._end:  # the file's tail: shrink the arena instead
+            self._end = offset
+        else:
+            self._free.insert(i, (offset, size))
 
     def release(self, entry: "np.ndarray | FileArray") -> None:
         if isinstance(entry, Spilled):
-            os.unlink(entry.path)
+            self._give_back(entry.offset, entry.nbytes)
+            self.on_disk -= entry.nbytes
         elif not isinstance(entry, FileArray):  # a calibration batch in the user's file: nothing held
             self.in_memory -= entry.nbytes
 
@@ -80,11 +121,35 @@ class Spill:
             self.release(entry)
         del batches[:]
 
+    def close(self) -> None:
+        """Close the arena file (its folder is the caller's to remove); nothing spilled can be read after."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        self.close()
+
 
 class Spilled(FileArray):
-    """A spilled batch of one tensor: a file of the Spill's own, removed when released."""
+    """A spilled batch of one tensor: an extent of the Spill's arena file, read through the
+    Spill's open descriptor ``fd``."""
 
-    __slots__ = ()
+    __slots__ = ("fd",)
+
+    def __init__(self, path: str, offset: int, shape: tuple[int, ...], dtype, fd: int):
+        super().__init__(path, offset, shape, dtype)
+        self.fd = fd
+
+    def read(self) -> np.ndarray:
+        out = np.empty(self.shape, self.dtype)
+        view, done = memoryview(out).cast("B"), 0
+        while done < out.nbytes:
+            n = os.preadv(self.fd, [view[done:]], self.offset + done)
+            if n <= 0:
+                raise RuntimeError(f"spill file {self.path} ended at offset {self.offset + done}")
+            done += n
+        return out
 
 
 class Batches(list):

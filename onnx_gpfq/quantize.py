@@ -114,12 +114,15 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
                     smoothed=smoothed, target=options.target, bounded_layers=sum(1 for plan in plans.values() if plan.spec.pair_bound))
     with tempfile.TemporaryDirectory(prefix="onnx_gpfq_spill_") as spill_dir:
         spill = Spill(options.memory_budget, spill_dir)
-        held = inputs(batches, spill)
-        del batches  # held (or spilled) once for both streams now
-        float_stream = Stream(held, base, threads=options.threads, spill=spill)
-        quant_stream = Stream(held, base, threads=options.threads, spill=spill)
-        del held
-        out = _quantize_layers(base, targets, plans, options, report, float_stream, quant_stream, first_batch)
+        try:
+            held = inputs(batches, spill)
+            del batches  # held (or spilled) once for both streams now
+            float_stream = Stream(held, base, threads=options.threads, spill=spill)
+            quant_stream = Stream(held, base, threads=options.threads, spill=spill)
+            del held
+            out = _quantize_layers(base, targets, plans, options, report, float_stream, quant_stream, first_batch)
+        finally:
+            spill.close()
         _record_target(out, options.target)
         report.spilled_bytes = spill.spilled_bytes
         report.peak_held_bytes = spill.peak_in_memory
