@@ -162,6 +162,7 @@ def ort_prepare(model_path: str, workdir: str, min_opset: int = 13, pre_process:
 
     info: dict = {}
     t0 = time.perf_counter()
+    workdir = os.path.abspath(workdir)
     model = onnx.load(model_path)
     opset = opset_of(model)
     info["original_opset"] = opset
@@ -191,12 +192,18 @@ def ort_prepare(model_path: str, workdir: str, min_opset: int = 13, pre_process:
         from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
 
         out = os.path.join(workdir, f"ort_pre_opset{max(opset, min_opset)}.onnx")
+        cwd = os.getcwd()
         try:
-            quant_pre_process(path, out)
+            # its symbolic shape inference writes temporary files (sym_shape_infer_temp.onnx, *.data)
+            # into the working directory: keep them in workdir, out of the user's checkout
+            os.chdir(workdir)
+            quant_pre_process(os.path.abspath(path), out)
             path = out
             info["quant_pre_process"] = True
         except Exception as exc:  # noqa: BLE001  (recorded, then quantize without it)
             info["quant_pre_process"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        finally:
+            os.chdir(cwd)
     else:
         info["quant_pre_process"] = False
     info["preprocess_seconds"] = time.perf_counter() - t0
