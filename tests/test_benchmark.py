@@ -87,6 +87,19 @@ def test_bench_quantize_keys():
     assert res["ratio_target_met"] is (headline <= 3.0)  # the target checks the headline
     assert res["gpfq_peak_rss_mb"] > 0 and res["ort_peak_rss_mb"] > 0
     assert res["ort_preprocessing"]["quant_pre_process"] is True
+    assert not os.path.exists(os.path.join(REPO, "sym_shape_infer_temp.onnx"))  # ORT's temporaries stay in its folder
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import bench_quantize
+    finally:
+        sys.path.pop(0)
+    slow = dict(res, model="slow", ratio_incl_ort_preprocessing=3.5)
+    grown = dict(res, samples_multiplier=4, samples=1024, gpfq_rss_growth=1.2, gpfq_peak_rss_mb_1x=100.0,
+                 gpfq_peak_rss_mb=120.0, command="python tools/bench_quantize.py x --samples-multiplier 4")
+    rows = bench_quantize.table([res, slow, grown]).splitlines()
+    assert len(rows) == 4 and rows[2].startswith("| models/digits_mlp.onnx | 256 |") and rows[3].startswith("| slow |")
+    assert "1.200 (**not met**) (100 -> 120 at 256 -> 1024" in rows[2] and "**not met**" not in rows[2].split("|")[6]
+    assert "3.50 (**not met**)" in rows[3] and rows[3].split("|")[10].strip() == "-"
 
 
 def test_bench_quantize_repeat_reports_the_median_pair():

@@ -192,12 +192,12 @@ def ort_prepare(model_path: str, workdir: str, min_opset: int = 13, pre_process:
         from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
 
         out = os.path.join(workdir, f"ort_pre_opset{max(opset, min_opset)}.onnx")
-        cwd = os.getcwd()
+        cwd, src = os.getcwd(), os.path.abspath(path)
         try:
             # its symbolic shape inference writes temporary files (sym_shape_infer_temp.onnx, *.data)
             # into the working directory: keep them in workdir, out of the user's checkout
             os.chdir(workdir)
-            quant_pre_process(os.path.abspath(path), out)
+            quant_pre_process(src, out)
             path = out
             info["quant_pre_process"] = True
         except Exception as exc:  # noqa: BLE001  (recorded, then quantize without it)
