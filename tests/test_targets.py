@@ -188,3 +188,31 @@ def test_bias_rules_follow_the_op():
     assert mm.bias_correction(delta) is None and not mm.integer_bias
     (conv,), _ = _targets([helper.make_node("Conv", ["x", "w"], ["y"])], {"w": np.ones((3, 4, 1, 1), np.float32)})
     assert conv.integer_bias and conv.QUANTIZE_OUTPUT and not mm.QUANTIZE_OUTPUT
+
+
+def test_conv_rows_of_a_few_positions_are_gathered_exactly_as_from_the_padded_input():
+    """Conv rows for a subset of positions come from ops.conv.gathered_patches (no padding of the
+    whole input): byte for byte the rows of the padded unfold, over 1-3 spatial dims, strides,
+    dilations, asymmetric pads (taps in the padding are +0.0) and groups."""
+    from onnx_gpfq.ops.conv import gathered_patches, patches
+
+    rng = np.random.default_rng(0)
+    checked = 0
+    for nd in (1, 2, 3):
+        for _ in range(30):
+            k, s, d = (tuple(int(v) for v in rng.integers(lo, hi, nd)) for lo, hi in ((1, 4), (1, 3), (1, 3)))
+            begin, end = [int(v) for v in rng.integers(0, 3, nd)], [int(v) for v in rng.integers(0, 3, nd)]
+            g = int(rng.choice([1, 2]))
+            size = [int(v) for v in rng.integers(4, 9, nd)]
+            x = -np.abs(rng.standard_normal((3, 2 * g, *size))).astype(np.float32)  # negative: a -0.0 would show
+            out = [(size[i] + begin[i] + end[i] - (d[i] * (k[i] - 1) + 1)) // s[i] + 1 for i in range(nd)]
+            if min(out) < 1:
+                continue
+            p = int(np.prod(out))
+            pos = np.stack([np.sort(rng.choice(p, min(p, 5), replace=False)) for _ in range(3)])
+            padded = np.pad(x, [(0, 0), (0, 0)] + list(zip(begin, end)))
+            want = patches(padded, k, s, d, g, pos)
+            got = gathered_patches(x, k, s, d, begin, out, g, pos)
+            assert got.shape == want.shape and got.flags.c_contiguous and got.tobytes() == want.tobytes()
+            checked += 1
+    assert checked > 60

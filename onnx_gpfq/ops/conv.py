@@ -96,6 +96,10 @@ class Conv(Window):
     def rows(self, x, positions):
         x = np.asarray(x, dtype=np.float32)
         begin, end = self.explicit_pads(x.shape)
+        if positions is not None:  # a few positions per sample: gathered, the input is not padded whole
+            out = [(x.shape[2 + i] + begin[i] + end[i] - (self.dilations[i] * (k - 1) + 1)) // self.strides[i] + 1
+                   for i, k in enumerate(self.kernel)]
+            return gathered_patches(x, self.kernel, self.strides, self.dilations, begin, out, self.groups, positions)
         xp = np.pad(x, [(0, 0), (0, 0)] + list(zip(begin, end)))
         return patches(xp, self.kernel, self.strides, self.dilations, self.groups, positions)
 
@@ -137,4 +141,29 @@ def patches(xp: np.ndarray, kernel, strides, dilations, groups: int, positions: 
     sample = np.repeat(np.arange(n), positions.shape[1])
     rows = win[(sample, slice(None)) + tuple(coords)]  # (N*P, C, *k)
     rows = rows.reshape(rows.shape[0], groups, -1)  # channel-major, then kernel positions
+    return np.ascontiguousarray(rows.transpose(1, 0, 2))
+
+
+def gathered_patches(x: np.ndarray, kernel, strides, dilations, begin, out, groups: int,
+                     positions: np.ndarray) -> np.ndarray:
+    """``patches`` of the input padded by ``begin`` (and zeros beyond its end), for the given
+    output positions only (positions (N, P) into the output grid ``out``), without padding the
+    whole input: each kernel tap is read from x where it falls inside, +0.0 where it falls in the
+    padding. The same values as ``patches(np.pad(x, ...), ...)``, at the cost of the rows kept."""
+    nd = len(kernel)
+    n = x.shape[0]
+    r = positions.size
+    coords = np.unravel_index(positions.reshape(-1), out)
+    idx, valid = [], np.ones((r, *kernel), bool)
+    for i in range(nd):  # input coordinate of tap k along axis i: o * stride - begin + k * dilation
+        c = coords[i][:, None] * strides[i] - begin[i] + np.arange(kernel[i])[None, :] * dilations[i]
+        shape = [r] + [1] * nd
+        shape[1 + i] = kernel[i]
+        c = c.reshape(shape)
+        valid &= (c >= 0) & (c < x.shape[2 + i])
+        idx.append(np.clip(c, 0, x.shape[2 + i] - 1))
+    sample = np.repeat(np.arange(n), positions.shape[1]).reshape([r] + [1] * nd)
+    taps = x[(sample, slice(None), *idx)]  # (R, *k, C): the advanced indices' dims come first
+    taps = np.where(valid[..., None], taps, np.float32(0.0))
+    rows = np.moveaxis(taps, -1, 1).reshape(r, groups, -1)  # (R, C, *k) -> channel-major, then kernel positions
     return np.ascontiguousarray(rows.transpose(1, 0, 2))
