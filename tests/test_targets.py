@@ -193,7 +193,7 @@ def test_bias_rules_follow_the_op():
 def test_conv_rows_of_a_few_positions_are_gathered_exactly_as_from_the_padded_input():
     """Conv rows for a subset of positions come from ops.conv.gathered_patches (no padding of the
     whole input): byte for byte the rows of the padded unfold, over 1-3 spatial dims, strides,
-    dilations, asymmetric pads (taps in the padding are +0.0) and groups."""
+    dilations, asymmetric pads (taps in the padding are +0.0), groups and depthwise."""
     from onnx_gpfq.ops.conv import gathered_patches, patches
 
     rng = np.random.default_rng(0)
@@ -202,9 +202,9 @@ def test_conv_rows_of_a_few_positions_are_gathered_exactly_as_from_the_padded_in
         for _ in range(30):
             k, s, d = (tuple(int(v) for v in rng.integers(lo, hi, nd)) for lo, hi in ((1, 4), (1, 3), (1, 3)))
             begin, end = [int(v) for v in rng.integers(0, 3, nd)], [int(v) for v in rng.integers(0, 3, nd)]
-            g = int(rng.choice([1, 2]))
+            g, per_group = int(rng.choice([1, 2, 3])), int(rng.choice([1, 2]))  # per_group 1: depthwise
             size = [int(v) for v in rng.integers(4, 9, nd)]
-            x = -np.abs(rng.standard_normal((3, 2 * g, *size))).astype(np.float32)  # negative: a -0.0 would show
+            x = -np.abs(rng.standard_normal((3, g * per_group, *size))).astype(np.float32)  # a -0.0 would show
             out = [(size[i] + begin[i] + end[i] - (d[i] * (k[i] - 1) + 1)) // s[i] + 1 for i in range(nd)]
             if min(out) < 1:
                 continue

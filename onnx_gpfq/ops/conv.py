@@ -163,7 +163,17 @@ def gathered_patches(x: np.ndarray, kernel, strides, dilations, begin, out, grou
         valid &= (c >= 0) & (c < x.shape[2 + i])
         idx.append(np.clip(c, 0, x.shape[2 + i] - 1))
     sample = np.repeat(np.arange(n), positions.shape[1]).reshape([r] + [1] * nd)
-    taps = x[(sample, slice(None), *idx)]  # (R, *k, C): the advanced indices' dims come first
-    taps = np.where(valid[..., None], taps, np.float32(0.0))
-    rows = np.moveaxis(taps, -1, 1).reshape(r, groups, -1)  # (R, C, *k) -> channel-major, then kernel positions
-    return np.ascontiguousarray(rows.transpose(1, 0, 2))
+    c = x.shape[1]
+    x = np.ascontiguousarray(x)
+    # one flat index per tap into x (N, C, *S): offset of (sample, tap) plus channel * prod(S), so that
+    # np.take gives (C, R, *k) in C order directly
+    flat = sample * (c * math.prod(x.shape[2:]))
+    for i in range(nd):
+        flat = flat + idx[i] * math.prod(x.shape[3 + i:])
+    flat = flat[None] + (np.arange(c) * math.prod(x.shape[2:])).reshape([c] + [1] * (1 + nd))
+    taps = np.take(x.reshape(-1), flat)
+    np.copyto(taps, np.float32(0.0), where=~valid)  # taps in the padding: +0.0, as np.pad gives
+    taps = taps.reshape(groups, c // groups, r, -1)  # (g, C/g, R, prod(k))
+    if c // groups > 1:  # rows channel-major, then kernel positions (depthwise: already in place)
+        taps = np.ascontiguousarray(taps.transpose(0, 2, 1, 3))
+    return taps.reshape(groups, r, -1)
