@@ -64,7 +64,7 @@ class Options:
       cost of the Gram accumulation and of the residual form, and their memory, independently of
       the number of calibration samples.
     memory_budget: bytes of captured activations (both streams) kept in memory; beyond it they go
-      to .npy files in a temporary folder, read back one batch at a time. None: no limit.
+      to one spill file in a temporary folder, read back one batch at a time. None: no limit.
     batch_size: calibration samples per onnxruntime run.
     exclude: node-name globs or op types left in float. rules: per-layer overrides (--config).
     batch_axes: (input, axis) pairs for inputs whose samples are not stacked on axis 0 (axis None:
@@ -134,7 +134,7 @@ class Options:
     max_rows: int = opt(4096, "rows of X per layer over all calibration samples; beyond it fewer patches per sample, "
                         "then a seeded subset", kind=int, check=POSITIVE)
     memory_budget: int | None = opt(256 << 20, "captured activations kept in memory (e.g. 512M, 2G, none); beyond it "
-                                    "they spill to .npy files in a temporary folder (read back one batch at a time, "
+                                    "they spill to one file in a temporary folder (read back one batch at a time, "
                                     "always removed)", metavar="SIZE", cli_default="256M")
     exclude: tuple[str, ...] = opt((), "leave nodes in float: a node-name glob or an op type (repeatable)",
                                    metavar="GLOB|OP", repeat=True)
