@@ -313,42 +313,6 @@ def bench(model_spec: str, calib_spec: str, multiplier: int = 1, warmup: bool = 
         return result
 
 
-def _load_result(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"bench_quantize: cannot read result {path}: {exc}") from None
-
-
-TABLE_HEADER = ("| model | samples | onnx-gpfq (s) | ORT (s) | ORT preprocessing (s) | ratio incl. ORT preprocessing "
-                "(target <= 3) | ratio (ORT quantize call only) | gpfq peak RSS / anon (MiB) | ORT peak RSS (MiB) | "
-                "gpfq peak RSS 4x / 1x samples (target <= 1.1) | spilled (GB) | command |\n"
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-
-
-def table(results: list[dict]) -> str:
-    """Markdown rows, one per model: its 1x result, and the RSS growth of a --samples-multiplier run
-    of the same model where one is given."""
-    growth = {r["model"]: r for r in results if r.get("samples_multiplier", 1) > 1}
-    rows = [TABLE_HEADER]
-    for r in results:
-        if r.get("samples_multiplier", 1) > 1:
-            continue
-        g = growth.get(r["model"])
-        met = "" if r["ratio_incl_ort_preprocessing"] <= 3 else " (**not met**)"
-        grown = "-" if g is None else (f"{g['gpfq_rss_growth']:.3f}{'' if g['gpfq_rss_growth'] <= 1.1 else ' (**not met**)'}"
-                                       f" ({g['gpfq_peak_rss_mb_1x']:.0f} -> {g['gpfq_peak_rss_mb']:.0f} at "
-                                       f"{g['samples'] // g['samples_multiplier']} -> {g['samples']}; `{g['command']}`)")
-        repeat = f", median of {r['repeat']}" if r.get("repeat", 1) > 1 else ""
-        rows.append(f"| {r['model']} | {r['samples']} | {r['gpfq_seconds']:.2f} | {r['ort_seconds']:.2f} | "
-                    f"{r['ort_preprocess_seconds']:.2f} | {r['ratio_incl_ort_preprocessing']:.2f}{met}{repeat} | "
-                    f"{r['ratio']:.2f} | {r['gpfq_peak_rss_mb']:.0f} / {r['gpfq_peak_anon_mb']:.0f} | "
-                    f"{r['ort_peak_rss_mb']:.0f} | {grown} | {r.get('gpfq_spilled_bytes', 0) / 1e9:.1f} | "
-                    f"`{r['command']}` |")
-    return "\n".join(rows)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", metavar="MODEL.onnx|light:NAME")
@@ -366,9 +330,6 @@ def main(argv=None) -> int:
                     help="an empty numba cache in each child: kernel compilation counted, as after a fresh install")
     ap.add_argument("--trace-memory", action="store_true",
                     help="record resident memory around every layer of the gpfq run (where the peak comes from)")
-    ap.add_argument("--table", nargs="+", metavar="RESULT.json",
-                    help="print BENCHMARKS.md's table rows from saved --json results (1x runs, then their "
-                         "--samples-multiplier runs, matched by model) and exit")
     ap.add_argument("--child", choices=["gpfq", "ort"], help=argparse.SUPPRESS)
     ap.add_argument("--child-model", help=argparse.SUPPRESS)
     ap.add_argument("--child-calib", help=argparse.SUPPRESS)
@@ -387,9 +348,6 @@ def main(argv=None) -> int:
             json.dump(res, f)
         return 0
 
-    if args.table:
-        print(table([_load_result(p) for p in args.table]))
-        return 0
     if not args.model or not args.calib:
         ap.error("MODEL and --calib are required")
     if args.samples_multiplier < 1:

@@ -227,46 +227,52 @@ def load_cost_results(paths: list[str]) -> list[dict]:
 
 
 def _cost_lines(costs: list[dict]) -> list[str]:
+    """The section: one row per 1x run; a --samples-multiplier run of the same model adds its peak-RSS
+    growth to that model's row (or gets a row of its own where there is no 1x run)."""
     lines = ["## Quantization cost: onnx-gpfq W4A8 vs onnxruntime quantize_static", "",
              "`tools/bench_quantize.py`: each quantizer in its own fresh child process, wall clock of the quantize "
-             "call (first call in the process: numba's kernel cache load lands on onnx-gpfq), peak RSS = the "
-             "child's VmHWM (imports and calibration data included), anon = peak RssAnon sampled every 50 ms "
-             "(VmHWM also counts mapped file pages: shared libraries; onnx-gpfq maps an activation spill file only "
-             "while writing it). ORT: QDQ, per-channel, MinMax, QUInt8/QInt8, "
-             "on the preprocessed model (its preprocessing time not counted in `ratio`; the next column counts it, "
-             "as onnx-gpfq's own time counts its model normalisation). `--warmup`: a second call in the same "
-             "process. `--repeat N`: N gpfq/ORT pairs back to back, the pair with the median ratio shown (this shared "
-             "machine's timings swing by 20% and more from run to run). `--gpfq-option memory_budget=.. max_rows=..`: onnx-gpfq's two memory bounds (activations kept "
-             "in memory, rows per layer) set low enough to be reached at 1x too. Targets: time ratio <= 3; peak RSS "
-             "at 8x samples <= 1.3x the 1x peak.", "",
-             "| model | samples | onnx-gpfq (s) | ORT (s) | ratio | ratio incl. ORT preprocessing | gpfq peak RSS / anon (MiB) | "
-             "ORT peak RSS / anon (MiB) | gpfq peak vs 1x (RSS / anon) | ORT preprocessing | command |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "call (first call in the process: numba's kernel cache load lands on onnx-gpfq; `--cold`: an empty "
+             "cache, kernels compiled in the call), peak RSS = the child's VmHWM (imports included; calibration "
+             "data from an uncompressed .npz stays in its file for onnx-gpfq), anon = peak RssAnon sampled every "
+             "50 ms. ORT: QDQ, per-channel, MinMax, QUInt8/QInt8, on the model after its `quant_pre_process`, "
+             "which its documented flow requires: the headline ratio (onnx-gpfq seconds / (ORT quantize + ORT "
+             "preprocessing seconds)) counts it, as onnx-gpfq's own time counts its model normalisation; the "
+             "ratio to ORT's quantize call alone is beside it. `--repeat N`: N gpfq/ORT pairs back to back, the "
+             "pair with the median headline ratio shown (timings on this machine swing by 20% and more from run "
+             "to run). Targets: headline ratio <= 3; peak RSS at 4x the samples (64 -> 256) <= 1.1x the 1x peak.",
+             "", "| model | samples | onnx-gpfq (s) | ORT + preprocessing (s) | ratio incl. ORT preprocessing "
+             "(target <= 3) | ratio to ORT's quantize call | gpfq peak RSS / anon (MiB) | ORT peak RSS / anon "
+             "(MiB) | gpfq peak RSS 4x / 1x samples (target <= 1.1) | spilled (GB) | command |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    ones = {c["model"] for c in costs if "failed" not in c and c.get("samples_multiplier", 1) == 1}
+    growth_of = {c["model"]: c for c in costs if "failed" not in c and c.get("samples_multiplier", 1) > 1}
     for c in costs:
         if "failed" in c:
-            lines.append(f"| | | | | | | | | | failed: {c['failed']} | `{c.get('command', '')}` |")
+            lines.append(f"| | | | | failed: {c['failed']} | | | | | | `{c.get('command', '')}` |")
             continue
-        pre = c.get("ort_preprocessing") or {}
-        pre_text = ", ".join(filter(None, [
-            f"IR {pre['ir_version_raised']}" if pre.get("ir_version_raised") else "",
-            f"opset {pre['original_opset']} -> {pre['opset_converted_to']}" if pre.get("opset_converted_to") else "",
-            "quant_pre_process" if pre.get("quant_pre_process") is True else str(pre.get("quant_pre_process", "")),
-        ]))
-        growth = c.get("gpfq_rss_growth")
-        anon_growth = c.get("gpfq_anon_growth")
-        growth_text = (f"{growth:.2f}x / {_f(anon_growth, '.2f')}{'x' if anon_growth else ''} "
-                       f"(1x: {c['gpfq_peak_rss_mb_1x']:.0f} / {_f(c.get('gpfq_peak_anon_mb_1x'), '.0f')})" if growth else "-")
-        ratio = c.get("ratio")
-        runs = c.get("ratios")
-        runs_text = f" (median of {len(runs)}: {', '.join(f'{r:.1f}' for r in runs)})" if runs else ""
+        multiplied = c.get("samples_multiplier", 1) > 1
+        if multiplied and c["model"] in ones:
+            continue  # shown in its model's 1x row
+        g = c if multiplied else growth_of.get(c["model"])
+        growth_text = "-"
+        if g is not None and g.get("gpfq_rss_growth"):
+            growth = g["gpfq_rss_growth"]
+            command = "" if g is c else f"; `{g.get('command', '')}`"
+            growth_text = (f"{growth:.3f}{' (met)' if growth <= 1.1 else ' (**not met**)'} "
+                           f"({g['gpfq_peak_rss_mb_1x']:.0f} -> {g['gpfq_peak_rss_mb']:.0f} MiB at "
+                           f"{g['samples'] // g['samples_multiplier']} -> {g['samples']}{command})")
+        head = c.get("ratio_incl_ort_preprocessing")
+        runs = c.get("ratios_incl_ort_preprocessing")
+        runs_text = f" (median of {len(runs)}: {', '.join(f'{r:.2f}' for r in runs)})" if runs else ""
+        met = "" if head is None or multiplied else (" (met)" if head <= 3 else " (**not met**)")
+        ort_total = (c.get("ort_seconds") or 0) + (c.get("ort_preprocess_seconds") or 0)
+        cold = " (cold)" if c.get("cold") else ""
         lines.append(
-            f"| {c['model']} | {c['samples']} | {_secs(c.get('gpfq_seconds'))} | {_secs(c.get('ort_seconds'))} | "
-            f"{_f(ratio, '.1f')}{runs_text}{'' if ratio is None or c.get('samples_multiplier', 1) > 1 else (' (met)' if ratio <= 3 else ' (**not met**)')} | "
-            f"{_f(c.get('ratio_incl_ort_preprocessing'), '.1f')} | "
+            f"| {c['model']}{cold} | {c['samples']} | {_secs(c.get('gpfq_seconds'))} | {_secs(ort_total)} | "
+            f"{_f(head, '.2f')}{met}{runs_text} | {_f(c.get('ratio'), '.2f')} | "
             f"{_f(c.get('gpfq_peak_rss_mb'), '.0f')} / {_f(c.get('gpfq_peak_anon_mb'), '.0f')} | "
-            f"{_f(c.get('ort_peak_rss_mb'), '.0f')} / {_f(c.get('ort_peak_anon_mb'), '.0f')} | "
-            f"{growth_text}{'' if not growth else (' (met)' if growth <= 1.3 else ' (**not met**)')} | {pre_text} | "
-            f"`{c.get('command', '')}` |")
+            f"{_f(c.get('ort_peak_rss_mb'), '.0f')} / {_f(c.get('ort_peak_anon_mb'), '.0f')} | {growth_text} | "
+            f"{(c.get('gpfq_spilled_bytes') or 0) / 1e9:.1f} | `{c.get('command', '')}` |")
     slow = [c for c in costs if c.get("gpfq_slowest_layers")]
     if slow:
         c = max(slow, key=lambda c: c.get("gpfq_seconds") or 0)
