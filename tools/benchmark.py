@@ -253,7 +253,7 @@ def _cost_lines(costs: list[dict]) -> list[str]:
         multiplied = c.get("samples_multiplier", 1) > 1
         if multiplied and c["model"] in ones:
             continue  # shown in its model's 1x row
-        g = c if multiplied else growth_of.get(c["model"])
+        g = c if multiplied else None if c.get("cold") else growth_of.get(c["model"])
         growth_text = "-"
         if g is not None and g.get("gpfq_rss_growth"):
             growth = g["gpfq_rss_growth"]
