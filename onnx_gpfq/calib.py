@@ -331,18 +331,17 @@ def _split(arrays: dict[str, np.ndarray], inputs: list[InputSpec], batch_size: i
 
 
 def _check_batch(batch: Batch, inputs: list[InputSpec], index: int) -> Batch:
+    """The batch with each input checked against the model (dtype converted where lossless in
+    kind, rank, fixed dims, not empty, finite). A FileArray of the right dtype stays in its file:
+    its values are read once here for the NaN / Inf check."""
     out: Batch = {}
     for spec in inputs:
         if spec.name not in batch:
             raise UserError(f"calibration batch {index} has no value for model input {spec.name!r}")
         array = batch[spec.name]
-        if isinstance(array, FileArray):
-            if array.dtype != spec.dtype:
-                array = array.read()
-            else:
-                out[spec.name] = _checked_file_array(array, spec)
-                continue
-        array = np.asarray(array)
+        lazy = isinstance(array, FileArray) and array.dtype == spec.dtype
+        if not lazy:
+            array = np.asarray(as_array(array))
         if array.dtype != spec.dtype:
             if array.dtype.kind == spec.dtype.kind == "f" or (array.dtype.kind in "iu" and spec.dtype.kind in "iu"):
                 array = array.astype(spec.dtype)
@@ -357,27 +356,10 @@ def _check_batch(batch: Batch, inputs: list[InputSpec], index: int) -> Batch:
                                 f"{_dims_text(spec.dims)} (axis {axis})")
         if array.size == 0:
             raise UserError(f"calibration input {spec.name!r} is empty (shape {array.shape})")
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
+        if array.dtype.kind == "f" and not np.isfinite(array.read() if lazy else array).all():
             raise UserError(f"calibration input {spec.name!r} contains NaN or Inf values")
-        out[spec.name] = np.ascontiguousarray(array) if array.ndim else array  # (it makes 0-d arrays 1-d)
+        out[spec.name] = array if lazy or not array.ndim else np.ascontiguousarray(array)  # (it makes 0-d arrays 1-d)
     return out
-
-
-def _checked_file_array(array: FileArray, spec: InputSpec) -> FileArray:
-    """The checks of _check_batch on a batch that stays in its file: shape from the header, the
-    values read once here for NaN / Inf."""
-    if array.ndim != len(spec.dims):
-        raise UserError(f"calibration input {spec.name!r} has rank {array.ndim} (shape {array.shape}), the model "
-                        f"expects rank {len(spec.dims)}")
-    for axis, (got, want) in enumerate(zip(array.shape, spec.dims)):
-        if want is not None and got != want:
-            raise UserError(f"calibration input {spec.name!r} has shape {array.shape}, the model expects "
-                            f"{_dims_text(spec.dims)} (axis {axis})")
-    if array.size == 0:
-        raise UserError(f"calibration input {spec.name!r} is empty (shape {array.shape})")
-    if array.dtype.kind == "f" and not np.isfinite(array.read()).all():
-        raise UserError(f"calibration input {spec.name!r} contains NaN or Inf values")
-    return array
 
 
 def _dims_text(dims: tuple[int | None, ...]) -> str:
