@@ -111,9 +111,10 @@ def run(args) -> dict:
             if out.returncode != 0:
                 sys.exit(f"target_check: the qemu child failed: {out.stderr.strip().splitlines()[-1:]}")
             avx2 = json.loads(out.stdout.strip().splitlines()[-1])
-            # the reference SQNR on the same first n samples, for a like-for-like kernel loss
-            ref_n = [r[:n] for r in ref]
+            # the reference SQNR on the same first n samples, for a like-for-like kernel loss (the float
+            # outputs recomputed on them: an output's batch axis need not be its first, e.g. a CTC (T, N, C))
             small_feeds = {k: v[:n] for k, v in feeds.items()}
+            ref_n = _outputs(float_path, small_feeds, True)
             for label, path in paths.items():
                 row = next(r for r in rows if r["model"] == name and r["variant"] == label)
                 row["qemu_samples"] = n
