@@ -142,14 +142,7 @@ class Spilled(FileArray):
         self.fd = fd
 
     def read(self) -> np.ndarray:
-        out = np.empty(self.shape, self.dtype)
-        view, done = memoryview(out).cast("B"), 0
-        while done < out.nbytes:
-            n = os.preadv(self.fd, [view[done:]], self.offset + done)
-            if n <= 0:
-                raise RuntimeError(f"spill file {self.path} ended at offset {self.offset + done}")
-            done += n
-        return out
+        return self._read_from(self.fd)
 
 
 class Batches(list):

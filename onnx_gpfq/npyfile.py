@@ -87,12 +87,22 @@ class FileArray:
 
     def read(self) -> np.ndarray:
         """The values, a fresh array (its own buffer)."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            return self._read_from(fd)
+        finally:
+            os.close(fd)
+
+    def _read_from(self, fd: int) -> np.ndarray:
+        """The values, read from the open file ``fd`` with positioned reads (no seek, no buffering)."""
         out = np.empty(self.shape, self.dtype)
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            got = f.readinto(memoryview(out).cast("B")) if out.nbytes else 0
-        if got != out.nbytes:
-            raise UserError(f"{self.path} is truncated: {got} of the {out.nbytes} bytes expected at offset {self.offset}")
+        view, done = memoryview(out).cast("B"), 0
+        while done < out.nbytes:
+            n = os.preadv(fd, [view[done:]], self.offset + done)
+            if n <= 0:
+                raise UserError(f"{self.path} is truncated: {done} of the {out.nbytes} bytes expected at offset "
+                                f"{self.offset}")
+            done += n
         return out
 
 
