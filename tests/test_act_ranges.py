@@ -79,6 +79,49 @@ def test_auto_scores_no_worse_than_any_candidate_against_brute_force(seed, outli
     assert row.layers == ("mm",)
 
 
+def _massive_rows_case():
+    """A MatMul reading x (batches of (8, 16, 12) tokens) in which 1% of the rows are massive:
+    channel 0 at +80 and channel 1 at -40, which W (row 1 = 2 x row 0) cancels at the output, so
+    such a row's output is as small as any other's. Clipping the +80s saves all other rows most
+    of their rounding error and costs the massive rows their whole output."""
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((8, 16, 12)).astype(np.float32) for _ in range(2)]
+    for b in batches:
+        mask = rng.random(b.shape[:-1]) < 0.01
+        b[..., 0][mask], b[..., 1][mask] = 80.0, -40.0
+    w = (rng.standard_normal((12, 10)) * 0.1).astype(np.float32)
+    w[1] = 2 * w[0]
+    return batches, w, MatMul(node="mm", x="x", w="w", w_shape=(12, 10))
+
+
+def test_auto_never_clips_a_row_out_of_its_output(monkeypatch):
+    """A clip under which some scored row's output error exceeds ROW_ERROR_LIMIT times its output
+    (and the worst row's under min-max) is not a candidate, even where its summed score is the
+    lowest: a transformer's massive activation clipped. Without the limit auto takes that clip."""
+    batches, w, layer = _massive_rows_case()
+    x = np.concatenate(batches).reshape(-1, 12).astype(np.float64)
+    W = w.astype(np.float64)
+
+    def worst_row(lo, hi):
+        q = act_quant_from_range(lo, hi, 8, False)
+        codes = np.clip(np.round(x / q.scale) + q.zero_point, 0, 255)
+        err = ((codes - q.zero_point) * q.scale - x) @ W
+        return float(np.max(np.sum(err ** 2, axis=1) / np.sum((x @ W) ** 2, axis=1)))
+
+    def auto():
+        scorer = act_ranges.Scorer.of(layer, w, np.random.default_rng(0))
+        return act_ranges.choose("x", batches, "auto", 8, False, 99.99, [scorer], np.random.default_rng(1))[1]
+
+    kept, limit = auto(), act_ranges.ROW_ERROR_LIMIT
+    assert worst_row(kept.lo, kept.hi) <= limit
+    monkeypatch.setattr(act_ranges, "ROW_ERROR_LIMIT", float("inf"))
+    free = auto()
+    assert free.rule != "minmax" and free.rule != kept.rule
+    assert worst_row(free.lo, free.hi) > 2 * limit  # some row's output destroyed
+    assert worst_row(float(x.min()), float(x.max())) < 1.0
+    assert free.layers_sqnr_db > kept.layers_sqnr_db  # the sum over rows preferred the clip
+
+
 def test_auto_clips_what_the_layer_ignores_where_the_own_mse_keeps_it():
     """Channel 0 is wide (std 4) and the layer reads it with weight 0; the others are narrow and
     weighted: clipping channel 0 costs the output nothing, the step it saves is what counts."""
