@@ -49,10 +49,10 @@ class Options:
     granularity: weight step per output "channel", per "tensor", or per "block" of block_size rows of
       the fan-in (MatMul/Gemm layers; Conv layers fall back to per channel).
     act_bits: 8 or 16 (activation QDQ), or None for weight-only. act_symmetric: int8/int16 with zero
-      point 0 instead of asymmetric uint8/uint16. act_calibration: "minmax" (the default),
-      "percentile" (clip at the given percentile of each tail), "mse" (clip range minimising the
-      fake-quant error) or "auto" (per tensor, the candidate of those with the least error at the
-      outputs of the layers reading it: ``act_ranges``).
+      point 0 instead of asymmetric uint8/uint16. act_calibration: "auto" (the default:
+      per tensor, the candidate of the rules below with the least error at the outputs of the layers
+      reading it, ``act_ranges``), or one rule for every tensor: "minmax", "percentile" (clip at the
+      given percentile of each tail), "mse" (clip range minimising the fake-quant error).
     act_bits "auto": 8 bits, with the tensors whose 8-bit quantization costs the model output most
       (measured, mixed.py) at 16; act16_budget: the fraction of the quantized activation tensors that
       may be promoted (a count: floor(budget x tensors)).
@@ -114,7 +114,7 @@ class Options:
                                 "weight); qdq: as --weight-format stores them, through DequantizeLinear; auto: with 8-bit "
                                 "activations dynamic for LSTM, else float32", check=choice(RECURRENT_CHOICES))
     act_symmetric: bool = opt(False, "symmetric int8/int16 activations (zero point 0)", action="store_true", check=FLAG)
-    act_calibration: str = opt("minmax", "activation range: full min-max, clipped at --percentile, the clip minimising "
+    act_calibration: str = opt("auto", "activation range: full min-max, clipped at --percentile, the clip minimising "
                                "the quantization MSE, or auto: per tensor, the candidate (min-max, percentiles, MSE "
                                "clip) with the least error at the outputs of the layers reading it",
                                check=choice(ACT_CALIBRATIONS))

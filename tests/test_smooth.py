@@ -194,7 +194,7 @@ def _qdq_dtypes(model):
 def test_act_bits_auto_promotes_the_costliest_tensors_within_the_budget():
     model, calib = _block(), _data(64, 1)
     q, report = onnx_gpfq.quantize(model, calib, quiet=True, weight_bits=8, act_bits="auto", act16_budget=0.5,
-                                   smooth="off")  # the costs are checked on the unsmoothed graph
+                                   smooth="off", act_calibration="minmax")  # checked below: unsmoothed, min-max ranges
     costs = report.promotions
     assert len(costs) == 2 and [p.cost for p in costs] == sorted((p.cost for p in costs), reverse=True)
     assert [p.promoted for p in costs] == [True, False]  # floor(0.5 x 2) = 1: the costliest

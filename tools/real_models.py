@@ -59,17 +59,18 @@ VARIANTS = [  # (label, quantizer, options)
 ]
 
 # Run only when --variants names them (not part of the default set or of BENCHMARKS.md's table):
-# the minimal activation placement, --act-calibration auto, bias correction on top of the default or of auto,
-# smoothing off, and 16-bit activations.
+# the minimal activation placement, --act-calibration minmax (the default before auto), bias correction on top of
+# the default or of minmax, smoothing off, and 16-bit activations.
 EXTRA_VARIANTS = [
     ("gpfq W8A8 minimal", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "act_placement": "minimal"}),
     ("gpfq W8A8 no-smooth", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "smooth": "off"}),
     ("gpfq W8A8 act16", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": "auto", "act16_budget": 0.25}),
     ("rtn W8A8 act16", "gpfq", {"method": "rtn", "weight_bits": 8, "act_bits": "auto", "act16_budget": 0.25}),
-    ("gpfq W8A8 auto", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "act_calibration": "auto"}),
+    ("gpfq W8A8 minmax", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "act_calibration": "minmax"}),
+    ("gpfq W4A8 minmax", "gpfq", {"method": "gpfq", "weight_bits": 4, "act_bits": 8, "act_calibration": "minmax"}),
     ("gpfq W8A8 bias-corr", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "bias_correction": True}),
-    ("gpfq W8A8 auto bias-corr", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8,
-                                          "act_calibration": "auto", "bias_correction": True}),
+    ("gpfq W8A8 minmax bias-corr", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8,
+                                            "act_calibration": "minmax", "bias_correction": True}),
 ]
 
 
