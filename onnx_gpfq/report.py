@@ -86,12 +86,12 @@ class Report:
         for s in self.skipped:
             lines.append(f"{s.node[-32:]:32s} {s.op_type:6s} left in float: {s.reason}")
         if self.activation_rows:
-            head = f"{'activation':32s} {'bits':>4s} {'rule':>16s} {'lo':>10s} {'hi':>10s} {'SQNR dB':>7s} {'layers dB':>9s}  scored at"
+            head = f"{'activation':32s} {'bits':>4s} {'rule':>17s} {'lo':>10s} {'hi':>10s} {'SQNR dB':>7s} {'layers dB':>9s}  scored at"
             lines += ["", head, "-" * len(head)]
             for a in self.activation_rows:
                 at = ", ".join(a.layers) if a.layers else "itself"
                 layers_db = "-" if a.layers_sqnr_db is None else f"{a.layers_sqnr_db:9.1f}"
-                lines.append(f"{a.tensor[-32:]:32s} {a.bits:4d} {a.rule:>16s} {a.lo:10.4g} {a.hi:10.4g} {a.sqnr_db:7.1f} "
+                lines.append(f"{a.tensor[-32:]:32s} {a.bits:4d} {a.rule:>17s} {a.lo:10.4g} {a.hi:10.4g} {a.sqnr_db:7.1f} "
                              f"{layers_db:>9s}  {at[:60]}")
         ratio = self.float_weight_bytes / max(self.quant_weight_bytes, 1)
         if self.fixed_inputs:
