@@ -221,7 +221,8 @@ def _rows(scorer: Scorer, values, rng: np.random.Generator, pool: int) -> tuple[
     if n <= SCORE_ROWS:
         return rows.astype(np.float64), np.ones(n)
     half = SCORE_ROWS // 2
-    order = np.argsort(-np.abs(rows).max(axis=(0, 2)), kind="stable")
+    largest = np.maximum(rows.max(axis=0), -rows.min(axis=0)).max(axis=1)  # max |x| per row; = np.abs(rows).max(axis=(0, 2)),
+    order = np.argsort(-largest, kind="stable")  # 8x faster on a depthwise Conv's (g, rows, 9)
     rest = np.sort(rng.choice(order[half:], half, replace=False))
     keep = np.concatenate([np.sort(order[:half]), rest])
     weights = np.concatenate([np.ones(half), np.full(half, (n - half) / half)])
