@@ -226,6 +226,11 @@ def load_cost_results(paths: list[str]) -> list[dict]:
     return out
 
 
+def _commit(c: dict) -> str:
+    """' (commit X)' for a saved run that names the package commit it measured (rows may come from several)."""
+    return f" (commit {c['commit']})" if c.get("commit") else ""
+
+
 def _cost_lines(costs: list[dict]) -> list[str]:
     """The section: one row per 1x run; a --samples-multiplier run of the same model adds its peak-RSS
     growth to that model's row (or gets a row of its own where there is no 1x run)."""
@@ -239,7 +244,8 @@ def _cost_lines(costs: list[dict]) -> list[str]:
              "preprocessing seconds)) counts it, as onnx-gpfq's own time counts its model normalisation; the "
              "ratio to ORT's quantize call alone is beside it. `--repeat N`: N gpfq/ORT pairs back to back, the "
              "pair with the median headline ratio shown (timings on this machine swing by 20% and more from run "
-             "to run). Targets: headline ratio <= 3; peak RSS at 4x the samples (64 -> 256) <= 1.1x the 1x peak.",
+             "to run). Targets: headline ratio <= 3; peak RSS at 4x the samples (64 -> 256) <= 1.1x the 1x peak. "
+             "Each row names the onnx-gpfq commit it measured.",
              "", "| model | samples | onnx-gpfq (s) | ORT + preprocessing (s) | ratio incl. ORT preprocessing "
              "(target <= 3) | ratio to ORT's quantize call | gpfq peak RSS / anon (MiB) | ORT peak RSS / anon "
              "(MiB) | gpfq peak RSS 4x / 1x samples (target <= 1.1) | spilled (GB) | command |",
@@ -257,7 +263,7 @@ def _cost_lines(costs: list[dict]) -> list[str]:
         growth_text = "-"
         if g is not None and g.get("gpfq_rss_growth"):
             growth = g["gpfq_rss_growth"]
-            command = "" if g is c else f"; `{g.get('command', '')}`"
+            command = "" if g is c else f"; `{g.get('command', '')}`{_commit(g)}"
             growth_text = (f"{growth:.3f}{' (met)' if growth <= 1.1 else ' (**not met**)'} "
                            f"({g['gpfq_peak_rss_mb_1x']:.0f} -> {g['gpfq_peak_rss_mb']:.0f} MiB at "
                            f"{g['samples'] // g['samples_multiplier']} -> {g['samples']}{command})")
@@ -272,7 +278,7 @@ def _cost_lines(costs: list[dict]) -> list[str]:
             f"{_f(head, '.2f')}{met}{runs_text} | {_f(c.get('ratio'), '.2f')} | "
             f"{_f(c.get('gpfq_peak_rss_mb'), '.0f')} / {_f(c.get('gpfq_peak_anon_mb'), '.0f')} | "
             f"{_f(c.get('ort_peak_rss_mb'), '.0f')} / {_f(c.get('ort_peak_anon_mb'), '.0f')} | {growth_text} | "
-            f"{(c.get('gpfq_spilled_bytes') or 0) / 1e9:.1f} | `{c.get('command', '')}` |")
+            f"{(c.get('gpfq_spilled_bytes') or 0) / 1e9:.1f} | `{c.get('command', '')}`{_commit(c)} |")
     slow = [c for c in costs if c.get("gpfq_slowest_layers")]
     if slow:
         c = max(slow, key=lambda c: c.get("gpfq_seconds") or 0)
