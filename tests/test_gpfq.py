@@ -788,7 +788,7 @@ def test_pair_bound_all_forms_match_reference(g, m, n0, n1, gran, gs, sp, bits, 
     assert not _pairs_ok(free_ref, P), "the case must make the bound bind"
 
     G, H, _ = gram(X, Xt)
-    for block in (3, 4, 16, P_.GRAM_BLOCK):  # an odd block: pairs straddle block boundaries
+    for block in (3, 4, 16, P_.GRAM_BLOCK):  # an odd block is rounded up to even: a pair never straddles two
         c = P_.gpfq_gram(W, G, H, delta, alphabet, sparsity, group_size=gs, block=block, pair_bound=P)
         np.testing.assert_array_equal(c, codes_ref, err_msg=f"gram block={block}")
         c = P_.gpfq_residual(W, X, Xt, delta, alphabet, sparsity, group_size=gs, block=block, pair_bound=P)
@@ -879,6 +879,53 @@ def test_pair_bound_int8_codes_fit_the_saturating_kernel():
     free = P_.quantize_layer(W, moments_of(X, Xt, "gram"), QuantSpec(Alphabet.from_bits(8))).codes[0].astype(np.int64)
     assert (cpu.pair_reach(free) > 128).any()  # without the bound some pair would saturate
     assert not np.array_equal(cpu.saturating_u8s8_matmul(a, free), a.astype(np.int64) @ free)
+
+
+@pytest.mark.parametrize("lo,hi,P", [(-127, 127, 128), (-128, 127, 128), (-7, 7, 9), (-1, 1, 1)])
+def test_pair_joint_is_the_best_feasible_pair(lo, hi, P):
+    """rounding.pair_joint (the kernels') and reference.joint_pair (on the residual vectors) both find the
+    feasible pair with the smallest residual: checked against every feasible (a, b) by brute force."""
+    from onnx_gpfq.core.rounding import pair_joint
+
+    rng = np.random.default_rng(hi + P)
+    a_all = np.arange(max(lo, -P), min(hi, P) + 1)
+    for _ in range(30):
+        xa, xb = rng.standard_normal((2, 12))
+        xb = 0.6 * xa + 0.8 * xb  # correlated rows, as consecutive fan-in rows are
+        da, db = rng.uniform(0.5, 1.5, 2) / max(hi, 1)
+        r = rng.standard_normal(12) * 0.3 + xa * (hi * da * rng.uniform(0.5, 1.0)) + xb * (hi * db * rng.uniform(0.5, 1.0))
+        A, B = np.meshgrid(a_all, np.arange(lo, hi + 1), indexing="ij")
+        ok = ~_breaks_all(A, B, P) & (np.abs(B) <= P)
+        E = r[None, None] - (A * da)[..., None] * xa - (B * db)[..., None] * xb
+        err = np.where(ok, np.einsum("abm,abm->ab", E, E), np.inf)
+        best = err.min()
+        a, b = pair_joint(xa @ r, xb @ r, xa @ xa, xa @ xb, xb @ xb, da, db, lo, hi, P)
+        e = r - a * da * xa - b * db * xb
+        assert not _breaks_all(np.array(a), np.array(b), P)
+        assert e @ e == pytest.approx(best, rel=1e-12, abs=1e-12)
+        a2, b2 = ref.joint_pair(r, xa, xb, da, db, lo, hi, P)
+        assert (a2, b2) == (int(a), int(b))
+
+
+def _breaks_all(a, b, P):
+    return (a * b > 0) & (np.abs(a) + np.abs(b) > P)
+
+
+def test_joint_pairs_leave_less_error_than_the_sequential_rule(monkeypatch):
+    """Re-deciding a pair whose greedy codes break the bound lowers GPFQ's error against narrowing the
+    second row alone (the rule without pair_joint), and changes only the layers where the bound binds."""
+    rng = np.random.default_rng(8)
+    n0 = 36
+    X = rng.standard_normal((1, 80, n0)) @ (np.eye(n0) + 0.3 * rng.standard_normal((n0, n0)) / math.sqrt(n0))
+    Xt = X + 0.05 * rng.standard_normal(X.shape)
+    W = rng.standard_t(4, (1, n0, 24)) * 0.3
+    d = np.broadcast_to(np.abs(W).max(axis=1, keepdims=True) / 127, W.shape)  # C = 1: the bound binds often
+    joint, err_joint = ref.gpfq_layer(X, Xt, W, d, -127, 127, pair=128)
+    monkeypatch.setattr(ref, "breaks", lambda a, b, pair: False)
+    seq, err_seq = ref.gpfq_layer(X, Xt, W, d, -127, 127, pair=128)
+    assert _pairs_ok(joint, 128) and _pairs_ok(seq, 128)
+    assert (joint != seq).any()
+    assert err_joint.sum() < 0.8 * err_seq.sum()  # measured: 0.6x
 
 
 def test_pair_range_narrows_only_the_side_of_the_first_codes_sign():

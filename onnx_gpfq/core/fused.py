@@ -13,8 +13,9 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .greedy import DEAD_TOL, greedy_step
-from .rounding import MODE_PLAIN, Rule, level, pair_limits
+from .greedy import DEAD_TOL, greedy_step, joint_step
+from .moments import rows_superdiagonal
+from .rounding import MODE_PLAIN, Rule, level, pair_breaks, pair_limits
 
 # Residual form with at most this many calibration rows runs fused, all C of the grid in one sweep;
 # more rows: blocked with BLAS (residual.py).
@@ -37,8 +38,8 @@ def column_tile(n1: int, largest: int, groups: int = 1) -> int:
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def residual_lanes(W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode, lam, pair, tile, store, codes, err_g, err_r,
-                   xw2):
+def residual_lanes(W, XT, XtT, hd, hsup, gsup, dead, DG, DR, bsize, lo, hi, mode, lam, pair, tile, store, codes, err_g,
+                   err_r, xw2):
     """The residual form row by row, for several step choices ("lanes") at once.
 
     For every group k and column c, walking the fan-in t = 0..N0-1 with the running products
@@ -56,8 +57,12 @@ def residual_lanes(W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode, lam, pair,
     Xt_{t+1} . R, in the order k = 0..m-1. A column's arithmetic does not depend on the tile or on
     the other lanes (same bits whatever the batch); the (group, tile) pairs run on numba's threads.
 
+    Under a pair bound (plain rounding) a GPFQ lane whose second row of a pair breaks the bound
+    re-decides the pair (greedy.joint_step) and corrects R by the first row's change.
+
     W (g, N0, N1) float64; XT, XtT (g, N0, m) = X, Xt transposed; hd (g, N0) = H[t,t];
-    dead (g,); DG (nG, g, nb, N1), DR (nR, g, nb, N1) steps per block of bsize fan-in rows;
+    hsup, gsup (g, N0) = H[t,t+1], G[t,t+1] (read by pairs decided jointly); dead (g,);
+    DG (nG, g, nb, N1), DR (nR, g, nb, N1) steps per block of bsize fan-in rows;
     lo..pair: the rounding.Rule (pair bound included), for every lane;
     store: write lane 0's GPFQ codes into codes (g, N0, N1) int32; err_g (nG, g, N1),
     err_r (nR, g, N1), xw2 (g, N1) outputs.
@@ -68,13 +73,13 @@ def residual_lanes(W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode, lam, pair,
     for task in prange(g * tiles):
         kg = task // tiles
         c0 = (task % tiles) * T
-        _residual_tile(kg, c0, min(c0 + T, n1), W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode, lam, pair, store,
-                       codes, err_g, err_r, xw2)
+        _residual_tile(kg, c0, min(c0 + T, n1), W, XT, XtT, hd, hsup, gsup, dead, DG, DR, bsize, lo, hi, mode, lam, pair,
+                       store, codes, err_g, err_r, xw2)
 
 
 @njit(cache=True, error_model="numpy")
-def _residual_tile(kg, c0, c1, W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode, lam, pair, store, codes, err_g, err_r,
-                   xw2):
+def _residual_tile(kg, c0, c1, W, XT, XtT, hd, hsup, gsup, dead, DG, DR, bsize, lo, hi, mode, lam, pair, store, codes,
+                   err_g, err_r, xw2):
     """residual_lanes for group kg and the columns c0..c1-1 (its own scratch arrays)."""
     n0 = W.shape[1]
     m = XT.shape[2]
@@ -93,6 +98,8 @@ def _residual_tile(kg, c0, c1, W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode
     # the previous row's code per lane and column (read only under a pair bound)
     PG = np.zeros((nG, nt))
     PR = np.zeros((nR, nt))
+    NA = np.zeros((nG, nt))  # under a pair bound: z times H[t,t] of the pair's first row, per lane
+    DQ = np.zeros(nt)  # a re-decided pair's change of its first row's q
     flo = float(lo)
     fhi = float(hi)
     dk = dead[kg]
@@ -131,12 +138,37 @@ def _residual_tile(kg, c0, c1, W, XT, XtT, hd, dead, DG, DR, bsize, lo, hi, mode
                         xs[c] = x
                         qv[c] = q
                 else:
+                    joint = pair > 0 and mode == MODE_PLAIN and t % 2 == 1
+                    revised = False
                     for c in range(nt):
-                        clo, chi = pair_limits(t, P[c], lo, hi, pair)
-                        x, q = greedy_step(a[c] - L[c], htt, d_[c], clo, chi, mode, lam)
+                        num = a[c] - L[c]
+                        pv = P[c]
+                        if joint and pv != 0.0 and pair_breaks(pv, level(num / htt, d_[c], flo, fhi, MODE_PLAIN, 0.0),
+                                                               pair):
+                            da = DG[l, kg, (t - 1) // bsize, c0 + c]
+                            qa_old = pv * da
+                            xa, qa, x, q = joint_step(NA[l, c], num, qa_old, w[c], gsup[kg, t - 1], hd[kg, t - 1],
+                                                      hsup[kg, t - 1], htt, da, d_[c], lo, hi, pair)
+                            DQ[c] = qa - qa_old
+                            revised = True
+                            if store and l == 0:
+                                codes[kg, t - 1, c0 + c] = np.int32(xa)
+                        else:
+                            DQ[c] = 0.0
+                            if pair > 0 and t % 2 == 0:
+                                NA[l, c] = num
+                            clo, chi = pair_limits(t, pv, lo, hi, pair)
+                            x, q = greedy_step(num, htt, d_[c], clo, chi, mode, lam)
                         P[c] = x
                         xs[c] = x
                         qv[c] = q
+                    if revised:  # R += Xt_{t-1} (q_a - q_a old) on the re-decided columns (0 elsewhere)
+                        xprev = XtT[kg, t - 1]
+                        for k in range(m):
+                            xk = xprev[k]
+                            Rk = R[k]
+                            for c in range(nt):
+                                Rk[c] += xk * DQ[c]
                 if store and l == 0:
                     for c in range(nt):
                         codes[kg, t, c0 + c] = np.int32(xs[c])
@@ -230,6 +262,8 @@ class Fused:
         self.XT = np.ascontiguousarray(X.transpose(0, 2, 1))
         self.XtT = self.XT if Xt is X else np.ascontiguousarray(Xt.transpose(0, 2, 1))
         self.hd = np.ascontiguousarray(np.einsum("gmn,gmn->gn", Xt, Xt))  # H[t,t] = ||Xt_t||^2
+        self.hsup = rows_superdiagonal(Xt, Xt)  # H[t,t+1], G[t,t+1]: for pairs decided jointly
+        self.gsup = rows_superdiagonal(Xt, X)
         self.dead = np.ascontiguousarray(DEAD_TOL * self.hd.max(axis=1)) if self.hd.size else np.zeros(X.shape[0])
 
     def sweep(self, W, DG, DR, bsize, rule: Rule, store):
@@ -243,6 +277,6 @@ class Fused:
         nG, nR = DG.shape[0], DR.shape[0]
         codes = np.empty((g, n0, n1) if store else (0, 0, 0), np.int32)
         err_g, err_r, xw2 = np.empty((nG, g, n1)), np.empty((nR, g, n1)), np.empty((g, n1))
-        residual_lanes(W, self.XT, self.XtT, self.hd, self.dead, DG, DR, bsize, *rule,
+        residual_lanes(W, self.XT, self.XtT, self.hd, self.hsup, self.gsup, self.dead, DG, DR, bsize, *rule,
                        column_tile(n1, RESIDUAL_TILE, g), store, codes, err_g, err_r, xw2)
         return (codes if store else None), err_g, err_r, xw2

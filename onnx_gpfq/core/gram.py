@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .greedy import dead_threshold, greedy_block, tril_matmul_small
-from .moments import Moments
+from .moments import Moments, superdiagonal
 from .rounding import Rule
 from .search import PassForm
 from .spec import Alphabet, Sparsity
@@ -59,9 +59,17 @@ def _tril_matmul_rec(G, G_off, W, A, lo, hi, block):
     A[:, mid:hi] += np.matmul(G_off[:, mid:hi, lo:mid], W[:, lo:mid].astype(G_off.dtype, copy=False))
 
 
-def gram_pass(A, H, delta, bsize, rule: Rule, dead, block=GRAM_BLOCK, H_off=None):
+def even_block(block: int) -> int:
+    """Rows per block of a blocked pass, rounded up to even: blocks start on even rows, so that a pair
+    decided jointly under a pair bound never straddles two blocks (greedy.greedy_block)."""
+    return int(block) + int(block) % 2
+
+
+def gram_pass(A, H, delta, bsize, rule: Rule, dead, W, gsup, block=GRAM_BLOCK, H_off=None):
     """Greedy pass in the Gram form. A = tril(G) W (g, N0, N1), H (g, N0, N0) C-contiguous,
-    delta (g, nb, N1); H_off: H in the dtype of the off-diagonal GEMMs (default H). Returns codes (g, N0, N1) int32, Q (g, N0, N1) dequantized float64 and
+    delta (g, nb, N1); W (g, N0, N1) float64 and gsup = superdiagonal(G) (g, N0), read for pairs
+    decided jointly under a pair bound; H_off: H in the dtype of the off-diagonal GEMMs (default H).
+    Returns codes (g, N0, N1) int32, Q (g, N0, N1) dequantized float64 and
     q^T H q per column (g, N1) (for the exact error without another product).
 
     The H-term sum_{s<t} H[t,s] Q[s] is a forward substitution with rounding, accumulated in L.
@@ -77,14 +85,15 @@ def gram_pass(A, H, delta, bsize, rule: Rule, dead, block=GRAM_BLOCK, H_off=None
     L = np.zeros((g, n0, n1))
     prev = np.zeros((g, n1), np.int32)  # the previous row's codes, for the pair bound
 
-    _gram_pass_rec(0, n0, A, L, H, H if H_off is None else H_off, Q, codes, delta, bsize, rule, dead, qhq, block, prev)
+    _gram_pass_rec(0, n0, A, L, H, H if H_off is None else H_off, Q, codes, delta, bsize, rule, dead, qhq,
+                   even_block(block), prev, W, gsup)
     return codes, Q, qhq
 
 
-def _gram_pass_rec(lo, hi, A, L, H, H_off, Q, codes, delta, bsize, rule, dead, qhq, block, prev):
-    args = (A, L, H, H_off, Q, codes, delta, bsize, rule, dead, qhq, block, prev)
+def _gram_pass_rec(lo, hi, A, L, H, H_off, Q, codes, delta, bsize, rule, dead, qhq, block, prev, W, gsup):
+    args = (A, L, H, H_off, Q, codes, delta, bsize, rule, dead, qhq, block, prev, W, gsup)
     if hi - lo <= block:
-        greedy_block(A, lo, L, lo, H, lo, Q, codes, lo, delta, lo, bsize, hi - lo, *rule, dead, qhq, prev)
+        greedy_block(A, lo, L, lo, H, lo, Q, codes, lo, delta, lo, bsize, hi - lo, *rule, dead, qhq, prev, W, gsup)
         return
     mid = _split(lo, hi, block)
     _gram_pass_rec(lo, mid, *args)
@@ -109,7 +118,9 @@ def gpfq_gram(W: np.ndarray, G: np.ndarray, H: np.ndarray, delta, alphabet: Alph
         raise ValueError(f"G, H must be (g, N0, N0) = {(g, n0, n0)} (got {G3.shape}, {H3.shape})")
     d, bsize = delta3(delta, g, n0, n1, group_size)
     A = tril_matmul(G3, W3, block)
-    codes, _, _ = gram_pass(A, H3, d, bsize, Rule.of(alphabet, sparsity, pair_bound), dead_threshold(H3), block)
+    W3 = np.ascontiguousarray(W3, dtype=np.float64)
+    codes, _, _ = gram_pass(A, H3, d, bsize, Rule.of(alphabet, sparsity, pair_bound), dead_threshold(H3), W3,
+                            superdiagonal(G3), block)
     return codes[0] if squeeze else codes
 
 
@@ -131,16 +142,18 @@ class GramForm(PassForm):
             if mom.W[:, :, cols].shape != W.shape or not np.array_equal(mom.W[:, :, cols], W):
                 raise ValueError("quantize_layer: these Moments were projected on other weights than W")
             self.A, self.GW, self.wfw = (np.ascontiguousarray(a[..., cols]) for a in (mom.A, mom.GW, mom.xw2))
+            self.gsup = mom.G_sup
         else:
             G = np.ascontiguousarray(mom.G)
             self.A = tril_matmul(G, W)
             self.GW = np.matmul(G, W)
             self.wfw = np.einsum("gin,gin->gn", W, np.matmul(mom.F, W))
+            self.gsup = superdiagonal(G)
         self.dead = dead_threshold(self.H)
         self.dH = np.ascontiguousarray(np.diagonal(self.H, axis1=1, axis2=2))
 
     def greedy(self, delta, bsize, rule):
-        codes, Q, qhq = gram_pass(self.A, self.H, delta, bsize, rule, self.dead, H_off=self.H_off)
+        codes, Q, qhq = gram_pass(self.A, self.H, delta, bsize, rule, self.dead, self.W, self.gsup, H_off=self.H_off)
         return codes, self.wfw - 2.0 * np.einsum("gin,gin->gn", Q, self.GW) + qhq
 
     def errors(self, codes: list, deltas: list, bsize: int) -> list:

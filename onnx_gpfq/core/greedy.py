@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .rounding import level, pair_limits
+from .rounding import MODE_PLAIN, level, pair_breaks, pair_joint, pair_limits
 
 # H[t,t] <= DEAD_TOL * max_s H[s,s] counts as a zero column of Xt (dead channels, padding): q_t = 0,
 # the data cannot see that weight.
@@ -34,9 +34,20 @@ def greedy_step(num, htt, d, lo, hi, mode, lam):
     return x, (x * d if x != 0.0 else 0.0)
 
 
+@njit(cache=True, inline="always", error_model="numpy")
+def joint_step(num_a, num_b, qa_old, w_b, g_ab, h11, h21, h22, da, db, lo, hi, pair):
+    """The pair (rows a = 2j, b = 2j+1) re-decided jointly (rounding.pair_joint) once row b's greedy
+    level broke the bound with row a's q_a = qa_old. num_a = (tril(G) W)_a - sum_{s<a} H[a,s] q_s
+    (row a's z times H[a,a]); num_b the same for row b, with qa_old among the q_s; w_b row b's
+    weight, g_ab = G[a,b]: c_a = num_a + G[a,b] w_b, c_b = num_b + H[b,a] qa_old.
+    Returns (level a, q_a, level b, q_b)."""
+    xa, xb = pair_joint(num_a + g_ab * w_b, num_b + h21 * qa_old, h11, h21, h22, da, db, lo, hi, pair)
+    return xa, (xa * da if xa != 0.0 else 0.0), xb, (xb * db if xb != 0.0 else 0.0)
+
+
 @njit(cache=True, error_model="numpy")
 def greedy_block(base, boff, L, loff, H, hoff, Q, codes, qoff, delta, doff, bsize, nb, lo, hi, mode, lam, pair, dead,
-                 qhq, prev):
+                 qhq, prev, W, gsup):
     """Greedy rounding of nb consecutive fan-in rows, all groups and all columns together.
 
     For row i = 0..nb-1 of the block (fan-in index t = doff + i), with the block's rows s < t:
@@ -57,13 +68,20 @@ def greedy_block(base, boff, L, loff, H, hoff, Q, codes, qoff, delta, doff, bsiz
       qhq   (g, N1)      accumulator
       lo..pair           the rounding.Rule; prev (g, N1) int32: the code of the row before the
                          block on entry (read under a pair bound), of the block's last row on exit
+      W     (g, N0, N1)  the weights, gsup (g, N0) G[t, t+1] (both by fan-in index t, read only
+                         for a pair re-decided jointly: joint_step)
+    Under a pair bound (plain rounding) the second row of a pair whose greedy level breaks the
+    bound re-decides the pair (row i - 1 too: its Q, codes, its share of q^T H q and of row i's
+    L); the block must then start on an even row (a pair never straddles two blocks).
     The inner loops run over the N1 columns, contiguous in memory.
     """
     g, _, n1 = L.shape
     if n1 == 1:
         _greedy_block_one_column(base, boff, L, loff, H, hoff, Q, codes, qoff, delta, doff, bsize, nb, lo, hi, mode,
-                                 lam, pair, dead, qhq, prev)
+                                 lam, pair, dead, qhq, prev, W, gsup)
         return
+    flo = float(lo)
+    fhi = float(hi)
     # Row i of every group before row i + 1 of any: the groups are independent, so a depthwise
     # layer (g large, N1 = 1) is throughput-bound instead of latency-bound on the row chain.
     for i in range(nb):
@@ -96,13 +114,31 @@ def greedy_block(base, boff, L, loff, H, hoff, Q, codes, qoff, delta, doff, bsiz
                     codes[k, tq, c] = 0
                     prev[k, c] = 0
                 continue
-            td = (doff + i) // bsize
+            t = doff + i
+            td = t // bsize
             tb = boff + i
+            joint = pair > 0 and mode == MODE_PLAIN and t % 2 == 1 and i > 0
             for c in range(n1):
                 d = delta[k, td, c]
                 Lc = L[k, loff + i, c]
-                clo, chi = pair_limits(doff + i, prev[k, c], lo, hi, pair)
-                x, q = greedy_step(base[k, tb, c] - Lc, htt, d, clo, chi, mode, lam)
+                pv = prev[k, c]
+                if joint and pv != 0 and pair_breaks(pv, level((base[k, tb, c] - Lc) / htt, d, flo, fhi, MODE_PLAIN,
+                                                               0.0), pair):
+                    La = L[k, loff + i - 1, c]
+                    qa_old = Q[k, tq - 1, c]
+                    h11 = H[k, th - 1, th - 1]
+                    h21 = H[k, th, th - 1]
+                    xa, qa, x, q = joint_step(base[k, tb - 1, c] - La, base[k, tb, c] - Lc, qa_old, W[k, t, c],
+                                              gsup[k, t - 1], h11, h21, htt, delta[k, (t - 1) // bsize, c], d, lo, hi,
+                                              pair)
+                    Q[k, tq - 1, c] = qa
+                    codes[k, tq - 1, c] = np.int32(xa)
+                    qhq[k, c] += qa * (2.0 * La + h11 * qa) - qa_old * (2.0 * La + h11 * qa_old)
+                    Lc = (Lc - h21 * qa_old) + h21 * qa
+                    L[k, loff + i, c] = Lc
+                else:
+                    clo, chi = pair_limits(t, pv, lo, hi, pair)
+                    x, q = greedy_step(base[k, tb, c] - Lc, htt, d, clo, chi, mode, lam)
                 code = np.int32(x)
                 prev[k, c] = code
                 codes[k, tq, c] = code
@@ -112,7 +148,7 @@ def greedy_block(base, boff, L, loff, H, hoff, Q, codes, qoff, delta, doff, bsiz
 
 @njit(cache=True, error_model="numpy")
 def _greedy_block_one_column(base, boff, L, loff, H, hoff, Q, codes, qoff, delta, doff, bsize, nb, lo, hi, mode,
-                             lam, pair, dead, qhq, prev):
+                             lam, pair, dead, qhq, prev, W, gsup):
     """greedy_block for N1 == 1 (depthwise convs): the same arithmetic in the same order, without
     the per-row overhead of loops over one column."""
     g = L.shape[0]
@@ -137,9 +173,27 @@ def _greedy_block_one_column(base, boff, L, loff, H, hoff, Q, codes, qoff, delta
                 codes[k, tq, 0] = 0
                 prev[k, 0] = 0
                 continue
-            d = delta[k, (doff + i) // bsize, 0]
-            clo, chi = pair_limits(doff + i, prev[k, 0], lo, hi, pair)
-            x, q = greedy_step(base[k, boff + i, 0] - acc, htt, d, clo, chi, mode, lam)
+            t = doff + i
+            d = delta[k, t // bsize, 0]
+            pv = prev[k, 0]
+            if (pair > 0 and mode == MODE_PLAIN and t % 2 == 1 and i > 0 and pv != 0
+                    and pair_breaks(pv, level((base[k, boff + i, 0] - acc) / htt, d, float(lo), float(hi),
+                                              MODE_PLAIN, 0.0), pair)):
+                La = L[k, loff + i - 1, 0]
+                qa_old = Q[k, tq - 1, 0]
+                h11 = H[k, th - 1, th - 1]
+                h21 = H[k, th, th - 1]
+                xa, qa, x, q = joint_step(base[k, boff + i - 1, 0] - La, base[k, boff + i, 0] - acc, qa_old,
+                                          W[k, t, 0], gsup[k, t - 1], h11, h21, htt, delta[k, (t - 1) // bsize, 0],
+                                          d, lo, hi, pair)
+                Q[k, tq - 1, 0] = qa
+                codes[k, tq - 1, 0] = np.int32(xa)
+                qhq[k, 0] += qa * (2.0 * La + h11 * qa) - qa_old * (2.0 * La + h11 * qa_old)
+                acc = (acc - h21 * qa_old) + h21 * qa
+                L[k, loff + i, 0] = acc
+            else:
+                clo, chi = pair_limits(t, pv, lo, hi, pair)
+                x, q = greedy_step(base[k, boff + i, 0] - acc, htt, d, clo, chi, mode, lam)
             code = np.int32(x)
             prev[k, 0] = code
             codes[k, tq, 0] = code

@@ -12,6 +12,21 @@ GRAM_CHUNK_BYTES = 32 << 20  # Gram form: rows gathered before one product per m
 PROJECTED_BLOCK = 256  # fan-in rows per block of the projected Gram accumulation
 
 
+def superdiagonal(M: np.ndarray) -> np.ndarray:
+    """(g, N0) float64: M[:, t, t+1] for t < N0 - 1, 0 at t = N0 - 1, of M (g, N0, N0). Of G = Xt^T X:
+    the <Xt_2j, X_2j+1> a pair decided jointly reads (rounding.pair_joint)."""
+    out = np.zeros(M.shape[:2])
+    out[:, :-1] = np.diagonal(M, offset=1, axis1=1, axis2=2)
+    return out
+
+
+def rows_superdiagonal(Xt: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """superdiagonal(Xt^T X) from the rows Xt, X (g, m, N0), in O(m N0), float64."""
+    out = np.zeros(X.shape[::2])
+    out[:, :-1] = np.einsum("gmn,gmn->gn", Xt[:, :, :-1], X[:, :, 1:], dtype=np.float64)
+    return out
+
+
 class _Rows:
     """Rows of X and X~ (g, rows, N0) appended batch by batch into one buffer per stream, so that
     the rows are copied once, where a list of batches joined by np.concatenate holds them twice at
@@ -90,7 +105,7 @@ class Moments:
     form "gram": float64 G = Xt^T X, H = Xt^T Xt, F = X^T X, each (g, N0, N0).
     form "gram" with the layer's weights W (g, N0, N1g) given ("projected"): H, and instead of G
     and F only what GPFQ reads of them: A = tril(G) W, G W (g, N0, N1g) and ||X W||^2 per column
-    (g, N1g). A is accumulated block by block of the fan-in, as in the residual form:
+    (g, N1g), and G's superdiagonal G_sup (g, N0). A is accumulated block by block of the fan-in, as in the residual form:
     A[b] += tril(Xt_b^T X_b) W_b + Xt_b^T (X[:, :b] W[:b]). Per row that is N0^2 / 2 + 3 N0 N1
     multiply-adds instead of 2 N0^2: cheaper when N1 is well under N0 (3x3 convs, bottlenecks).
     form "residual": the rows themselves, X and Xt (g, m, N0) (float32 storage, float64 kept
@@ -127,6 +142,7 @@ class Moments:
             self._A = np.zeros((self.groups, self.n0, n1))
             self._GW = np.zeros((self.groups, self.n0, n1))
             self._xw2 = np.zeros((self.groups, n1))
+            self._gsup = np.zeros((self.groups, self.n0))
         if form == "gram":
             if self.W is None:
                 self._G = np.zeros((self.groups, self.n0, self.n0))
@@ -231,6 +247,7 @@ class Moments:
             V += np.matmul(Xb, W[:, b0:b1])
         self._GW += np.matmul(XtT, V)
         self._xw2 += np.einsum("gmn,gmn->gn", V, V, dtype=np.float64)
+        self._gsup += rows_superdiagonal(Xt, X)
 
     def _gram(self, name: str) -> np.ndarray:
         if self.form != "gram":
@@ -255,6 +272,16 @@ class Moments:
     def xw2(self) -> np.ndarray:
         """(g, N1g) ||X W||^2 per column (projected Moments only)."""
         return self._gram("_xw2")
+
+    @property
+    def G_sup(self) -> np.ndarray:
+        """(g, N0) G[t, t+1] (0 for the last row): superdiagonal(G), kept by every form."""
+        if self.form == "residual":
+            X, Xt = self._rows()
+            return rows_superdiagonal(Xt, X)
+        if self.W is not None:
+            return self._gram("_gsup")
+        return superdiagonal(self._gram("_G"))
 
     @property
     def G(self) -> np.ndarray:

@@ -12,7 +12,9 @@ are tested against it and must take the same decisions. The rounding rule and th
 those of rounding.py, rewritten here without numba: a saturating int8 kernel (onnxruntime's u8s8
 path without VNNI) adds products two at a time in int16, so consecutive rows (2j, 2j+1) may be
 bounded: codes of the same sign by |q_2j| + |q_2j+1| <= P (opposite signs cancel and never
-saturate). The second row of a pair then takes its level from [-(P - q_2j-), P - q_2j+].
+saturate). The second row of a pair then takes its level from [-(P - q_2j-), P - q_2j+]; where
+its unbounded greedy level would break the bound (plain rounding), the pair is re-decided jointly:
+the feasible (q_2j, q_2j+1) leaving the smallest residual after both rows (``joint_pair``).
 """
 
 from __future__ import annotations
@@ -58,6 +60,27 @@ def pair_range(t: int, codes, lo: int, hi: int, pair) -> tuple[int, int]:
     return max(lo, -(pair - max(-prev, 0))), min(hi, pair - max(prev, 0))
 
 
+def breaks(a: int, b: int, pair) -> bool:
+    """Codes a, b (rows 2j, 2j+1) of one sign whose magnitudes add up beyond pair."""
+    return pair is not None and a * b > 0 and abs(a) + abs(b) > pair
+
+
+def joint_pair(r, xa, xb, da, db, lo, hi, pair) -> tuple[int, int]:
+    """The levels (a, b) of a pair minimising ||r - a da xa - b db xb||^2 under the pair bound, with
+    r = u_{2j-1} + w_2j X_2j + w_2j+1 X_2j+1 (the residual before the pair plus both rows' weights),
+    xa, xb the pair's columns of Xt: a over every level of [max(lo, -pair), min(hi, pair)] in
+    ascending order, b the nearest level of its greedy value <xb, r - a da xa> / ||xb||^2 within
+    pair_range given a; the first minimum wins."""
+    best, choice = math.inf, (0, 0)
+    for a in range(max(lo, -pair), min(hi, pair) + 1):
+        v = r - a * da * xa
+        b = quant_level(xb @ v / (xb @ xb), db, *pair_range(1, [a], lo, hi, pair))
+        e = v - b * db * xb
+        if e @ e < best:
+            best, choice = e @ e, (a, b)
+    return choice
+
+
 def gpfq_neuron(X: np.ndarray, Xt: np.ndarray, w: np.ndarray, delta_rows: np.ndarray, lo: int, hi: int,
                 sparsity=None, pair=None) -> tuple[np.ndarray, np.ndarray]:
     """X, Xt (m, N0); w (N0,); delta_rows (N0,) the step used at each fan-in index.
@@ -71,9 +94,16 @@ def gpfq_neuron(X: np.ndarray, Xt: np.ndarray, w: np.ndarray, delta_rows: np.nda
     codes = np.zeros(n0, dtype=np.int64)
     for t in range(n0):
         xt, x = Xt[:, t], X[:, t]
+        if t % 2 == 0:
+            u_pair = u  # the residual before the pair (2j, 2j+1)
         if norms[t] > dead:
             z = xt @ (u + w[t] * x) / norms[t]
-            codes[t] = quant_level(z, delta_rows[t], *pair_range(t, codes, lo, hi, pair), sparsity)
+            if t % 2 == 1 and sparsity is None and breaks(codes[t - 1], quant_level(z, delta_rows[t], lo, hi), pair):
+                r = u_pair + w[t - 1] * X[:, t - 1] + w[t] * x
+                codes[t - 1], codes[t] = joint_pair(r, Xt[:, t - 1], xt, delta_rows[t - 1], delta_rows[t], lo, hi, pair)
+                u = u_pair + w[t - 1] * X[:, t - 1] - codes[t - 1] * delta_rows[t - 1] * Xt[:, t - 1]
+            else:
+                codes[t] = quant_level(z, delta_rows[t], *pair_range(t, codes, lo, hi, pair), sparsity)
         u = u + w[t] * x - codes[t] * delta_rows[t] * xt
     return codes, u
 

@@ -13,7 +13,8 @@ import numpy as np
 
 from .fused import RESIDUAL_FUSED_MAX_M, Fused
 from .greedy import DEAD_TOL, greedy_block
-from .moments import Moments
+from .gram import even_block
+from .moments import Moments, rows_superdiagonal
 from .rounding import Rule, rtn
 from .search import PassForm
 from .spec import Alphabet, Sparsity
@@ -48,8 +49,10 @@ class Residual:
 
     def __init__(self, W, X, Xt, block=None):
         g, n0, n1 = W.shape
-        block = residual_block(X.shape[1]) if block is None else int(block)
+        block = residual_block(X.shape[1]) if block is None else even_block(block)
         self.block, self.X, self.Xt = block, X, Xt
+        self.W = np.ascontiguousarray(W, dtype=np.float64)  # read by pairs decided jointly
+        self.gsup = rows_superdiagonal(Xt, X)
         self.work = np.float32 if X.dtype == Xt.dtype == np.float32 else np.float64
         Ww = W.astype(self.work)
         self.A = np.empty((g, n0, n1))
@@ -83,7 +86,7 @@ class Residual:
             Qb = np.empty((g, b1 - b0, n1))
             cb = np.empty((g, b1 - b0, n1), np.int32)
             greedy_block(self.A, b0, L, 0, self.Hb[i], 0, Qb, cb, 0, delta, b0, bsize, b1 - b0, *rule, self.dead, qhq,
-                         prev)
+                         prev, self.W, self.gsup)
             codes[:, b0:b1] = cb
             R += np.matmul(Xtb, Qb.astype(self.work, copy=False))
         return codes, self.XW - R
@@ -96,7 +99,7 @@ def gpfq_residual(W: np.ndarray, X: np.ndarray, Xt: np.ndarray, delta, alphabet:
     kernel when m <= RESIDUAL_FUSED_MAX_M and block is None); returns codes.
 
     W (N0, N1) or (g, N0, N1); X, Xt (m, N0) or (g, m, N0); delta as in gpfq_gram; block: rows
-    per block (None: residual_block(m)). Never forms an N0 x N0 matrix.
+    per block (None: residual_block(m); an odd number is rounded up to even). Never forms an N0 x N0 matrix.
     """
     W3, squeeze = as3(W, "W")
     X3, _ = as3(X, "X")

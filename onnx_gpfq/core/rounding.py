@@ -22,8 +22,22 @@ RTN clips the second row of each pair the same way. Pairs are rows (0, 1), (2, 3
 group in the order the rows are given (the caller permutes them into the kernel's reduction
 order); with N0 odd the last row is unpaired (range [-P, P]).
 
+The pair decided jointly (GPFQ, plain rounding). Narrowing only the second row makes the first
+row's greedy choice blind to the bound: a large q_2j leaves q_2j+1 almost nothing, and the error
+that costs lands on the rows after it. So when the second row's unbounded greedy level would
+break the bound with the first row's (``pair_breaks``), GPFQ re-decides both rows together
+(``pair_joint``): the feasible pair (levels a, b) that leaves the smallest residual after both,
+
+    min ||r - q_a Xt_a - q_b Xt_b||^2,   r = u_{2j-1} + w_2j X_2j + w_2j+1 X_2j+1,
+
+every level a of the first row's range tried (ascending, the first minimum kept), b the nearest
+level of its own greedy value z_b(a) within the range a leaves it. Expanded with c_a = <Xt_a, r>,
+c_b = <Xt_b, r> and H's 2 x 2 block it is the quadratic of ``pair_joint``. Where the greedy pair
+keeps the bound nothing changes (the same codes as the sequential rule), so the joint decision
+only ever lowers the residual the pair leaves. Sparsity-promoting modes keep the sequential rule.
+
 Every kernel (greedy_step in greedy.py, the fused residual kernel, quantize_array below) calls
-``level`` and ``pair_limits``; numba inlines them, so the loops that call them with the plain rule
+``level`` and ``pair_limits`` (the GPFQ kernels also ``pair_breaks`` and ``pair_joint``); numba inlines them, so the loops that call them with the plain rule
 still vectorise. Compiled without fastmath: same input, same bits.
 """
 
@@ -93,6 +107,39 @@ def pair_limits(t, prev, lo, hi, pair):
     if t % 2 == 1:
         return float(max(lo, -(pair - max(-prev, 0)))), float(min(hi, pair - max(prev, 0)))
     return float(max(lo, -pair)), float(min(hi, pair))
+
+
+@njit(cache=True, inline="always")
+def pair_breaks(prev, x, pair):
+    """Whether codes prev (row 2j) and x (row 2j+1) of the same sign add up beyond pair (> 0)."""
+    return (prev > 0 and x > 0 and prev + x > pair) or (prev < 0 and x < 0 and -(prev + x) > pair)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def pair_joint(ca, cb, h11, h21, h22, da, db, lo, hi, pair):
+    """Levels (a, b), as floats, of the pair (rows 2j, 2j+1) minimising
+
+        f(a, b) = qa (h11 qa - 2 ca) + qb (h22 qb - 2 cb) + 2 h21 qa qb,   qa = a da, qb = b db
+
+    (= ||r - qa Xt_2j - qb Xt_2j+1||^2 - ||r||^2 with ca = <Xt_2j, r>, cb = <Xt_2j+1, r>,
+    h11, h21, h22 = H's 2 x 2 block) under the pair bound: a over every level of
+    [max(lo, -pair), min(hi, pair)] in ascending order, b = level((cb - h21 qa) / h22, db) within
+    pair_limits(a) (the exact minimiser over b for that a); the first minimum of f is kept.
+    da, db > 0 and h22 > 0 (the caller's case: both rows live, both codes nonzero)."""
+    best = np.inf
+    ba = 0.0
+    bb = 0.0
+    for ia in range(max(lo, -pair), min(hi, pair) + 1):
+        qa = ia * da
+        xb = level((cb - h21 * qa) / h22, db, float(max(lo, -(pair - max(-ia, 0)))),
+                   float(min(hi, pair - max(ia, 0))), MODE_PLAIN, 0.0)
+        qb = xb * db
+        f = qa * (h11 * qa - 2.0 * ca) + qb * (h22 * qb - 2.0 * cb) + 2.0 * h21 * qa * qb
+        if f < best:
+            best = f
+            ba = float(ia)
+            bb = xb
+    return ba, bb
 
 
 @njit(cache=True, error_model="numpy")
