@@ -147,12 +147,19 @@ def test_target_check_section_is_replaced_in_place(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))
     import target_check
 
-    row = {"model": "m", "variant": "W8A8 any", "bounded_layers": 2, "saturating_layers": 0, "int8_layers": 2,
+    row = {"model": "m", "variant": "W8A8 any", "seed": 0, "bounded_layers": 2, "saturating_layers": 0, "int8_layers": 2,
            "sqnr_reference_db": 30.0, "sqnr_deployed_db": 29.9, "sqnr_avx2_db": 29.8, "sqnr_reference_qemu_samples_db": 30.1}
+    free = dict(row, variant="W8A8 reference", bounded_layers=0, saturating_layers=2, sqnr_reference_db=30.2)
+    seed1 = [{"model": "m", "variant": "W8A8 any", "seed": 1, "bounded_layers": 2, "sqnr_reference_db": 29.0},
+             {"model": "m", "variant": "W8A8 reference", "seed": 1, "bounded_layers": 0, "sqnr_reference_db": 29.6}]
+    rows = [row, free, *seed1]
     result = {"machine": {"cpu": "cpu", "int8_path_text": "path", "onnxruntime": "1", "commit": "c"},
-              "command": "python tools/target_check.py", "evaluation_samples": 8, "rows": [row]}
+              "command": "python tools/target_check.py", "evaluation_samples": 8, "seeds": [0, 1],
+              "bound_cost_db": target_check.bound_cost(rows), "rows": rows}
+    assert result["bound_cost_db"] == {"m": {0: pytest.approx(-0.2), 1: pytest.approx(-0.6)}}
     text = target_check.markdown(result)
     assert text.startswith(target_check.BEGIN) and "| m | W8A8 any | 30.00 | 29.90 | 29.80 | 30.10 | 0 / 2 |" in text
+    assert "| m | -0.20 | -0.60 | -0.40 |" in text and text.count("| m | W8A8 any |") == 1  # seed 1 only in the cost
     out = tmp_path / "B.md"
     out.write_text(f"# B\n{target_check.BEGIN}\nold\n{target_check.END}\ntail\n")
     target_check.update_benchmarks(text, str(out))

@@ -3,13 +3,16 @@
     python tools/target_check.py --json                                  # digits models, this CPU
     python tools/target_check.py --qemu --update-benchmarks --json       # + as an AVX2 CPU runs them (qemu-user)
     python tools/target_check.py --real orientation,ocr --qemu --json    # + models of tools/real_models.py's cache
+    python tools/target_check.py --eval 500 --seeds 0,1,2 --json         # the bound's cost over three seeds
 
 For each model, W8A8 with default options and ``target`` = any (the default: codes within the pair bound of
 onnxruntime's AVX2 u8s8 kernels), reference (unconstrained 8-bit codes) and, for comparison, 7-bit codes
 (onnxruntime's ``reduce_range`` answer). Columns: output SQNR against the float model at the QDQ reference
 (graph optimisations off), as deployed on this CPU, and with --qemu as deployed under ``qemu-x86_64 -cpu
 Haswell`` (an AVX2 CPU without VNNI: MLAS dispatches its saturating kernels); the layers whose codes exceed the
-pair bound (``onnx_gpfq.inspection.pair_sums``: the kernel model, whatever CPU this is).
+pair bound (``onnx_gpfq.inspection.pair_sums``: the kernel model, whatever CPU this is). With --seeds, the
+any and reference variants are quantized again with each further seed (patch subsampling, hence every
+rounding decision, changes with it): the bound's cost (any - reference at the QDQ reference) per seed.
 """
 
 from __future__ import annotations
@@ -91,12 +94,19 @@ def run(args) -> dict:
         np.savez(data, **feeds)
         ref = _outputs(float_path, feeds, True)
         paths = {}
+        for seed in args.seeds[1:]:  # further seeds: the bound's cost only (no qemu, no W7A8)
+            for label in ("W8A8 any", "W8A8 reference"):
+                model, report = onnx_gpfq.quantize(float_path, calib, quiet=True, seed=seed, **VARIANTS[label])
+                path = os.path.join(work, f"{name}.seed{seed}.onnx")
+                onnx_gpfq.save_model(model, path)
+                rows.append({"model": name, "variant": label, "seed": seed, "bounded_layers": report.bounded_layers,
+                             "sqnr_reference_db": sqnr_db(ref, _outputs(path, feeds, False))})
         for label, options in VARIANTS.items():
-            model, report = onnx_gpfq.quantize(float_path, calib, quiet=True, **options)
+            model, report = onnx_gpfq.quantize(float_path, calib, quiet=True, seed=args.seeds[0], **options)
             paths[label] = os.path.join(work, f"{name}.{label.replace(' ', '_')}.onnx")
             onnx_gpfq.save_model(model, paths[label])
             sums = pair_sums(model)
-            rows.append({"model": name, "variant": label, "bounded_layers": report.bounded_layers,
+            rows.append({"model": name, "variant": label, "seed": args.seeds[0], "bounded_layers": report.bounded_layers,
                          "saturating_layers": sum(s > PAIR_BOUND for s in sums.values()), "int8_layers": len(sums),
                          "sqnr_reference_db": sqnr_db(ref, _outputs(paths[label], feeds, False)),
                          "sqnr_deployed_db": sqnr_db(ref, _outputs(paths[label], feeds, True))})
@@ -116,13 +126,24 @@ def run(args) -> dict:
             small_feeds = {k: v[:n] for k, v in feeds.items()}
             ref_n = _outputs(float_path, small_feeds, True)
             for label, path in paths.items():
-                row = next(r for r in rows if r["model"] == name and r["variant"] == label)
+                row = next(r for r in rows if r["model"] == name and r["variant"] == label and r["seed"] == args.seeds[0])
                 row["qemu_samples"] = n
                 row["sqnr_avx2_db"] = avx2[path]
                 row["sqnr_reference_qemu_samples_db"] = sqnr_db(ref_n, _outputs(path, small_feeds, False))
     shutil.rmtree(work, ignore_errors=True)
     return {"machine": common.machine(), "command": " ".join(["python", "tools/target_check.py", *sys.argv[1:]]),
-            "calibration_samples_real": args.calib, "evaluation_samples": args.eval, "rows": rows}
+            "calibration_samples_real": args.calib, "evaluation_samples": args.eval, "seeds": args.seeds,
+            "bound_cost_db": bound_cost(rows), "rows": rows}
+
+
+def bound_cost(rows: list[dict]) -> dict:
+    """{model: {seed: SQNR at the QDQ reference of W8A8 any minus W8A8 reference (dB)}}."""
+    sqnr = {(r["model"], r["variant"], r["seed"]): r["sqnr_reference_db"] for r in rows}
+    cost: dict = {}
+    for (model, variant, seed), v in sqnr.items():
+        if variant == "W8A8 any":
+            cost.setdefault(model, {})[seed] = v - sqnr[model, "W8A8 reference", seed]
+    return cost
 
 
 def markdown(result: dict) -> str:
@@ -138,9 +159,18 @@ def markdown(result: dict) -> str:
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for r in result["rows"]:
+        if r["seed"] != result["seeds"][0]:
+            continue
         lines.append(f"| {r['model']} | {r['variant']} | {f(r['sqnr_reference_db'])} | {f(r['sqnr_deployed_db'])} | "
                      f"{f(r.get('sqnr_avx2_db'))} | {f(r.get('sqnr_reference_qemu_samples_db'))} | "
                      f"{r['saturating_layers']} / {r['int8_layers']} |")
+    seeds = result["seeds"]
+    lines += ["", f"The bound's cost at the QDQ reference (W8A8 any minus W8A8 reference, dB) with seeds {', '.join(map(str, seeds))} "
+              "(the seed picks the calibration patches, so every rounding decision moves with it):", "",
+              "| model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "| --- |" + " ---: |" * (len(seeds) + 1)]
+    for model, per_seed in result["bound_cost_db"].items():
+        vals = [per_seed[s] for s in seeds]
+        lines.append(f"| {model} | " + " | ".join(f"{v:+.2f}" for v in vals) + f" | {sum(vals) / len(vals):+.2f} |")
     lines += ["", END, ""]
     return "\n".join(lines)
 
@@ -164,6 +194,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval", type=int, default=64, help="evaluation samples (default 64)")
     ap.add_argument("--qemu", action="store_true", help="also run the models as an AVX2 CPU without VNNI (qemu-user)")
     ap.add_argument("--qemu-eval", type=int, default=16, help="evaluation samples under qemu (default 16: emulation is slow)")
+    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",") if x], default=[0],
+                    help="quantization seeds: the first for every variant, the others for the bound's cost (default 0)")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/onnx-gpfq/real-models"))
     ap.add_argument("--update-benchmarks", action="store_true", help="write the section into BENCHMARKS.md")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
