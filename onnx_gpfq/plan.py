@@ -63,9 +63,9 @@ def _bounded_for_target(t: Layer, plan: LayerPlan, options: Options) -> LayerPla
     bound = cpu.pair_bound(options.target, plan.spec.alphabet.hi, acts)
     if bound is None:
         return plan
-    # The default grid gets C values up to 2, where every code is within +-64 and no pair can reach the
-    # bound: the search can always fall back to unclipped codes at twice the step (what 7-bit codes give).
-    grid = tuple(sorted(plan.spec.c_grid + cpu.BOUNDED_EXTRA_C)) if plan.spec.c_grid == DEFAULT_C_GRID else plan.spec.c_grid
+    # The default grid becomes the bounded one, up to C = 2, where every code is within +-64 and no pair can
+    # reach the bound: the search can always fall back to unclipped codes at twice the step (what 7-bit codes give).
+    grid = cpu.BOUNDED_C_GRID if plan.spec.c_grid == DEFAULT_C_GRID else plan.spec.c_grid
     return replace(plan, spec=replace(plan.spec, pair_bound=bound, c_grid=grid))
 
 

@@ -71,6 +71,7 @@ EXTRA_VARIANTS = [
     ("gpfq W8A8 bias-corr", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "bias_correction": True}),
     ("gpfq W8A8 minmax bias-corr", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8,
                                             "act_calibration": "minmax", "bias_correction": True}),
+    ("gpfq W4A8 bias-corr", "gpfq", {"method": "gpfq", "weight_bits": 4, "act_bits": 8, "bias_correction": True}),
 ]
 
 
