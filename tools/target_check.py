@@ -169,7 +169,7 @@ def markdown(result: dict) -> str:
               "(the seed picks the calibration patches, so every rounding decision moves with it):", "",
               "| model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "| --- |" + " ---: |" * (len(seeds) + 1)]
     for model, per_seed in result["bound_cost_db"].items():
-        vals = [per_seed[s] for s in seeds]
+        vals = [{str(k): v for k, v in per_seed.items()}[str(s)] for s in seeds]  # keys are strings after JSON
         lines.append(f"| {model} | " + " | ".join(f"{v:+.2f}" for v in vals) + f" | {sum(vals) / len(vals):+.2f} |")
     lines += ["", END, ""]
     return "\n".join(lines)
