@@ -45,6 +45,25 @@ def joint_step(num_a, num_b, qa_old, w_b, g_ab, h11, h21, h22, da, db, lo, hi, p
     return xa, (xa * da if xa != 0.0 else 0.0), xb, (xb * db if xb != 0.0 else 0.0)
 
 
+@njit(cache=True, inline="always", error_model="numpy")
+def _revise_pair(base, tb, L, li, H, th, Q, codes, tq, qhq, W, gsup, delta, bsize, k, c, t, Lc, htt, d, lo, hi, pair):
+    """greedy_block's row t (base row tb, L row li, H row th, Q row tq; group k, column c), the second of
+    a pair, broke the bound with row t - 1: re-decide both (joint_step). Writes row t - 1's new Q and
+    code and moves its share of q^T H q; returns row t's (level, q, L), L corrected for row t - 1's new q."""
+    La = L[k, li - 1, c]
+    qa_old = Q[k, tq - 1, c]
+    h11 = H[k, th - 1, th - 1]
+    h21 = H[k, th, th - 1]
+    xa, qa, x, q = joint_step(base[k, tb - 1, c] - La, base[k, tb, c] - Lc, qa_old, W[k, t, c], gsup[k, t - 1], h11,
+                              h21, htt, delta[k, (t - 1) // bsize, c], d, lo, hi, pair)
+    Q[k, tq - 1, c] = qa
+    codes[k, tq - 1, c] = np.int32(xa)
+    qhq[k, c] += qa * (2.0 * La + h11 * qa) - qa_old * (2.0 * La + h11 * qa_old)
+    Lc = (Lc - h21 * qa_old) + h21 * qa
+    L[k, li, c] = Lc
+    return x, q, Lc
+
+
 @njit(cache=True, error_model="numpy")
 def greedy_block(base, boff, L, loff, H, hoff, Q, codes, qoff, delta, doff, bsize, nb, lo, hi, mode, lam, pair, dead,
                  qhq, prev, W, gsup):
@@ -124,18 +143,8 @@ def greedy_block(base, boff, L, loff, H, hoff, Q, codes, qoff, delta, doff, bsiz
                 pv = prev[k, c]
                 if joint and pv != 0 and pair_breaks(pv, level((base[k, tb, c] - Lc) / htt, d, flo, fhi, MODE_PLAIN,
                                                                0.0), pair):
-                    La = L[k, loff + i - 1, c]
-                    qa_old = Q[k, tq - 1, c]
-                    h11 = H[k, th - 1, th - 1]
-                    h21 = H[k, th, th - 1]
-                    xa, qa, x, q = joint_step(base[k, tb - 1, c] - La, base[k, tb, c] - Lc, qa_old, W[k, t, c],
-                                              gsup[k, t - 1], h11, h21, htt, delta[k, (t - 1) // bsize, c], d, lo, hi,
-                                              pair)
-                    Q[k, tq - 1, c] = qa
-                    codes[k, tq - 1, c] = np.int32(xa)
-                    qhq[k, c] += qa * (2.0 * La + h11 * qa) - qa_old * (2.0 * La + h11 * qa_old)
-                    Lc = (Lc - h21 * qa_old) + h21 * qa
-                    L[k, loff + i, c] = Lc
+                    x, q, Lc = _revise_pair(base, tb, L, loff + i, H, th, Q, codes, tq, qhq, W, gsup, delta, bsize, k,
+                                            c, t, Lc, htt, d, lo, hi, pair)
                 else:
                     clo, chi = pair_limits(t, pv, lo, hi, pair)
                     x, q = greedy_step(base[k, tb, c] - Lc, htt, d, clo, chi, mode, lam)
@@ -179,18 +188,8 @@ def _greedy_block_one_column(base, boff, L, loff, H, hoff, Q, codes, qoff, delta
             if (pair > 0 and mode == MODE_PLAIN and t % 2 == 1 and i > 0 and pv != 0
                     and pair_breaks(pv, level((base[k, boff + i, 0] - acc) / htt, d, float(lo), float(hi),
                                               MODE_PLAIN, 0.0), pair)):
-                La = L[k, loff + i - 1, 0]
-                qa_old = Q[k, tq - 1, 0]
-                h11 = H[k, th - 1, th - 1]
-                h21 = H[k, th, th - 1]
-                xa, qa, x, q = joint_step(base[k, boff + i - 1, 0] - La, base[k, boff + i, 0] - acc, qa_old,
-                                          W[k, t, 0], gsup[k, t - 1], h11, h21, htt, delta[k, (t - 1) // bsize, 0],
-                                          d, lo, hi, pair)
-                Q[k, tq - 1, 0] = qa
-                codes[k, tq - 1, 0] = np.int32(xa)
-                qhq[k, 0] += qa * (2.0 * La + h11 * qa) - qa_old * (2.0 * La + h11 * qa_old)
-                acc = (acc - h21 * qa_old) + h21 * qa
-                L[k, loff + i, 0] = acc
+                x, q, acc = _revise_pair(base, boff + i, L, loff + i, H, th, Q, codes, tq, qhq, W, gsup, delta, bsize,
+                                         k, 0, t, acc, htt, d, lo, hi, pair)
             else:
                 clo, chi = pair_limits(t, pv, lo, hi, pair)
                 x, q = greedy_step(base[k, boff + i, 0] - acc, htt, d, clo, chi, mode, lam)
