@@ -16,7 +16,8 @@ far. ``reference.py`` is that loop, as written; the fast forms take the same dec
 The step: delta = C r / K, with r the max |w| per column (or per layer, or per block of the
 fan-in), K the alphabet's largest level and C chosen from a grid by the exact output error
 (search.py). Quant is rounding.level, optionally within a pair bound on consecutive rows (for
-integer kernels that add two products in int16; see rounding.py). cost.py picks the form.
+integer kernels that add two products in int16; a pair the greedy step would take beyond it is
+re-decided jointly; see rounding.py). cost.py picks the form.
 
 Grouped / depthwise convolutions are ``g`` independent problems: all arrays carry a leading
 group axis g; W is (g, N0, N1g) with N0 the fan-in per group and N1g the outputs per group.
