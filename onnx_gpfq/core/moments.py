@@ -105,8 +105,8 @@ class Moments:
     form "gram": float64 G = Xt^T X, H = Xt^T Xt, F = X^T X, each (g, N0, N0).
     form "gram" with the layer's weights W (g, N0, N1g) given ("projected"): H, and instead of G
     and F only what GPFQ reads of them: A = tril(G) W, G W (g, N0, N1g) and ||X W||^2 per column
-    (g, N1g), and G's superdiagonal G_sup (g, N0). A is accumulated block by block of the fan-in, as in the residual form:
-    A[b] += tril(Xt_b^T X_b) W_b + Xt_b^T (X[:, :b] W[:b]). Per row that is N0^2 / 2 + 3 N0 N1
+    (g, N1g), and G's superdiagonal G_sup (g, N0). A is accumulated block by block of the fan-in, as
+    in the residual form: A[b] += tril(Xt_b^T X_b) W_b + Xt_b^T (X[:, :b] W[:b]). Per row that is N0^2 / 2 + 3 N0 N1
     multiply-adds instead of 2 N0^2: cheaper when N1 is well under N0 (3x3 convs, bottlenecks).
     form "residual": the rows themselves, X and Xt (g, m, N0) (float32 storage, float64 kept
     when given float64).
