@@ -103,6 +103,9 @@ class Options:
     sparsity: Sparsity | None = opt(None, "sparsity-promoting thresholding with absolute threshold LAMBDA",
                                     metavar="{soft,hard}:LAMBDA", shown="off")
     bias_correction: bool = opt(False, "add the mean output shift back to each bias", action="store_true", check=FLAG)
+    damp: float = opt(0.0, "ridge against fitting the calibration rows: GPFQ minimises ||XW - X~Q||^2 + lam ||W - Q||^2, "
+                      "lam = DAMP x the mean ||X~_t||^2 of the layer's fan-in (0: off)", kind=float,
+                      check=Check("number", low=0.0, high=1e6, text="a number >= 0"))
     full_range: bool = opt(False, "use the full two's-complement range [-2^(b-1), 2^(b-1)-1]", action="store_true",
                            check=FLAG)
     weight_format: str = opt("int8", "int8: codes in int8 containers, runs on int8 kernels; int4: packed INT4 with "
@@ -286,6 +289,7 @@ class Options:
             search="full" if self.full_search else "auto",
             sparsity=self.sparsity,
             bias_correction=self.bias_correction,
+            damp=float(self.damp),
         )
 
 

@@ -937,3 +937,56 @@ def test_pair_range_narrows_only_the_side_of_the_first_codes_sign():
     assert ref.pair_range(1, [0], -127, 127, 128) == (-127, 127)
     assert ref.pair_range(3, [0, 0, 5], -8, 7, 6) == (-6, 1)
     assert ref.pair_range(2, [0, 0, 5], -8, 7, 6) == (-6, 6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ridge (QuantSpec.damp): GPFQ on X and Xt with the rows sqrt(lam) I appended
+# ----------------------------------------------------------------------------------------------
+
+def _projected(X, Xt, W):
+    g, m, n0 = X.shape
+    mom = Moments(g, n0, "gram", W=W)
+    for idx in np.array_split(np.arange(m), 3):
+        mom.update(X[:, idx], Xt[:, idx])
+    return mom
+
+
+@pytest.mark.parametrize("m", [40, 150])  # the fused residual kernel (m <= 64) and the blocked residual form
+@pytest.mark.parametrize("pair", [None, 9])  # with a binding pair bound, pairs are re-decided on the damped rows
+def test_damped_gpfq_is_gpfq_on_rows_with_sqrt_lam_identity_appended(m, pair):
+    """Every form with QuantSpec.damp takes the reference's decisions on [X; sqrt(lam) I], [Xt; sqrt(lam) I]
+    (lam = damp x mean ||Xt_t||^2 per group), and reports the data's own error ||XW - Xt Q||^2 / ||XW||^2."""
+    rng = np.random.default_rng(31 + m)
+    g, n0, n1, damp = 2, 22, 5, 0.3
+    X, Xt = correlated(rng, g, m, n0, dead=(5,))
+    W = rng.standard_normal((g, n0, n1)) * 0.3
+    alphabet = Alphabet.from_bits(4)
+    spec = QuantSpec(alphabet, scale_rule="fixed", c=0.5, damp=damp, pair_bound=pair)
+    lam = damp * np.einsum("gmn,gmn->gn", Xt, Xt).mean(axis=1)
+    eye = np.sqrt(lam)[:, None, None] * np.eye(n0)[None]
+    Xa, Xta = np.concatenate([X, eye], axis=1), np.concatenate([Xt, eye], axis=1)
+    r, _ = P_.step_ranges(W, "channel")
+    delta_rows = np.broadcast_to(P_.steps_from_ranges(r, 0.5, alphabet.K), W.shape)
+    want, _ = ref.gpfq_layer(Xa, Xta, W, delta_rows, alphabet.lo, alphabet.hi, pair=pair)
+    plain, _ = ref.gpfq_layer(X, Xt, W, delta_rows, alphabet.lo, alphabet.hi, pair=pair)
+    assert (want != plain).any(), "the ridge must change some decision"
+    for name, mom in (("gram", moments_of(X, Xt, "gram")), ("residual", moments_of(X, Xt, "residual")),
+                      ("projected", _projected(X, Xt, W))):
+        res = P_.quantize_layer(W, mom, spec)
+        np.testing.assert_array_equal(res.codes, want, err_msg=name)
+        U = X @ W - Xt @ (res.codes * delta_rows)
+        data = float(np.einsum("gmn,gmn->", U, U)) / float(np.einsum("gmn,gmn->", X @ W, X @ W))
+        assert res.rel_error == pytest.approx(data, rel=1e-9), name
+
+
+def test_damp_zero_changes_nothing_and_a_ridge_is_validated():
+    rng = np.random.default_rng(4)
+    X, Xt = correlated(rng, 1, 60, 16)
+    W = rng.standard_normal((1, 16, 4))
+    a = P_.quantize_layer(W, moments_of(X, Xt, "gram"), QuantSpec(Alphabet.from_bits(4)))
+    b = P_.quantize_layer(W, moments_of(X, Xt, "gram"), QuantSpec(Alphabet.from_bits(4), damp=0.0))
+    np.testing.assert_array_equal(a.codes, b.codes)
+    assert a.rel_error == b.rel_error
+    for bad in (-1.0, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="damp"):
+            QuantSpec(Alphabet.from_bits(4), damp=bad)

@@ -60,7 +60,8 @@ VARIANTS = [  # (label, quantizer, options)
 
 # Run only when --variants names them (not part of the default set or of BENCHMARKS.md's table):
 # the minimal activation placement, --act-calibration minmax (the default before auto), bias correction on top of
-# the default or of minmax, smoothing off, 16-bit activations, and 8-bit weights with float or 16-bit activations.
+# the default or of minmax, smoothing off, 16-bit activations, 8-bit weights with float or 16-bit activations,
+# and the ridge (--damp).
 EXTRA_VARIANTS = [
     ("gpfq W8A8 minimal", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "act_placement": "minimal"}),
     ("gpfq W8A8 no-smooth", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "smooth": "off"}),
@@ -75,6 +76,9 @@ EXTRA_VARIANTS = [
     # ceilings: what 8-bit weights give with float or 16-bit activations (how much of a gap is the activations')
     ("gpfq W8", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": None}),
     ("gpfq W8A16", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 16}),
+    # the ridge against fitting the calibration rows (--damp), for choosing its default
+    ("gpfq W8A8 damp1", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "damp": 1.0}),
+    ("gpfq W4A8 damp1", "gpfq", {"method": "gpfq", "weight_bits": 4, "act_bits": 8, "damp": 1.0}),
 ]
 
 

@@ -15,6 +15,7 @@ from numba import njit, prange
 
 from .greedy import DEAD_TOL, greedy_step, joint_step
 from .moments import rows_superdiagonal
+from .steps import ridge
 from .rounding import MODE_PLAIN, Rule, level, pair_breaks, pair_limits
 
 # Residual form with at most this many calibration rows runs fused, all C of the grid in one sweep;
@@ -38,8 +39,8 @@ def column_tile(n1: int, largest: int, groups: int = 1) -> int:
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def residual_lanes(W, XT, XtT, hd, hsup, gsup, dead, DG, DR, bsize, lo, hi, mode, lam, pair, tile, store, codes, err_g,
-                   err_r, xw2):
+def residual_lanes(W, XT, XtT, hd, hsup, gsup, ridge_lam, dead, DG, DR, bsize, lo, hi, mode, lam, pair, tile, store,
+                   codes, err_g, err_r, xw2):
     """The residual form row by row, for several step choices ("lanes") at once.
 
     For every group k and column c, walking the fan-in t = 0..N0-1 with the running products
@@ -61,7 +62,9 @@ def residual_lanes(W, XT, XtT, hd, hsup, gsup, dead, DG, DR, bsize, lo, hi, mode
     re-decides the pair (greedy.joint_step) and corrects R by the first row's change.
 
     W (g, N0, N1) float64; XT, XtT (g, N0, m) = X, Xt transposed; hd (g, N0) = H[t,t];
-    hsup, gsup (g, N0) = H[t,t+1], G[t,t+1] (read by pairs decided jointly); dead (g,);
+    hsup, gsup (g, N0) = H[t,t+1], G[t,t+1] (read by pairs decided jointly); ridge_lam (g,): the
+    ridge of QuantSpec.damp (0: none), as rows sqrt(lam) I appended to X and Xt: hd then already
+    includes it, a_t gains lam w_t and each lane's error lam ||w - q||^2; dead (g,);
     DG (nG, g, nb, N1), DR (nR, g, nb, N1) steps per block of bsize fan-in rows;
     lo..pair: the rounding.Rule (pair bound included), for every lane;
     store: write lane 0's GPFQ codes into codes (g, N0, N1) int32; err_g (nG, g, N1),
@@ -73,13 +76,13 @@ def residual_lanes(W, XT, XtT, hd, hsup, gsup, dead, DG, DR, bsize, lo, hi, mode
     for task in prange(g * tiles):
         kg = task // tiles
         c0 = (task % tiles) * T
-        _residual_tile(kg, c0, min(c0 + T, n1), W, XT, XtT, hd, hsup, gsup, dead, DG, DR, bsize, lo, hi, mode, lam, pair,
-                       store, codes, err_g, err_r, xw2)
+        _residual_tile(kg, c0, min(c0 + T, n1), W, XT, XtT, hd, hsup, gsup, ridge_lam, dead, DG, DR, bsize, lo, hi, mode,
+                       lam, pair, store, codes, err_g, err_r, xw2)
 
 
 @njit(cache=True, error_model="numpy")
-def _residual_tile(kg, c0, c1, W, XT, XtT, hd, hsup, gsup, dead, DG, DR, bsize, lo, hi, mode, lam, pair, store, codes,
-                   err_g, err_r, xw2):
+def _residual_tile(kg, c0, c1, W, XT, XtT, hd, hsup, gsup, ridge_lam, dead, DG, DR, bsize, lo, hi, mode, lam, pair, store,
+                   codes, err_g, err_r, xw2):
     """residual_lanes for group kg and the columns c0..c1-1 (its own scratch arrays)."""
     n0 = W.shape[1]
     m = XT.shape[2]
@@ -100,6 +103,9 @@ def _residual_tile(kg, c0, c1, W, XT, XtT, hd, hsup, gsup, dead, DG, DR, bsize, 
     PR = np.zeros((nR, nt))
     NA = np.zeros((nG, nt))  # under a pair bound: z times H[t,t] of the pair's first row, per lane
     DQ = np.zeros(nt)  # a re-decided pair's change of its first row's q
+    lk = ridge_lam[kg]
+    SG = np.zeros((nG, nt))  # with a ridge: sum over rows of (w - q)^2 per lane
+    SR = np.zeros((nR, nt))
     flo = float(lo)
     fhi = float(hi)
     dk = dead[kg]
@@ -126,6 +132,9 @@ def _residual_tile(kg, c0, c1, W, XT, XtT, hd, hsup, gsup, dead, DG, DR, bsize, 
                 v = Vk[c] + xk * w[c]
                 Vk[c] = v
                 a[c] += yk * v
+        if lk > 0.0:  # the appended row sqrt(lam) e_t: a_t gains lam w_t
+            for c in range(nt):
+                a[c] += lk * w[c]
         for l in range(nG):
             d_ = DG[l, kg, td, c0:c1]
             R = RG[l]
@@ -151,6 +160,9 @@ def _residual_tile(kg, c0, c1, W, XT, XtT, hd, hsup, gsup, dead, DG, DR, bsize, 
                                                       hsup[kg, t - 1], htt, da, d_[c], lo, hi, pair)
                             DQ[c] = qa - qa_old
                             revised = True
+                            if lk > 0.0:  # row t - 1's share of the ridge, with its new q
+                                wp = W[kg, t - 1, c0 + c]
+                                SG[l, c] += (wp - qa) * (wp - qa) - (wp - qa_old) * (wp - qa_old)
                             if store and l == 0:
                                 codes[kg, t - 1, c0 + c] = np.int32(xa)
                         else:
@@ -172,9 +184,13 @@ def _residual_tile(kg, c0, c1, W, XT, XtT, hd, hsup, gsup, dead, DG, DR, bsize, 
                 if store and l == 0:
                     for c in range(nt):
                         codes[kg, t, c0 + c] = np.int32(xs[c])
+                if lk > 0.0:
+                    for c in range(nt):
+                        SG[l, c] += (w[c] - qv[c]) * (w[c] - qv[c])
             else:  # a zero column of Xt: q_t = 0, R unchanged
                 for c in range(nt):
                     P[c] = 0
+                    SG[l, c] += w[c] * w[c]  # q_t = 0
                 if store and l == 0:
                     for c in range(nt):
                         codes[kg, t, c0 + c] = 0
@@ -213,6 +229,9 @@ def _residual_tile(kg, c0, c1, W, XT, XtT, hd, hsup, gsup, dead, DG, DR, bsize, 
                     x = level(w[c], d, clo, chi, mode, lam)
                     P[c] = x
                     qj[c] = x * d if x != 0.0 else 0.0
+            if lk > 0.0:
+                for c in range(nt):
+                    SR[l, c] += (w[c] - qj[c]) * (w[c] - qj[c])
             if not flush:
                 continue
             R = RR[l]
@@ -241,6 +260,12 @@ def _residual_tile(kg, c0, c1, W, XT, XtT, hd, hsup, gsup, dead, DG, DR, bsize, 
         _squared_distance(V, RG[l], err_g[l, kg], c0)
     for l in range(nR):
         _squared_distance(V, RR[l], err_r[l, kg], c0)
+    if lk > 0.0:
+        for c in range(nt):
+            for l in range(nG):
+                err_g[l, kg, c0 + c] += lk * SG[l, c]
+            for l in range(nR):
+                err_r[l, kg, c0 + c] += lk * SR[l, c]
 
 
 @njit(cache=True, error_model="numpy")
@@ -258,10 +283,14 @@ def _squared_distance(V, R, out, c0):
 class Fused:
     """Rows of the residual form laid out for residual_lanes."""
 
-    def __init__(self, X, Xt):
+    def __init__(self, X, Xt, damp: float = 0.0):
         self.XT = np.ascontiguousarray(X.transpose(0, 2, 1))
         self.XtT = self.XT if Xt is X else np.ascontiguousarray(Xt.transpose(0, 2, 1))
         self.hd = np.ascontiguousarray(np.einsum("gmn,gmn->gn", Xt, Xt))  # H[t,t] = ||Xt_t||^2
+        self.lam = ridge(self.hd, damp)  # QuantSpec.damp: H[t,t] + lam
+        if self.lam is not None:
+            self.hd += self.lam[:, None]
+        self.ridge_lam = np.zeros(X.shape[0]) if self.lam is None else np.ascontiguousarray(self.lam)
         self.hsup = rows_superdiagonal(Xt, Xt)  # H[t,t+1], G[t,t+1]: for pairs decided jointly
         self.gsup = rows_superdiagonal(Xt, X)
         self.dead = np.ascontiguousarray(DEAD_TOL * self.hd.max(axis=1)) if self.hd.size else np.zeros(X.shape[0])
@@ -277,6 +306,6 @@ class Fused:
         nG, nR = DG.shape[0], DR.shape[0]
         codes = np.empty((g, n0, n1) if store else (0, 0, 0), np.int32)
         err_g, err_r, xw2 = np.empty((nG, g, n1)), np.empty((nR, g, n1)), np.empty((g, n1))
-        residual_lanes(W, self.XT, self.XtT, self.hd, self.hsup, self.gsup, self.dead, DG, DR, bsize, *rule,
+        residual_lanes(W, self.XT, self.XtT, self.hd, self.hsup, self.gsup, self.ridge_lam, self.dead, DG, DR, bsize, *rule,
                        column_tile(n1, RESIDUAL_TILE, g), store, codes, err_g, err_r, xw2)
         return (codes if store else None), err_g, err_r, xw2

@@ -17,7 +17,7 @@ from .moments import Moments, superdiagonal
 from .rounding import Rule
 from .search import PassForm
 from .spec import Alphabet, Sparsity
-from .steps import as3, delta3, rows_of
+from .steps import as3, delta3, ridge, rows_of
 
 # Rows of the fan-in per block of the blocked forward substitution: one GEMM per block for all
 # earlier rows, a B x B triangle in numba inside. 128 measured best at N0 = N1 = 2048.
@@ -128,9 +128,11 @@ class GramForm(PassForm):
     """The Gram form of one layer (search.Form): per-layer quantities shared by every pass,
     A = tril(G) W, G W, w^T F w."""
 
-    def __init__(self, W, mom: Moments, cols: slice | None = None):
+    def __init__(self, W, mom: Moments, cols: slice | None = None, damp: float = 0.0):
         """W (g, N0, N1c): the layer's weights, or its columns ``cols`` (then W = W_layer[:, :, cols]
-        and projected Moments give their A, G W, ||X W||^2 of those columns)."""
+        and projected Moments give their A, G W, ||X W||^2 of those columns). damp: QuantSpec.damp,
+        the ridge lam I added to G, H and F (rows sqrt(lam) I appended to X and Xt); wfw stays
+        ||X w||^2, the passes' errors include lam ||w - q||^2."""
         self.H = np.ascontiguousarray(mom.H)
         # Rows that came as float32 (the pipeline's) carry float32 accuracy: the large off-diagonal
         # GEMMs of the passes and error products then run in float32 (twice the speed), the
@@ -149,12 +151,21 @@ class GramForm(PassForm):
             self.GW = np.matmul(G, W)
             self.wfw = np.einsum("gin,gin->gn", W, np.matmul(mom.F, W))
             self.gsup = superdiagonal(G)
+        self.wfw_obj = self.wfw
+        self.lam = ridge(np.diagonal(self.H, axis1=1, axis2=2), damp)
+        if self.lam is not None:  # G, H, F + lam I (a new H: Moments may be shared by layers)
+            lamI = self.lam[:, None, None] * np.eye(self.H.shape[1])
+            self.H = self.H + lamI
+            self.H_off = self.H.astype(np.float32) if mom.rows_dtype == np.float32 else self.H
+            self.A = self.A + self.lam[:, None, None] * W
+            self.GW = self.GW + self.lam[:, None, None] * W
+            self.wfw_obj = self.wfw + self.lam[:, None] * np.einsum("gin,gin->gn", W, W)
         self.dead = dead_threshold(self.H)
         self.dH = np.ascontiguousarray(np.diagonal(self.H, axis1=1, axis2=2))
 
     def greedy(self, delta, bsize, rule):
         codes, Q, qhq = gram_pass(self.A, self.H, delta, bsize, rule, self.dead, self.W, self.gsup, H_off=self.H_off)
-        return codes, self.wfw - 2.0 * np.einsum("gin,gin->gn", Q, self.GW) + qhq
+        return codes, self.wfw_obj - 2.0 * np.einsum("gin,gin->gn", Q, self.GW) + qhq
 
     def errors(self, codes: list, deltas: list, bsize: int) -> list:
         """Exact per-column errors of given codes, several lanes (codes, delta) side by side as
@@ -170,5 +181,5 @@ class GramForm(PassForm):
         np.multiply(Q, Q, out=HQ)
         qhq -= np.matmul(self.dH[:, None, :], HQ)[:, 0]  # - sum_t H[t,t] q_t^2
         qgw = np.einsum("gilN,giN->glN", Q.reshape(g, n0, len(codes), n1), self.GW)
-        err = self.wfw[:, None, :] - 2.0 * qgw + qhq.reshape(g, len(codes), n1)
+        err = self.wfw_obj[:, None, :] - 2.0 * qgw + qhq.reshape(g, len(codes), n1)
         return [err[:, i] for i in range(len(codes))]

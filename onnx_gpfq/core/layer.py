@@ -13,7 +13,7 @@ from .residual import residual_form
 from .rounding import Rule
 from .search import Choice, full_search, search
 from .spec import QuantSpec
-from .steps import dequantize, rows_of, step_ranges
+from .steps import dequantize, ridge_error, rows_of, step_ranges
 
 
 # Wide layers (e.g. a classifier over thousands of classes) are searched a chunk of columns at a
@@ -101,12 +101,16 @@ def quantize_layer(W: np.ndarray, moments: Moments, spec: QuantSpec) -> LayerRes
 
 def _columns(W: np.ndarray, moments: Moments, spec: QuantSpec, r: np.ndarray, bsize: int, grid, per_column: bool,
              cols: slice) -> tuple[Choice, Choice, float]:
-    """The step search on columns ``cols`` of W: (GPFQ's choice, RTN's, sum of ||X w||^2 over them)."""
+    """The step search on columns ``cols`` of W: (GPFQ's choice, RTN's, sum of ||X w||^2 over them).
+    With a ridge (spec.damp) the search compares the damped errors; the choices carry the data's."""
     g, n0, n1 = W.shape
     Wc = W if cols == slice(0, n1) else np.ascontiguousarray(W[:, :, cols])
-    form = GramForm(Wc, moments, cols) if moments.form == "gram" else residual_form(Wc, moments)
+    form = (GramForm(Wc, moments, cols, spec.damp) if moments.form == "gram"
+            else residual_form(Wc, moments, spec.damp))
     rule = Rule.of(spec.alphabet, spec.sparsity, spec.pair_bound)
     methods = ("gpfq", "rtn") if spec.method == "gpfq" else ("rtn",)
     chosen = search(form, np.ascontiguousarray(r[:, :, cols]), bsize, rule, spec.alphabet.K, grid, per_column,
                     full_search(spec, moments.m, n0, n1, g), methods)
+    if form.lam is not None:
+        chosen = {m: c._replace(err=c.err - ridge_error(form.lam, Wc, c.codes, c.delta, bsize)) for m, c in chosen.items()}
     return chosen[spec.method], chosen["rtn"], float(form.wfw.sum())

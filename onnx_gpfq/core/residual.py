@@ -18,7 +18,7 @@ from .moments import Moments, rows_superdiagonal
 from .rounding import Rule, rtn
 from .search import PassForm
 from .spec import Alphabet, Sparsity
-from .steps import as3, delta3, rows_of
+from .steps import as3, delta3, ridge, ridge_error, rows_of
 
 RESIDUAL_CHUNK = 1024  # fan-in rows per GEMM when evaluating ||XW - Xt Q||^2 from the rows
 
@@ -47,7 +47,9 @@ class Residual:
     the speed) summed into float64 states, as the Gram form does; float64 rows stay float64.
     """
 
-    def __init__(self, W, X, Xt, block=None):
+    def __init__(self, W, X, Xt, block=None, damp: float = 0.0):
+        """damp: QuantSpec.damp, as rows sqrt(lam) I appended to X and Xt: lam I added to A's G and
+        to H's blocks (lam: None without a ridge); XW and the residual stay the data's."""
         g, n0, n1 = W.shape
         block = residual_block(X.shape[1]) if block is None else even_block(block)
         self.block, self.X, self.Xt = block, X, Xt
@@ -70,6 +72,12 @@ class Residual:
             self.A[:, b0:b1] = np.matmul(np.tril(Gbb), Ww[:, b0:b1]) + np.matmul(XtbT, V.astype(self.work, copy=False))
             V += np.matmul(Xb, Ww[:, b0:b1])
         self.XW = V
+        self.lam = ridge(diag, damp)
+        if self.lam is not None:
+            self.A += self.lam[:, None, None] * self.W
+            for Hbb in self.Hb:
+                Hbb += self.lam[:, None, None] * np.eye(Hbb.shape[1])
+            diag = diag + self.lam[:, None]
         self.dead = np.ascontiguousarray(DEAD_TOL * diag.max(axis=1))
 
     def greedy(self, delta, bsize, rule: Rule):
@@ -119,15 +127,16 @@ def gpfq_residual(W: np.ndarray, X: np.ndarray, Xt: np.ndarray, delta, alphabet:
 class ResidualForm(PassForm):
     """The blocked residual form of one layer (search.Form): Residual's A, X W, ||X W||^2."""
 
-    def __init__(self, W, mom: Moments):
+    def __init__(self, W, mom: Moments, damp: float = 0.0):
         self.W = W
-        self.r = Residual(W, mom.X, mom.Xt)  # float32 rows stay float32 (see Residual)
+        self.r = Residual(W, mom.X, mom.Xt, damp=damp)  # float32 rows stay float32 (see Residual)
+        self.lam = self.r.lam
         self.rows = mom.m
         self.wfw = np.einsum("gmn,gmn->gn", self.r.XW, self.r.XW)
 
     def greedy(self, delta, bsize, rule):
         codes, U = self.r.greedy(delta, bsize, rule)
-        return codes, np.einsum("gmn,gmn->gn", U, U)
+        return codes, np.einsum("gmn,gmn->gn", U, U) + ridge_error(self.lam, self.W, codes, delta, bsize)
 
     def errors(self, codes: list, deltas: list, bsize: int) -> list:
         """||XW - Xt Q||^2 per column for several lanes (codes, delta) side by side."""
@@ -142,7 +151,7 @@ class ResidualForm(PassForm):
             Q = np.concatenate([c[:, b0:b1] * (r if r.shape[1] == 1 else r[:, b0:b1]) for c, r in zip(codes, rows)], axis=2)
             U -= np.matmul(self.r.Xt[:, :, b0:b1], Q.astype(self.r.work, copy=False))
         err = np.einsum("gmn,gmn->gn", U, U).reshape(g, lanes, n1)
-        return [err[:, i] for i in range(lanes)]
+        return [err[:, i] + ridge_error(self.lam, self.W, c, d, bsize) for i, (c, d) in enumerate(zip(codes, deltas))]
 
 
 
@@ -152,11 +161,12 @@ class FusedForm:
     one sweep of fused.residual_lanes (errors only); the chosen GPFQ steps get one more sweep for
     their codes, the RTN ones a direct rounding."""
 
-    def __init__(self, W, mom: Moments):
+    def __init__(self, W, mom: Moments, damp: float = 0.0):
         self.W = W
         X = np.asarray(mom.X, dtype=np.float64)
         Xt = X if mom.Xt is mom.X else np.asarray(mom.Xt, dtype=np.float64)
-        self.f = Fused(X, Xt)
+        self.f = Fused(X, Xt, damp)
+        self.lam = self.f.lam
         self.wfw = None  # ||X W||^2 per column, set by evaluate()
 
     def evaluate(self, deltas, bsize, rule):
@@ -172,6 +182,6 @@ class FusedForm:
         return choice._replace(codes=codes, err=err[0])
 
 
-def residual_form(W, mom: Moments):
+def residual_form(W, mom: Moments, damp: float = 0.0):
     """The residual form for these moments: fused for few rows, else blocked."""
-    return FusedForm(W, mom) if mom.m <= RESIDUAL_FUSED_MAX_M else ResidualForm(W, mom)
+    return FusedForm(W, mom, damp) if mom.m <= RESIDUAL_FUSED_MAX_M else ResidualForm(W, mom, damp)

@@ -114,6 +114,11 @@ class QuantSpec:
     pair_bound: None, or P >= 1: consecutive fan-in rows (2j, 2j+1), in the order W's rows are
       given, get codes whose same-sign magnitudes add up to at most P (|q_2j| + |q_2j+1| <= P when
       both have one sign; see onnx_gpfq.core.rounding), in GPFQ, in RTN and in the step search's errors.
+    damp: a ridge term against fitting the calibration rows. GPFQ then minimises
+      ||X w - Xt q||^2 + lam ||w - q||^2 with lam = damp x the mean of H[t,t] = ||Xt_t||^2 over the
+      fan-in (per group): exactly GPFQ on X and Xt with the rows sqrt(lam) I appended. It pulls each
+      decision toward rounding w itself, and makes rows with a zero column of Xt round w (instead of
+      0). The step search compares the damped errors; the reported errors are the data term. 0: none.
     """
 
     alphabet: Alphabet
@@ -128,6 +133,7 @@ class QuantSpec:
     sparsity: Sparsity | None = None
     bias_correction: bool = False
     pair_bound: int | None = None
+    damp: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.alphabet, Alphabet):
@@ -166,6 +172,8 @@ class QuantSpec:
         pb = self.pair_bound
         if pb is not None and (isinstance(pb, bool) or not isinstance(pb, (int, np.integer)) or pb < 1):
             raise ValueError(f"QuantSpec.pair_bound must be None or an int >= 1 (got {pb!r})")
+        if isinstance(self.damp, bool) or not (self.damp == 0 or _positive_number(self.damp)):
+            raise ValueError(f"QuantSpec.damp must be a finite number >= 0 (got {self.damp!r})")
 
 
 def _positive_number(x) -> bool:

@@ -141,3 +141,18 @@ def abs_max_blocks(W, bsize, out):
                     x = abs(row[c])
                     if not x <= o[c] and o[c] == o[c]:  # larger, or the first NaN
                         o[c] = x
+
+
+def ridge(hdiag: np.ndarray, damp: float) -> np.ndarray | None:
+    """lam (g,) = damp x mean_t H[t,t] for H's diagonal hdiag (g, N0): the ridge weight of QuantSpec.damp
+    (None for damp = 0: no ridge)."""
+    return damp * hdiag.mean(axis=1) if damp > 0 else None
+
+
+def ridge_error(lam: np.ndarray | None, W: np.ndarray, codes: np.ndarray, delta: np.ndarray, bsize: int) -> np.ndarray | float:
+    """lam ||w - q||^2 per column (g, N1) of codes (g, N0, N1) with steps delta (g, nb, N1); 0.0 without a ridge."""
+    if lam is None:
+        return 0.0
+    D = W - codes * rows_of(delta, bsize, W.shape[1])
+    return lam[:, None] * np.einsum("gin,gin->gn", D, D)
+
