@@ -190,7 +190,9 @@ def _residual_tile(kg, c0, c1, W, XT, XtT, hd, hsup, gsup, ridge_lam, dead, DG, 
             else:  # a zero column of Xt: q_t = 0, R unchanged
                 for c in range(nt):
                     P[c] = 0
-                    SG[l, c] += w[c] * w[c]  # q_t = 0
+                if lk > 0.0:  # q_t = 0: the ridge counts w_t^2
+                    for c in range(nt):
+                        SG[l, c] += w[c] * w[c]
                 if store and l == 0:
                     for c in range(nt):
                         codes[kg, t, c0 + c] = 0

@@ -275,10 +275,8 @@ class Moments:
 
     @property
     def G_sup(self) -> np.ndarray:
-        """(g, N0) G[t, t+1] (0 for the last row): superdiagonal(G), kept by every form."""
-        if self.form == "residual":
-            X, Xt = self._rows()
-            return rows_superdiagonal(Xt, X)
+        """(g, N0) G[t, t+1] (0 for the last row): superdiagonal(G), also kept by projected Moments (the
+        residual forms take it from the rows: rows_superdiagonal)."""
         if self.W is not None:
             return self._gram("_gsup")
         return superdiagonal(self._gram("_G"))
