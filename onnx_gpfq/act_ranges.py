@@ -38,6 +38,7 @@ the mse rule there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,9 +161,13 @@ def scoring_layers(graph: onnx.GraphProto, targets: list[Layer], integer_input: 
 
 
 def choose(name: str, values, method: str, bits: int, symmetric: bool, percentile: float, scorers: list[Scorer],
-           rng: np.random.Generator) -> tuple[ActQuant, ActivationReport]:
+           rng: np.random.Generator, grids: Callable[[ActQuant], list[ActQuant]] | None = None
+           ) -> tuple[ActQuant, ActivationReport]:
     """The quantization of tensor ``name`` (its values over all calibration batches, as the float
-    stream holds them) under rule ``method`` ("auto" or a single rule), and its report row."""
+    stream holds them) under rule ``method`` ("auto" or a single rule), and its report row.
+
+    grids: the admissible grids near a candidate's (``on_codes.grids``: those on which a hard sigmoid
+    runs on the codes), scored in its place; a candidate with none is scored as it is."""
     # min-max needs the values only for the report's SQNR: a smaller sample, and rows without a pool
     sample = value_sample(values, rng, AUTO_VALUES) if method == "minmax" else value_sample(values, rng)
     lo, hi = float(sample.min()), float(sample.max())
@@ -186,13 +191,14 @@ def choose(name: str, values, method: str, bits: int, symmetric: bool, percentil
         if method == "auto" and rule != "minmax" and not (seen_lo < min(a, 0.0) or seen_hi > max(b, 0.0)):
             continue  # it clips only values the scored data lacks: its cost would look nil
         quant = act_quant_from_range(a, b, bits, symmetric)
-        score, worst_row = _score(quant, small, scorers, rows)
-        if rule == "minmax":
-            minmax_worst = worst_row
-        elif method == "auto" and worst_row > max(ROW_ERROR_LIMIT, minmax_worst):
-            continue  # it destroys some row's output (a massive activation clipped)
-        if best is None or score < best[0]:
-            best = (score, rule, (a, b), quant)
+        for quant in (grids(quant) if grids else None) or [quant]:
+            score, worst_row = _score(quant, small, scorers, rows)
+            if rule == "minmax":
+                minmax_worst = max(minmax_worst, worst_row)
+            elif method == "auto" and worst_row > max(ROW_ERROR_LIMIT, minmax_worst):
+                continue  # it destroys some row's output (a massive activation clipped)
+            if best is None or score < best[0]:
+                best = (score, rule, (a, b), quant)
     _, rule, (a, b), quant = best
     err = float(np.sum((fake_quant(small, quant) - small) ** 2))
     own = _db(float(np.sum(small ** 2)), err)
@@ -227,6 +233,19 @@ def _rows(scorer: Scorer, values, rng: np.random.Generator, pool: int) -> tuple[
     keep = np.concatenate([np.sort(order[:half]), rest])
     weights = np.concatenate([np.ones(half), np.full(half, (n - half) / half)])
     return rows[:, keep].astype(np.float64), weights
+
+
+def on_codes_row(name: str, quant: ActQuant, source: ActQuant, source_values, values) -> ActivationReport:
+    """The report row of a hard sigmoid computed on its input's codes (``on_codes``): the range its codes
+    cover, and its SQNR against the float tensor on the first calibration batch."""
+    x, h = (np.asarray(next(iter(v)), np.float64) for v in (source_values, values))
+    scale = quant.scale / source.scale  # alpha
+    beta = (source.zero_point - quant.zero_point) * quant.scale
+    approx = np.clip(scale * fake_quant(x, source) + beta, 0.0, 1.0)
+    lo, hi = ((c - quant.zero_point) * quant.scale for c in quant.clip)
+    bits = np.iinfo(quant.dtype).bits
+    return ActivationReport(name, bits, f"codes of {quant.codes_of}", lo, hi, _db(float(np.sum(h ** 2)),
+                            float(np.sum((approx - h) ** 2))), None, ())
 
 
 def _layer_error(quant: ActQuant, scorer: Scorer, rows: tuple[np.ndarray, np.ndarray]) -> tuple[float, float, float]:

@@ -11,8 +11,10 @@ Two placements (``Options.act_placement``, --act-placement):
     * QLinear kernels with their own output range (calibrated like any other tensor): Add, Mul
       (QLinearAdd/QLinearMul), Concat (QLinearConcat), Sigmoid, LeakyRelu, AveragePool,
       GlobalAveragePool, Softmax. One quantized input is enough: a float operand made by an op
-      with no integer kernel (the HardSigmoid of x * hardsigmoid(x)) gets a QDQ pair of its own,
-      as onnxruntime's quantizer does, so that only that op runs dequantize-op-quantize;
+      with no integer kernel gets a QDQ pair of its own, as onnxruntime's quantizer does, so that
+      only that op runs dequantize-op-quantize; a HardSigmoid of a quantized tensor (the
+      x * hardsigmoid(x) of hard swish) instead runs as a Clip on its input's codes
+      (``Placement.on_codes``, module ``on_codes``) where its input's grid allows it;
     * a constant operand of Add or Mul (the + 3 of a decomposed HardSwish x * Clip(x + 3, 0, 6) / 6)
       is stored as 8-bit codes read through DequantizeLinear (``Placement.constants``), as
       onnxruntime's quantizer stores it, so that the op runs as QLinearAdd/QLinearMul. Scalars
@@ -45,6 +47,7 @@ from onnx import numpy_helper
 
 from .choices import PLACEMENTS  # noqa: F401  (the choices: integer, minimal)
 from .graph import GraphIndex
+from .on_codes import CodeClip, hardsigmoid_params
 from .ops import Layer
 
 REMOVABLE_ACTIVATIONS = ("Relu", "Clip")
@@ -68,6 +71,7 @@ class Placement:
     constants: frozenset[str] = frozenset()  # initializers stored as 8-bit codes (the copies ``prepare`` writes)
     operand_nodes: frozenset[str] = frozenset()  # Add / Mul / Div nodes (by name) with such an operand
     products: frozenset[str] = frozenset()  # the Div nodes among them: a Mul by the reciprocal
+    on_codes: dict[str, CodeClip] = field(default_factory=dict)  # calibrated tensors that may run on codes
 
     @property
     def tensors(self) -> frozenset[str]:
@@ -131,7 +135,25 @@ def place(graph: onnx.GraphProto, targets: list[Layer], weight_only: set[str] = 
     # takes the shared grid only when its source is quantized too
     shared = {t: s for t, s in shared.items() if t in keep}
     calibrated = (base - set(shared)) | {t for t in keep if t not in shared}
-    return Placement(frozenset(calibrated), shared, constants, frozenset(operands), products)
+    return Placement(frozenset(calibrated), shared, constants, frozenset(operands), products,
+                     _on_codes(graph, calibrated, index))
+
+
+def _on_codes(graph: onnx.GraphProto, calibrated: set[str], index: GraphIndex) -> dict[str, CodeClip]:
+    """HardSigmoid outputs that may be computed on the codes of their quantized input (``on_codes``):
+    both tensors calibrated, one such reader per input (its grid is moved for it)."""
+    found: dict[str, CodeClip] = {}
+    sources: set[str] = set()
+    for node in graph.node:
+        if node.op_type != "HardSigmoid" or node.domain not in ("", "ai.onnx"):
+            continue
+        x, h = node.input[0], node.output[0]
+        if x in calibrated and h in calibrated and x not in sources and h not in index.graph_outputs:
+            alpha, beta = hardsigmoid_params(node)
+            if alpha > 0:
+                found[h] = CodeClip(x, alpha, beta)
+                sources.add(x)
+    return found
 
 
 def operand_name(constant: str, reciprocal: bool = False) -> str:

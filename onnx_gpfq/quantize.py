@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 import onnx
 
-from . import core, mixed, rewrite, runtime, smooth, steps
+from . import core, mixed, on_codes, rewrite, runtime, smooth, steps
 from ._threads import blas_workers_sleep, limit as limit_threads
 from .calib import load_batches, model_inputs
 from .capture import Spill, Stream, inputs
@@ -51,18 +51,47 @@ def _observe_new(placement: Placement, acts: dict[str, ActQuant], stream: Stream
     """Choose the range of every activation tensor to quantize that the float stream now holds for
     the first time (``act_ranges.choose``, scored at the layers ``scoring`` names; ``wide``: the
     tensors --act-bits auto promoted to 16 bits); its row goes into the report. A tensor sharing
-    another's grid (placement.shared) takes it once that one is chosen."""
+    another's grid (placement.shared) takes it once that one is chosen; a hard sigmoid of
+    ``placement.on_codes`` is computed on its input's codes where the input's grid allows it
+    (``on_codes``)."""
+    codes = placement.on_codes  # hard sigmoids that may run on their input's codes
+    grids = {c.source: c for c in codes.values()}
+
+    def choose(name: str, k: int) -> None:
+        rng = np.random.default_rng([options.seed, k])
+        bits = (16 if name in wide else 8) if options.act_bits == "auto" else options.act_bits
+        scorers = [act_ranges.Scorer.of(t, index.array(t.w), rng, steps) for t, steps in scoring.get(name, [])]
+        clip = grids.get(name)  # its hard sigmoid runs on its codes where its grid allows: such grids are scored
+        admissible = (lambda q: on_codes.grids(q, clip.alpha, clip.beta)) if clip else None
+        acts[name], row = act_ranges.choose(name, stream.values[name], options.act_calibration, bits,
+                                            options.act_symmetric, options.percentile, scorers, rng, admissible)
+        if clip and on_codes.exact(acts[name], clip.alpha, clip.beta):
+            row = replace(row, rule=f"{row.rule}+codes")
+        report.activation_rows.append(row)
+
+    def on_its_input_codes(name: str) -> bool:
+        clip = codes.get(name)
+        if clip is None or clip.source not in acts or not on_codes.exact(acts[clip.source], clip.alpha, clip.beta):
+            return False
+        acts[name] = on_codes.derived(clip.source, acts[clip.source], clip.alpha, clip.beta)
+        report.activation_rows.append(act_ranges.on_codes_row(name, acts[name], acts[clip.source],
+                                                              stream.values[clip.source], stream.values[name]))
+        return True
+
+    deferred: list[str] = []  # hard sigmoids whose input is new too but sorts after them
     for name in sorted(placement.calibrated - set(acts)):
-        if name in stream.values:
-            rng = np.random.default_rng([options.seed, len(set(acts) - placement.constants)])
-            bits = (16 if name in wide else 8) if options.act_bits == "auto" else options.act_bits
-            scorers = [act_ranges.Scorer.of(t, index.array(t.w), rng, steps) for t, steps in scoring.get(name, [])]
-            acts[name], row = act_ranges.choose(name, stream.values[name], options.act_calibration, bits,
-                                                options.act_symmetric, options.percentile, scorers, rng)
-            report.activation_rows.append(row)
+        if name not in stream.values:
+            continue
+        if name in codes and codes[name].source not in acts and codes[name].source in stream.values:
+            deferred.append(name)  # decided below; the others' random streams stay numbered in sorted order
+        elif not on_its_input_codes(name):
+            choose(name, len(set(acts) - placement.constants) + len(deferred))
+    for name in deferred:
+        if not on_its_input_codes(name):
+            choose(name, len(set(acts) - placement.constants))
     for name, source in sorted(placement.shared.items()):
         if name not in acts and source in acts:
-            acts[name] = acts[source]
+            acts[name] = replace(acts[source], codes_of=None, clip=None)  # its own QDQ pair on that grid
 
 
 def _tensor_bytes(t: onnx.TensorProto) -> int:
@@ -139,6 +168,8 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
     # onnxruntime's QLinear kernels between layers are 8-bit only: 16-bit activations (all or some, --act-bits
     # auto) keep the minimal placement
     kind = options.act_placement if options.act_bits == 8 else "minimal"
+    if kind == "integer" and options.act_bits:
+        on_codes.fold_hardswish(graph)  # x * Clip(x + 3, 0, 6) / 6 and HardSwish -> x * HardSigmoid(x)
     placement = place(graph, targets, weight_only, kind) if options.act_bits else Placement()
     prepare(graph, placement)  # integer Add/Mul read copies of their constants, Div by a constant -> Mul
     index = GraphIndex(graph)

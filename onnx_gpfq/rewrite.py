@@ -34,11 +34,16 @@ from .ops.base import renamed
 
 @dataclass(frozen=True)
 class ActQuant:
-    """Affine quantization of one activation tensor: real = (q - zero_point) * scale."""
+    """Affine quantization of one activation tensor: real = (q - zero_point) * scale.
+
+    codes_of: the tensor is not quantized from its float values but computed on the codes of this
+    one, clipped to ``clip`` (``on_codes``: a hard sigmoid), and its producer is not emitted."""
 
     scale: float
     zero_point: int
     dtype: type = np.uint8
+    codes_of: str | None = None
+    clip: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,20 @@ class Emitter:
                                            [read_name(tensor, self.acts, self.graph_outputs)],
                                            name=f"{tensor}_DequantizeLinear"))
 
+    def code_clip(self, tensor: str) -> None:
+        """Clip on the codes of another quantized tensor -> DequantizeLinear (``ActQuant.codes_of``)."""
+        quant = self.acts[tensor]
+        names = [f"{tensor}_{k}" for k in ("clip_min", "clip_max", "scale", "zero_point")]
+        values = (*quant.clip, quant.zero_point)
+        for name, value in zip(names[:2] + names[3:], values):
+            self.inits[name] = numpy_helper.from_array(np.array(value, quant.dtype), name)
+        self.inits[names[2]] = numpy_helper.from_array(np.array(quant.scale, np.float32), names[2])
+        self.nodes.append(helper.make_node("Clip", [q_name(quant.codes_of), names[0], names[1]], [q_name(tensor)],
+                                           name=f"{tensor}_Clip"))
+        self.nodes.append(helper.make_node("DequantizeLinear", [q_name(tensor), names[2], names[3]],
+                                           [read_name(tensor, self.acts, self.graph_outputs)],
+                                           name=f"{tensor}_DequantizeLinear"))
+
     def constant_dq(self, tensor: str) -> None:
         """A constant operand (``placement.Placement.constants``) as 8-bit codes read through
         DequantizeLinear: what onnxruntime's QLinearAdd/QLinearMul take for it."""
@@ -215,6 +234,9 @@ def apply(
         group = by_node.get(node.name)
         inputs = [read_name(n, acts, em.graph_outputs) for n in node.input]
         outputs = [em.produced_name(o) for o in node.output]
+        if any(acts[o].codes_of for o in node.output if o in acts):
+            em.code_clip(node.output[0])  # the node runs on its input's codes
+            continue
         if group is None:
             em.nodes.append(renamed(node, inputs, outputs))
         else:

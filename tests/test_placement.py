@@ -155,11 +155,11 @@ def test_quantized_stream_carries_the_new_qdq(monkeypatch):
     assert {"conv2_out", "cat"} <= before_conv3
 
 
-def _hardswish_model() -> onnx.ModelProto:
-    """conv1 -> x * HardSigmoid(x) -> GlobalAveragePool -> conv2 (1x1) -> output (PP-LCNet's pattern)."""
-    return _between_convs([helper.make_node("HardSigmoid", ["conv1_out"], ["hs"], name="hs", alpha=1 / 6, beta=0.5),
-                           helper.make_node("Mul", ["conv1_out", "hs"], ["hswish"], name="mul"),
-                           helper.make_node("GlobalAveragePool", ["hswish"], ["gap"], name="gap")], [], "gap", 1)
+def _tanh_gate_model() -> onnx.ModelProto:
+    """conv1 -> x * Tanh(x) -> GlobalAveragePool -> conv2 (1x1) -> output (a gate with no integer kernel)."""
+    return _between_convs([helper.make_node("Tanh", ["conv1_out"], ["gate"], name="gate"),
+                           helper.make_node("Mul", ["conv1_out", "gate"], ["gated"], name="mul"),
+                           helper.make_node("GlobalAveragePool", ["gated"], ["gap"], name="gap")], [], "gap", 1)
 
 
 def _between_convs(middle: list, consts: list, last: str, hw: int) -> onnx.ModelProto:
@@ -174,16 +174,18 @@ def _between_convs(middle: list, consts: list, last: str, hw: int) -> onnx.Model
 
 
 def test_a_float_operand_of_an_integer_op_gets_its_own_qdq():
-    """x * HardSigmoid(x): HardSigmoid has no integer kernel, so its output is quantized (it runs
-    dequantize-HardSigmoid-quantize) and the Mul and the pooling after it run as QLinear kernels."""
-    base = normalise(_hardswish_model())
+    """x * Tanh(x): Tanh has no integer kernel, so its output is quantized (it runs dequantize-Tanh-quantize)
+    and the Mul and the pooling after it run as QLinear kernels. (A HardSigmoid there runs on codes
+    instead: tests/test_on_codes.py.)"""
+    base = normalise(_tanh_gate_model())
     targets, _ = find_targets(base.graph)
-    assert place(base.graph, targets, set(), "integer").calibrated == {"x", "conv1_out", "hs", "hswish", "gap", "conv2_out"}
+    p = place(base.graph, targets, set(), "integer")
+    assert p.calibrated == {"x", "conv1_out", "gate", "gated", "gap", "conv2_out"} and not p.on_codes
     assert place(base.graph, targets, set(), "minimal").calibrated == {"x", "conv1_out", "gap", "conv2_out"}
-    model, _ = quantize(_hardswish_model(), _calib(), weight_bits=8, quiet=True)
+    model, _ = quantize(_tanh_gate_model(), _calib(), weight_bits=8, quiet=True)
     ops = Counter(n.op_type for n in optimised_ops(model))
     assert ops["QLinearMul"] == 1 and ops["QLinearGlobalAveragePool"] == 1 and ops["Mul"] == 0
-    assert ops["HardSigmoid"] == 1 and ops["QLinearConv"] == 2
+    assert ops["Tanh"] == 1 and ops["QLinearConv"] == 2
 
 
 def test_16_bit_activations_keep_the_minimal_placement():
@@ -194,28 +196,28 @@ def test_16_bit_activations_keep_the_minimal_placement():
 
 
 def _decomposed_hardswish_model() -> onnx.ModelProto:
-    """conv1 -> x * Clip(x + 3, 0, 6) / 6 (PicoDet's HardSwish: Add, Clip, Mul, Div with scalar
-    constants) -> conv2 -> output."""
+    """conv1 -> x * Clip(x + 3, 0, 6) / 5 (PicoDet's decomposed HardSwish but for the divisor, so that it
+    is not rewritten into x * HardSigmoid(x): Add, Clip, Mul, Div with scalar constants) -> conv2 -> output."""
     consts = [numpy_helper.from_array(np.array([3.0], np.float32), "three"),
               numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
               numpy_helper.from_array(np.array(6.0, np.float32), "six"),
-              numpy_helper.from_array(np.array([6.0], np.float32), "six_div")]
+              numpy_helper.from_array(np.array([5.0], np.float32), "divisor")]
     return _between_convs([helper.make_node("Add", ["conv1_out", "three"], ["a"], name="add"),
                            helper.make_node("Clip", ["a", "zero", "six"], ["c"], name="clip"),
                            helper.make_node("Mul", ["conv1_out", "c"], ["m"], name="mul"),
-                           helper.make_node("Div", ["m", "six_div"], ["hswish"], name="div")], consts, "hswish", 8)
+                           helper.make_node("Div", ["m", "divisor"], ["hswish"], name="div")], consts, "hswish", 8)
 
 
 def test_constant_operands_become_integer_kernels():
-    """The scalar + 3 and / 6 of a decomposed HardSwish: the Add's output is quantized after its Clip,
+    """The scalar + 3 and / 5 of x * Clip(x + 3, 0, 6) / 5: the Add's output is quantized after its Clip,
     the constants are stored as 8-bit codes (copies: the Clip keeps its float bounds), the Div becomes a
-    Mul by 1/6, and onnxruntime's optimiser makes QLinearAdd and two QLinearMul of them: nothing is left in
+    Mul by 1/5, and onnxruntime's optimiser makes QLinearAdd and two QLinearMul of them: nothing is left in
     float between the two QLinearConv (what it produced, not what the QDQ graph suggests)."""
     base = normalise(_decomposed_hardswish_model())
     targets, _ = find_targets(base.graph)
     p = place(base.graph, targets, set(), "integer")
     assert p.calibrated == {"x", "conv1_out", "c", "m", "hswish", "conv2_out"}
-    assert p.constants == {"three_operand", "six_div_reciprocal"} and p.products == {"div"}
+    assert p.constants == {"three_operand", "divisor_reciprocal"} and p.products == {"div"}
     assert p.operand_nodes == {"add", "div"}
     assert place(base.graph, targets, set(), "minimal").calibrated == {"x", "conv1_out", "hswish", "conv2_out"}
     model, _ = quantize(_decomposed_hardswish_model(), _calib(), weight_bits=8, quiet=True)
@@ -223,8 +225,8 @@ def test_constant_operands_become_integer_kernels():
     assert ops["QLinearAdd"] == 1 and ops["QLinearMul"] == 2 and ops["QLinearConv"] == 2
     assert not any(ops[k] for k in ("Add", "Mul", "Div", "Clip"))
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    assert inits["six_div_reciprocal_codes"].dtype == np.uint8 and inits["three_operand_codes"].dtype == np.uint8
-    for name, value in (("three_operand", 3.0), ("six_div_reciprocal", np.float32(1) / np.float32(6))):
+    assert inits["divisor_reciprocal_codes"].dtype == np.uint8 and inits["three_operand_codes"].dtype == np.uint8
+    for name, value in (("three_operand", 3.0), ("divisor_reciprocal", np.float32(1) / np.float32(5))):
         dq = (inits[f"{name}_codes"].astype(np.float64) - int(inits[f"{name}_zero_point"])) * float(inits[f"{name}_scale"])
         assert abs(dq.item() - value) <= 1e-6 * abs(value)  # a scalar is held to float32 precision
     minimal, _ = quantize(_decomposed_hardswish_model(), _calib(), weight_bits=8, act_placement="minimal", quiet=True)
