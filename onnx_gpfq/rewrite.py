@@ -151,14 +151,12 @@ class Emitter:
     def code_clip(self, tensor: str) -> None:
         """Clip on the codes of another quantized tensor -> DequantizeLinear (``ActQuant.codes_of``)."""
         quant = self.acts[tensor]
-        names = [f"{tensor}_{k}" for k in ("clip_min", "clip_max", "scale", "zero_point")]
-        values = (*quant.clip, quant.zero_point)
-        for name, value in zip(names[:2] + names[3:], values):
+        lo, hi, scale, zp = (f"{tensor}_{k}" for k in ("clip_min", "clip_max", "scale", "zero_point"))
+        for name, value in ((lo, quant.clip[0]), (hi, quant.clip[1]), (zp, quant.zero_point)):
             self.inits[name] = numpy_helper.from_array(np.array(value, quant.dtype), name)
-        self.inits[names[2]] = numpy_helper.from_array(np.array(quant.scale, np.float32), names[2])
-        self.nodes.append(helper.make_node("Clip", [q_name(quant.codes_of), names[0], names[1]], [q_name(tensor)],
-                                           name=f"{tensor}_Clip"))
-        self.nodes.append(helper.make_node("DequantizeLinear", [q_name(tensor), names[2], names[3]],
+        self.inits[scale] = numpy_helper.from_array(np.array(quant.scale, np.float32), scale)
+        self.nodes.append(helper.make_node("Clip", [q_name(quant.codes_of), lo, hi], [q_name(tensor)], name=f"{tensor}_Clip"))
+        self.nodes.append(helper.make_node("DequantizeLinear", [q_name(tensor), scale, zp],
                                            [read_name(tensor, self.acts, self.graph_outputs)],
                                            name=f"{tensor}_DequantizeLinear"))
 

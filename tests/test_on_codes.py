@@ -180,6 +180,24 @@ def test_hard_swish_runs_on_codes_in_integer_kernels(form):
     assert np.sqrt(np.mean((deployed - reference) ** 2)) < 0.5 * np.sqrt(np.mean((reference - float_out) ** 2))
 
 
+def test_symmetric_int8_activations_run_on_codes_too():
+    """--act-symmetric: int8 codes with zero point 0; the hard sigmoid's zero point is -beta N. (onnxruntime's
+    CPU optimiser fuses less around int8 activations, Mul included: only the Clip and its exactness are
+    asserted here.)"""
+    model, report = quantize(_swish_model("hardsigmoid"), _calib(), weight_bits=8, act_symmetric=True, quiet=True)
+    onnx.checker.check_model(model, full_check=True)
+    assert sum(r.rule.startswith("codes of") for r in report.activation_rows) == 1
+    ops = Counter(n.op_type for n in optimised_ops(model))
+    assert ops["Clip"] == 1 and not ops["HardSigmoid"]
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert inits["hs_zero_point"].dtype == np.int8 and int(inits["hs_zero_point"]) < 0
+    x = _calib(8)
+    deployed = _run(model, x)[0]
+    reference = _run(model, x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)[0]
+    float_out = _run(_swish_model("hardsigmoid"), x)[0]
+    assert np.sqrt(np.mean((deployed - reference) ** 2)) < 0.5 * np.sqrt(np.mean((reference - float_out) ** 2))
+
+
 def test_a_narrow_input_keeps_the_hard_sigmoids_own_qdq():
     """conv1_out within about [-0.5, 0.5]: moving its grid down to -3 would cost it 6x its step, so the
     hard sigmoid is calibrated and runs dequantize-HardSigmoid-quantize, as before."""
