@@ -10,7 +10,9 @@ Two placements (``Options.act_placement``, --act-placement):
   execution stays in uint8 from one layer to the next:
     * QLinear kernels with their own output range (calibrated like any other tensor): Add, Mul
       (QLinearAdd/QLinearMul), Concat (QLinearConcat), Sigmoid, LeakyRelu, AveragePool,
-      GlobalAveragePool, Softmax. One quantized input is enough: a float operand made by an op
+      GlobalAveragePool, Softmax. A Concat's input that only the Concat reads is written on the
+      Concat's output grid (``Placement.shared``), so that QLinearConcat copies it instead of
+      rounding it a second time. One quantized input is enough: a float operand made by an op
       with no integer kernel gets a QDQ pair of its own, as onnxruntime's quantizer does, so that
       only that op runs dequantize-op-quantize; a HardSigmoid of a quantized tensor (the
       x * hardsigmoid(x) of hard swish) instead runs as a Clip on its input's codes
@@ -63,7 +65,8 @@ PASSTHROUGH_OPS = ("MaxPool", "Resize", "Reshape", "Transpose", "Squeeze", "Unsq
 @dataclass(frozen=True)
 class Placement:
     """calibrated: tensors whose range is calibrated on the float network. shared: tensor -> the
-    calibrated tensor whose scale and zero point it takes (outputs of data-movement ops). constants:
+    calibrated tensor whose scale and zero point it takes (outputs of data-movement ops; inputs that
+    only a Concat reads, whose output comes later in the graph). constants:
     initializers quantized over their own values, read by the ``operand_nodes`` (after ``prepare``)."""
 
     calibrated: frozenset[str] = frozenset()
@@ -135,8 +138,32 @@ def place(graph: onnx.GraphProto, targets: list[Layer], weight_only: set[str] = 
     # takes the shared grid only when its source is quantized too
     shared = {t: s for t, s in shared.items() if t in keep}
     calibrated = (base - set(shared)) | {t for t in keep if t not in shared}
-    return Placement(frozenset(calibrated), shared, constants, frozenset(operands), products,
-                     _on_codes(graph, calibrated, index))
+    codes = _on_codes(graph, calibrated, index)
+    for tensor, root in _concat_inputs(graph, index, calibrated, shared, codes).items():
+        shared[tensor] = root
+        calibrated.discard(tensor)
+    return Placement(frozenset(calibrated), shared, constants, frozenset(operands), products, codes)
+
+
+def _concat_inputs(graph: onnx.GraphProto, index: GraphIndex, calibrated: set[str], shared: dict[str, str],
+                   codes: dict[str, CodeClip]) -> dict[str, str]:
+    """Calibrated inputs of a quantized Concat that only the Concat reads -> the calibrated tensor whose
+    grid the Concat's output has. onnxruntime's QLinearConcat copies an input on the output's scale and
+    zero point and maps any other through a table (one more rounding, slower); the op that makes such
+    an input requantizes anyway, so it writes the output's grid directly: one rounding instead of two,
+    nothing lost (no other reader sees the input). Nested Concats resolve to the outermost one."""
+    found: dict[str, str] = {}
+    sources = {c.source for c in codes.values()}
+    for node in reversed(graph.node):  # outer Concats first: an inner one's output may take their grid
+        out = node.output[0] if node.op_type == "Concat" and node.output else ""
+        root = found.get(out) or shared.get(out) or (out if out in calibrated else None)
+        if root is None:
+            continue
+        for x in node.input:
+            if (x in calibrated and x not in codes and x not in sources and x not in index.graph_outputs
+                    and all(c.output[:1] == node.output[:1] for c in index.consumers.get(x, []))):
+                found[x] = root
+    return found
 
 
 def _on_codes(graph: onnx.GraphProto, calibrated: set[str], index: GraphIndex) -> dict[str, CodeClip]:

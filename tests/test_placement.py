@@ -72,8 +72,9 @@ def test_minimal_placement_is_the_layers_inputs_and_conv_outputs():
 
 def test_integer_placement_covers_the_ops_between_layers_and_stops_at_the_float_head():
     p = _placement("integer")
-    assert p.calibrated == {"x", "conv1_out", "sig1", "silu1", "conv2_out", "cat", "conv3_out"}
-    assert p.shared == {"pool1": "silu1"}  # MaxPool's output on its input's grid
+    assert p.calibrated == {"x", "conv1_out", "sig1", "silu1", "cat", "conv3_out"}
+    # MaxPool's output on its input's grid; conv2's output, read by the Concat only, on the Concat's
+    assert p.shared == {"pool1": "silu1", "conv2_out": "cat"}
     assert "y" not in p.tensors  # the head's Sigmoid feeds the model output only
 
 
@@ -114,6 +115,38 @@ def test_onnxruntime_runs_the_integer_placement_in_integer_kernels(quantized):
 def test_maxpool_output_shares_its_inputs_grid(quantized):
     m = quantized["integer"]
     assert _scale_zp(m, "pool1") == _scale_zp(m, "silu1")
+
+
+def test_a_concat_input_only_the_concat_reads_is_written_on_the_concats_grid(quantized):
+    m = quantized["integer"]
+    assert _scale_zp(m, "conv2_out") == _scale_zp(m, "cat")  # QLinearConcat copies it, no second rounding
+    assert _scale_zp(quantized["minimal"], "conv2_out") != _scale_zp(quantized["minimal"], "cat")
+
+
+def test_concat_grids_resolve_through_nested_concats_and_spare_inputs_read_elsewhere():
+    """a -> Concat(a, b) -> c1 -> Concat(c1, b2) -> c2 -> conv; b also feeds another Conv: b keeps its grid,
+    a and c1 (read by one Concat each) take the outermost Concat's."""
+    nodes, inits = [], []
+    for name, x in (("ca", "x"), ("cb", "x"), ("cb2", "x")):
+        node, ws = _conv(name, x, 3, 4)
+        nodes.append(node)
+        inits += ws
+    node, ws = _conv("cside", "cb_out", 4, 4)
+    nodes.append(node)
+    inits += ws
+    nodes += [helper.make_node("Concat", ["ca_out", "cb_out"], ["c1"], name="cat1", axis=1),
+              helper.make_node("Concat", ["c1", "cb2_out"], ["c2"], name="cat2", axis=1)]
+    node, ws = _conv("head", "c2", 12, 4, k=1)
+    nodes.append(node)
+    inits += ws
+    nodes.append(helper.make_node("Add", ["head_out", "cside_out"], ["y"], name="join"))
+    graph = helper.make_graph(nodes, "nested", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    base = normalise(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    targets, _ = find_targets(base.graph)
+    p = place(base.graph, targets, set(), "integer")
+    assert p.shared == {"ca_out": "c2", "c1": "c2", "cb2_out": "c2"}
+    assert {"cb_out", "c2"} <= p.calibrated and not {"ca_out", "c1", "cb2_out"} & p.calibrated
 
 
 def test_integer_kernels_compute_the_qdq_reference(quantized):
