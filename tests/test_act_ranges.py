@@ -139,10 +139,13 @@ def test_auto_clips_what_the_layer_ignores_where_the_own_mse_keeps_it():
     assert auto.hi < 0.9 * mse.hi
     assert auto.layers_sqnr_db > mse.layers_sqnr_db + 1.0
     assert auto.sqnr_db < mse.sqnr_db  # worse on the tensor itself
-    # the same tensor with no layer reading it is scored on itself: the own-MSE clip wins
+    # the same tensor with no layer reading it is scored on itself: the own-MSE clip wins; where a
+    # layer reads it in float (no grid of its own: its clip's cost unmeasured), min-max is kept
     _, alone = act_ranges.choose("x", batches, "auto", 8, False, 99.99, [], fresh())
     assert alone.layers == () and alone.layers_sqnr_db is None
-    assert alone.sqnr_db >= mse.sqnr_db - 1e-9
+    assert alone.sqnr_db >= mse.sqnr_db - 1e-9 and alone.hi < float(max(b.max() for b in batches))
+    _, onward = act_ranges.choose("x", batches, "auto", 8, False, 99.99, [], fresh(), read_in_float=True)
+    assert onward.rule == "minmax" and onward.hi == float(max(b.max() for b in batches))
 
 
 def test_single_rules_are_kept_as_given():
@@ -177,6 +180,9 @@ def test_scoring_layers_walk_through_a_residual_add_and_fall_back_on_concat():
     assert found["x"] == [("conv_a", ()), ("conv_b", ())]  # read by conv_a, and through the Add
     assert found["s"] == [("conv_b", ())]
     assert "b" not in found  # goes on into Concat only: scored on itself
+    # what a layer reads in float: conv_b weight-only reads s, and through the Add a and x
+    assert act_ranges.read_in_float(graph, [a, b], {"conv_a"}) == {"s", "a", "x"}
+    assert act_ranges.read_in_float(graph, [a, b], {"conv_a", "conv_b"}) == set()
     # a layer whose input is not quantized (weight-only) scores nothing
     assert "s" not in act_ranges.scoring_layers(graph, [a, b], {"conv_a"})
 
@@ -275,3 +281,35 @@ def test_a_clip_of_values_the_scored_sample_lacks_is_not_taken_for_free():
     values = [x[: 1 << 20].astype(np.float32), x[1 << 20:].astype(np.float32)]
     _, row = act_ranges.choose("t", values, "auto", 16, False, 99.99, [], np.random.default_rng(0))
     assert row.rule == "minmax" and row.hi == 50.0
+
+
+def _conv_into_lstm() -> onnx.ModelProto:
+    """x (N, 8, 1, T) -> Conv 1x1 -> Add(., x) -> s -> Squeeze -> Transpose -> LSTM -> Y_h (the output).
+    s is quantized (a residual join of two quantized tensors) and read by the LSTM in float only."""
+    rng = np.random.default_rng(0)
+    c, hidden = 8, 6
+    inits = [numpy_helper.from_array((rng.standard_normal((c, c, 1, 1)) * 0.3).astype(np.float32), "cw"),
+             numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+             numpy_helper.from_array((rng.standard_normal((1, 4 * hidden, c)) * 0.3).astype(np.float32), "W"),
+             numpy_helper.from_array((rng.standard_normal((1, 4 * hidden, hidden)) * 0.3).astype(np.float32), "R")]
+    nodes = [helper.make_node("Conv", ["x", "cw"], ["a"], name="conv"),
+             helper.make_node("Add", ["a", "x"], ["s"], name="add"),
+             helper.make_node("Squeeze", ["s", "axis2"], ["sq"], name="squeeze"),
+             helper.make_node("Transpose", ["sq"], ["seq"], name="tr", perm=[2, 0, 1]),
+             helper.make_node("LSTM", ["seq", "W", "R"], ["", "Y_h"], name="lstm", hidden_size=hidden)]
+    graph = helper.make_graph(nodes, "conv_lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 1, "T"])],
+                              [helper.make_tensor_value_info("Y_h", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_a_tensor_a_recurrent_layer_reads_in_float_keeps_its_full_range():
+    """Nothing scores s (the LSTM reads it in float, through Squeeze and Transpose): auto keeps min-max
+    there instead of the own-MSE clip it takes for an unscored tensor that only reaches an output."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_t(2, (64, 8, 1, 64)).astype(np.float32)  # heavy tails: the MSE clip cuts them
+    calib = [{"x": x}]
+    _, report = quantize(_conv_into_lstm(), calib, quiet=True, weight_bits=8)
+    rows = {r.tensor: r for r in report.activation_rows}
+    assert rows["s"].rule == "minmax" and rows["s"].layers == ()
+    _, mse = quantize(_conv_into_lstm(), calib, quiet=True, weight_bits=8, act_calibration="mse")
+    assert {r.tensor: r for r in mse.activation_rows}["s"].hi < rows["s"].hi  # a clip was on offer
