@@ -284,3 +284,39 @@ def test_render_prints_the_section_of_a_saved_run_and_rejects_a_bad_file(tmp_pat
     proc = subprocess.run([sys.executable, "tools/real_models.py", "--render", str(tmp_path / "bad.json")], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_metric_floor_perturbs_layer_weights_in_initializers_and_constants():
+    import metric_floor  # noqa: PLC0415  (tools/metric_floor.py)
+
+    rng = np.random.default_rng(0)
+    w_init = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    w_const = rng.normal(size=(4, 5)).astype(np.float32)
+    bias = np.full(4, 0.1, np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1]),
+             helper.make_node("Constant", [], ["m"], value=numpy_helper.from_array(w_const, "m")),
+             helper.make_node("ReduceMean", ["y"], ["r"], axes=[2, 3], keepdims=0),
+             helper.make_node("MatMul", ["m", "r2"], ["z"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4]),
+                                           helper.make_tensor_value_info("r2", TensorProto.FLOAT, [5, 1])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [4, 1])],
+                              [numpy_helper.from_array(w_init, "w"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph)
+    assert sorted(tuple(t.dims) for t in metric_floor.layer_weights(model)) == [(4, 3, 3, 3), (4, 5)]  # not the bias
+
+    half = metric_floor.perturbed(model, "fp16", None, 0)
+    got = {tuple(t.dims): numpy_helper.to_array(t) for t in metric_floor.layer_weights(half)}
+    np.testing.assert_array_equal(got[(4, 3, 3, 3)], w_init.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(got[(4, 5)], w_const.astype(np.float16).astype(np.float32))
+    assert not np.array_equal(got[(4, 5)], w_const)
+    np.testing.assert_array_equal(numpy_helper.to_array(half.graph.initializer[1]), bias)
+    np.testing.assert_array_equal(numpy_helper.to_array(model.graph.initializer[0]), w_init)  # the input untouched
+
+    big = rng.normal(size=(64, 256)).astype(np.float32)
+    noisy = metric_floor.perturbed(helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])], [numpy_helper.from_array(big, "w")])),
+        "noise", 30.0, 1)
+    err = numpy_helper.to_array(noisy.graph.initializer[0]).astype(np.float64) - big
+    assert 10 * np.log10(np.sum(big.astype(np.float64) ** 2) / np.sum(err ** 2)) == pytest.approx(30.0, abs=0.3)
