@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_gpfq import act_ranges, quantize
 from onnx_gpfq.cli import main
-from onnx_gpfq.graph import serialize
+from onnx_gpfq.graph import GraphIndex, serialize
 from onnx_gpfq.ops.conv import Conv
 from onnx_gpfq.ops.matmul import MatMul
 from onnx_gpfq.rewrite import act_quant_from_range
@@ -313,3 +313,60 @@ def test_a_tensor_a_recurrent_layer_reads_in_float_keeps_its_full_range():
     assert rows["s"].rule == "minmax" and rows["s"].layers == ()
     _, mse = quantize(_conv_into_lstm(), calib, quiet=True, weight_bits=8, act_calibration="mse")
     assert {r.tensor: r for r in mse.activation_rows}["s"].hi < rows["s"].hi  # a clip was on offer
+
+
+def test_flat_sides_of_a_tensor_only_flat_functions_read():
+    """A SiLU's input (read by its Sigmoid and the Mul) is flat below only; Tanh and a two-sided Clip
+    at both ends; a tensor some other op also reads (here a Conv) at neither."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), "w")
+    lo, hi = (numpy_helper.from_array(np.array(v, np.float32), n) for v, n in ((0.0, "lo"), (6.0, "hi")))
+    nodes = [helper.make_node("Sigmoid", ["a"], ["ga"]), helper.make_node("Mul", ["a", "ga"], ["sa"]),
+             helper.make_node("Tanh", ["b"], ["tb"]),
+             helper.make_node("Clip", ["c", "lo", "hi"], ["cc"]), helper.make_node("Clip", ["d", "lo"], ["cd"]),
+             helper.make_node("Sigmoid", ["e"], ["ge"]), helper.make_node("Mul", ["e", "ge"], ["se"]),
+             helper.make_node("Conv", ["e", "w"], ["ce"]),
+             helper.make_node("Mul", ["f", "b"], ["mf"])]  # a Mul by another tensor: no function of f alone
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 3, 3])  # noqa: E731
+    outs = ["sa", "tb", "cc", "cd", "se", "ce", "mf"]
+    graph = helper.make_graph(nodes, "g", [vi(n) for n in "abcdef"], [vi(n) for n in outs], [w, lo, hi])
+    index = GraphIndex(graph)
+    got = {n: act_ranges.flat_sides(index, n) for n in "abcdef"}
+    assert got == {"a": (True, False), "b": (False, False), "c": (True, True), "d": (True, False),
+                   "e": (False, False), "f": (False, False)}  # b: the Mul by b reads it too
+    assert act_ranges.flat_sides(index, "sa") == (False, False)  # a model output
+
+
+def test_auto_clips_the_low_end_that_only_a_silu_sees():
+    """x spans [-20, 5] before a SiLU (SiLU(x) is about 0 under -6): with flat=(True, False) auto
+    clips the low end further from its best range, and the error at the layer after the SiLU drops;
+    the chosen range scores no worse than every candidate it tried, by brute force."""
+    rng = np.random.default_rng(4)
+    x = [np.concatenate([rng.uniform(-20, 0, (2, 8, 6, 6)), rng.uniform(0, 5, (2, 8, 6, 6))], axis=1)
+         .astype(np.float32)[:, rng.permutation(16)] for _ in range(2)]
+    w = (rng.standard_normal((6, 16, 1, 1)) * 0.3).astype(np.float32)
+    layer = Conv(node="c1", x="x", w="w", w_shape=(6, 16, 1, 1), kernel=(1, 1), strides=(1, 1),
+                 pads=(0, 0, 0, 0), dilations=(1, 1))
+    fresh = lambda: np.random.default_rng(7)  # noqa: E731
+    scorer = act_ranges.Scorer.of(layer, w, fresh(), (("SiLU",),))
+    _, plain = act_ranges.choose("x", x, "auto", 8, False, 99.99, [scorer], fresh())
+    _, clipped = act_ranges.choose("x", x, "auto", 8, False, 99.99, [scorer], fresh(), flat=(True, False))
+    assert "+low:" not in plain.rule and clipped.rule.startswith(plain.rule + "+low:")
+    f = float(clipped.rule.split("+low:")[1])
+    assert f in act_ranges.ONE_SIDED and clipped.lo == pytest.approx(f * plain.lo) and clipped.hi == plain.hi
+    assert clipped.layers_sqnr_db > plain.layers_sqnr_db + 1.0
+    # by the definition, on every row: the error after the SiLU at the layer's output
+    rows = np.concatenate([b.transpose(0, 2, 3, 1).reshape(-1, 16) for b in x]).astype(np.float64)
+    W = w.reshape(6, 16).T.astype(np.float64)
+    silu = lambda a: a / (1 + np.exp(-a))  # noqa: E731
+
+    def err(lo_, hi_):
+        q = act_quant_from_range(lo_, hi_, 8, False)
+        xq = (np.clip(np.round(rows / q.scale) + q.zero_point, 0, 255) - q.zero_point) * q.scale
+        return float(np.sum(((silu(xq) - silu(rows)) @ W) ** 2))
+
+    tried = [(g * plain.lo, plain.hi) for g in act_ranges.ONE_SIDED] + [(plain.lo, plain.hi)]
+    assert err(clipped.lo, clipped.hi) <= min(err(*r) for r in tried) * 1.05  # 256-row sample vs all rows
+    # not offered without flat, with symmetric activations, or for the high end here
+    _, sym = act_ranges.choose("x", x, "auto", 8, True, 99.99, [scorer], fresh(), flat=(True, False))
+    assert "+low:" not in sym.rule
