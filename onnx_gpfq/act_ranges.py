@@ -243,12 +243,14 @@ def choose(name: str, values, method: str, bits: int, symmetric: bool, percentil
     else:
         cands = [next(((rule, r) for rule, r in ranges.items() if rule.split(":")[0] == method),
                       ("minmax", ranges["minmax"]))]  # a constant tensor
-    best, minmax_worst = None, 0.0
     scored = [r[0] for r in rows]
     seen_lo = min(float(x.min()) for x in scored) if scorers else float(small.min())
     seen_hi = max(float(x.max()) for x in scored) if scorers else float(small.max())
-    one_sided = method == "auto" and bool(scorers) and not symmetric and any(flat)
-    while cands:
+    minmax_worst = 0.0
+
+    def better(cands: list, best: tuple | None) -> tuple:
+        """The best of ``best`` and the candidates: (score, rule, (a, b), quant)."""
+        nonlocal minmax_worst
         for rule, (a, b) in cands:
             if method == "auto" and rule != "minmax" and not (seen_lo < min(a, 0.0) or seen_hi > max(b, 0.0)):
                 continue  # it clips only values the scored data lacks: its cost would look nil
@@ -261,11 +263,13 @@ def choose(name: str, values, method: str, bits: int, symmetric: bool, percentil
                     continue  # it destroys some row's output (a massive activation clipped)
                 if best is None or score < best[0]:
                     best = (score, rule, (a, b), quant)
-        cands, (_, rule, (a, b), _) = [], best
-        if one_sided:  # then the end that only flat functions see, clipped further from the best range
-            one_sided = False
-            cands = [(f"{rule}+low:{f:g}", (f * a, b)) for f in ONE_SIDED if flat[0] and a < 0]
-            cands += [(f"{rule}+high:{f:g}", (a, f * b)) for f in ONE_SIDED if flat[1] and b > 0]
+        return best
+
+    best = better(cands, None)
+    if method == "auto" and scorers and not symmetric and any(flat):
+        _, rule, (a, b), _ = best  # then the end only flat functions see, clipped further from the best range
+        best = better([(f"{rule}+low:{f:g}", (f * a, b)) for f in ONE_SIDED if flat[0] and a < 0]
+                      + [(f"{rule}+high:{f:g}", (a, f * b)) for f in ONE_SIDED if flat[1] and b > 0], best)
     _, rule, (a, b), quant = best
     err = float(np.sum((fake_quant(small, quant) - small) ** 2))
     own = _db(float(np.sum(small ** 2)), err)
