@@ -52,10 +52,10 @@ def _observe_new(placement: Placement, acts: dict[str, ActQuant], stream: Stream
     """Choose the range of every activation tensor to quantize that the float stream now holds for
     the first time (``act_ranges.choose``, scored at the layers ``scoring`` names; ``wide``: the
     tensors --act-bits auto promoted to 16 bits; ``float_read``: the tensors a layer reads in float,
-    ``act_ranges.read_in_float``; ``flat``: tensor -> ``act_ranges.flat_sides``); its row goes into the report. A tensor sharing
-    another's grid (placement.shared) takes it once that one is chosen; a hard sigmoid of
-    ``placement.on_codes`` is computed on its input's codes where the input's grid allows it
-    (``on_codes``)."""
+    ``act_ranges.read_in_float``; ``flat``: tensor -> ``act_ranges.flat_sides``); its row goes into
+    the report. A tensor sharing another's grid (placement.shared) takes it once that one is chosen; a
+    hard sigmoid of ``placement.on_codes`` is computed on its input's codes where the input's grid
+    allows it (``on_codes``)."""
     codes = placement.on_codes  # hard sigmoids that may run on their input's codes
     grids = {c.source: c for c in codes.values()}
 

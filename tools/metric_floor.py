@@ -111,8 +111,8 @@ def main(argv=None) -> int:
         print(f"metric_floor.py: error: bad arguments ({', '.join(unknown) or 'counts must be positive'}); "
               f"models: {', '.join(specs.SPECS)}", file=sys.stderr)
         return 2
-    result = {"machine": common.machine() | report.cpu_flags(), "command": "python tools/metric_floor.py " + " ".join(argv or sys.argv[1:]),
-              "models": {}}
+    command = "python tools/metric_floor.py " + " ".join(argv or sys.argv[1:])
+    result = {"machine": common.machine() | report.cpu_flags(), "command": command, "models": {}}
     with tempfile.TemporaryDirectory(prefix="metric_floor_") as work:
         for name in names:
             try:
