@@ -102,7 +102,9 @@ class Options:
                             "layers where the default goes coarse to fine (6)", action="store_true", check=FLAG)
     sparsity: Sparsity | None = opt(None, "sparsity-promoting thresholding with absolute threshold LAMBDA",
                                     metavar="{soft,hard}:LAMBDA", shown="off")
-    bias_correction: bool = opt(False, "add the mean output shift back to each bias", action="store_true", check=FLAG)
+    bias_correction: bool = opt(True, "add the mean output shift that quantization leaves (weights, activation clips) "
+                                "back to each bias: b' = b + mu_X^T W - mu_X~^T Q", action=argparse.BooleanOptionalAction,
+                                check=FLAG, shown="on")
     damp: float = opt(0.0, "ridge against fitting the calibration rows: GPFQ minimises ||XW - X~Q||^2 + lam ||W - Q||^2, "
                       "lam = DAMP x the mean ||X~_t||^2 of the layer's fan-in (0: off)", kind=float,
                       check=Check("number", low=0.0, high=1e6, text="a number >= 0"))
@@ -211,6 +213,8 @@ class Options:
                 kwargs = {"help": spec["help"]}
                 if spec["action"]:
                     kwargs["action"] = spec["action"]
+                    if spec["action"] is argparse.BooleanOptionalAction:  # --X / --no-X, the default shown
+                        kwargs.update(default=spec["cli_default"], help=f"{spec['help']} (default: {spec['shown']})")
                 else:
                     if spec["repeat"]:
                         kwargs.update(action="append", default=[])

@@ -197,7 +197,7 @@ def test_failed_write_leaves_nothing(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_interrupt_leaves_no_output_and_no_temp_files(capsys, monkeypatch, tmp_path):
+def test_interrupt_leaves_no_output_and_no_temp_files(capsys, monkeypatch, tmp_path, sigint_raises):
     """Ctrl-C (a real SIGINT) while layers are being quantized. The signal is sent by a hook at that
     stage, in the process itself, so the run cannot end before it arrives (no timing)."""
     import importlib
@@ -258,3 +258,22 @@ def test_ci_gate_thresholds_both_ways(capsys, quantized_mlp, option, passing, fa
 
 def test_evaluate_bad_data(capsys, tmp_path):
     assert_user_error(["evaluate", MLP, "--data", tmp_path / "none.npz"], capsys, "data file not found")
+
+
+def test_bias_correction_is_on_by_default_and_can_be_turned_off(capsys, tmp_path):
+    """--bias-correction is the default (b' = b + mu_X^T W - mu_X~^T Q); --no-bias-correction turns it
+    off. Corrected, the quantized model's mean output shift against float, over the calibration
+    samples, is smaller."""
+    import onnxruntime as ort
+
+    paths = {flag: tmp_path / f"{flag or 'default'}.onnx" for flag in ("", "--bias-correction", "--no-bias-correction")}
+    for flag, path in paths.items():
+        argv = ["quantize", MLP, "-o", path, "--calib", CALIB, "--weight-bits", "3", "--quiet"] + ([flag] if flag else [])
+        assert run(argv, capsys)[0] == 0
+    on, off = paths[""].read_bytes(), paths["--no-bias-correction"].read_bytes()
+    assert on == paths["--bias-correction"].read_bytes() and on != off
+    x = np.load(CALIB)["input"]
+    y = ort.InferenceSession(MLP).run(None, {"input": x})[0]
+    shift = {flag: np.abs((ort.InferenceSession(str(p)).run(None, {"input": x})[0] - y).mean(axis=0)).mean()
+             for flag, p in paths.items()}
+    assert shift[""] < 0.5 * shift["--no-bias-correction"], shift

@@ -387,7 +387,7 @@ def test_inspect_on_unloadable_model_and_constant_scales(capsys, tmp_path, small
 # --- 8. endings: signals clean up; outputs all or none -----------------------------------------
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
-def test_signals_clean_up_like_ctrl_c(capsys, monkeypatch, tmp_path, small_calib, signum):
+def test_signals_clean_up_like_ctrl_c(capsys, monkeypatch, tmp_path, small_calib, signum, sigint_raises):
     """The signal is sent from inside the run, at a known stage (the first layer's GPFQ, with the
     activations spilled to disk): no timing involved."""
     import tempfile
