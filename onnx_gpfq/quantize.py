@@ -48,14 +48,14 @@ def _record_target(model: onnx.ModelProto, target: str) -> None:
 
 def _observe_new(placement: Placement, acts: dict[str, ActQuant], stream: Stream, options: Options, report: Report,
                  scoring: dict[str, list[tuple[Layer, tuple]]], index: GraphIndex, wide: set[str] = frozenset(),
-                 float_read: frozenset[str] = frozenset(), flat: dict[str, tuple[bool, bool]] | None = None) -> None:
+                 float_read: frozenset[str] = frozenset()) -> None:
     """Choose the range of every activation tensor to quantize that the float stream now holds for
     the first time (``act_ranges.choose``, scored at the layers ``scoring`` names; ``wide``: the
     tensors --act-bits auto promoted to 16 bits; ``float_read``: the tensors a layer reads in float,
-    ``act_ranges.read_in_float``; ``flat``: tensor -> ``act_ranges.flat_sides``); its row goes into
-    the report. A tensor sharing another's grid (placement.shared) takes it once that one is chosen; a
-    hard sigmoid of ``placement.on_codes`` is computed on its input's codes where the input's grid
-    allows it (``on_codes``)."""
+    ``act_ranges.read_in_float``; the ends only flat functions read, ``act_ranges.flat_sides``); its
+    row goes into the report. A tensor sharing another's grid (placement.shared) takes it once that
+    one is chosen; a hard sigmoid of ``placement.on_codes`` is computed on its input's codes where the
+    input's grid allows it (``on_codes``)."""
     codes = placement.on_codes  # hard sigmoids that may run on their input's codes
     grids = {c.source: c for c in codes.values()}
 
@@ -68,7 +68,7 @@ def _observe_new(placement: Placement, acts: dict[str, ActQuant], stream: Stream
         acts[name], row = act_ranges.choose(name, stream.values[name], options.act_calibration, bits,
                                             options.act_symmetric, options.percentile, scorers, rng, admissible,
                                             read_in_float=name in float_read,
-                                            flat=(flat or {}).get(name, (False, False)))
+                                            flat=act_ranges.flat_sides(index, name))
         if clip and on_codes.exact(acts[name], clip.alpha, clip.beta):
             row = replace(row, rule=f"{row.rule}+codes")
         report.activation_rows.append(row)
@@ -184,7 +184,6 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
     integer_input = {t.node for t in targets if t.x in placement.tensors and t.node not in weight_only}
     scoring = act_ranges.scoring_layers(graph, targets, integer_input)
     float_read = act_ranges.read_in_float(graph, targets, integer_input)
-    flat = {name: act_ranges.flat_sides(index, name) for name in placement.calibrated}
     acts: dict[str, ActQuant] = {c: act_quant_from_range(index.array(c).min(), index.array(c).max(), 8, options.act_symmetric)
                                  for c in sorted(placement.constants)}  # fixed: their values are known
     layers: dict[str, QuantizedLayer] = {}
@@ -209,7 +208,7 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
                 continue
             extra = [e for e in t.extra_inputs if e and e not in index.initializers]
             float_stream.advance(list(graph.node), index.initializers, [t.x, *extra], quant_acts)
-            _observe_new(placement, acts, float_stream, options, report, scoring, index, wide, float_read, flat)
+            _observe_new(placement, acts, float_stream, options, report, scoring, index, wide, float_read)
             nodes_q, inits_q = rewrite.apply(graph, layers, acts)
             x_tilde = t.x if t.node in weight_only else read_name(t.x, acts, index.graph_outputs)
             quant_stream.advance(nodes_q, inits_q, [x_tilde, *extra])
@@ -260,7 +259,7 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
     remaining = sorted(quant_acts - set(acts))  # (shared tensors follow their sources)
     if remaining:
         float_stream.advance(list(graph.node), index.initializers, remaining, quant_acts)
-        _observe_new(placement, acts, float_stream, options, report, scoring, index, wide, float_read, flat)
+        _observe_new(placement, acts, float_stream, options, report, scoring, index, wide, float_read)
 
     nodes, inits = rewrite.apply(graph, layers, acts)
     report.activations = len(acts) - len(placement.constants)
