@@ -111,6 +111,37 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+def token_masks(choice: str, batches: list[Batch], inputs: list[InputSpec],
+                batch_axes: Mapping[str, int | None] | None = None) -> tuple[str | None, list[np.ndarray] | None]:
+    """The padded-token masks of --token-mask: (the input, one (samples, tokens) bool array per batch,
+    True at real tokens), or (None, None) where none applies.
+
+    "auto" takes the input named ``attention_mask`` (the name transformer exporters give it) when its
+    calibration values are 2-D zeros and ones with samples on axis 0, and quietly none otherwise; an input
+    named by the user must be such an input (UserError). A mask that marks every token as padding is not used.
+    """
+    if choice == "none":
+        return None, None
+    names = [spec.name for spec in inputs]
+    name = "attention_mask" if choice == "auto" else choice
+    if name not in names:
+        if choice == "auto":
+            return None, None
+        raise UserError(f"--token-mask names {name!r}, which is not a model input ({', '.join(names)})")
+    masks = [np.asarray(as_array(b[name])) for b in batches]
+    problem = ("its samples are not on axis 0" if (batch_axes or {}).get(name, 0) != 0
+               else next((f"its calibration values have shape {m.shape}, not (samples, tokens)" for m in masks if m.ndim != 2), None)
+               or next(("its calibration values are not all 0 or 1" for m in masks if not np.isin(m, (0, 1)).all()), None))
+    if problem is not None:
+        if choice == "auto":
+            return None, None
+        raise UserError(f"--token-mask {name!r} cannot mark padded tokens: {problem}")
+    masks = [m != 0 for m in masks]
+    if not any(m.any() for m in masks):
+        return None, None
+    return name, masks
+
+
 def load_batches(source, inputs: list[InputSpec], batch_size: int, *, batch_axes: Mapping[str, int | None] | None = None,
                  input_shapes: Mapping[str, tuple[int, ...]] | None = None, images: ImageOptions | None = None,
                  seed: int = 0, lazy: bool = False) -> list[Batch]:

@@ -72,6 +72,10 @@ class Options:
     images: preprocessing when the calibration source is a folder of images.
     threads: at most this many threads for onnxruntime, numba and BLAS (0: every core); the output
       does not depend on it.
+    token_mask: "auto" (the input named attention_mask, if the model has one with 0/1 calibration
+      values), "none", or the name of a (samples, tokens) input whose zeros mark padded tokens: the
+      rows of X that a MatMul forms at those tokens are left out of the rows GPFQ fits (and its
+      step search) (``calib.token_masks``, ``Layer.row_tokens``). Activation ranges still see them.
     Text is accepted where the command line gives text: weight_bits "4", act_bits "none",
     sparsity "soft:0.01", memory_budget "512M", batch_axes ["state:1"], input_shapes ["x:1x3x8x8"].
     """
@@ -158,6 +162,11 @@ class Options:
         (), "specialise the model for this input value (a number, or V1,V2,... for a small 1-D input) before "
         "quantizing: Ifs it decides are inlined, and the input leaves the output model's interface (repeatable; "
         "also 'fix_inputs' in --config)", flag="--fix-input", metavar="NAME=VALUE", repeat=True)
+    token_mask: str = opt("auto", "model input whose zeros mark padded tokens, (samples, tokens) like a transformer's "
+                          "attention mask: the rows of X that MatMul layers form at those tokens are left out of "
+                          "the rows GPFQ fits (and its step search); "
+                          "auto: the input named attention_mask where the model has one (with 0/1 values); none: every row",
+                          metavar="{auto,none,INPUT}")
     target: str = opt("any", "CPUs whose onnxruntime int8 kernels must compute the model exactly: 'any' keeps 8-bit "
                       "weight codes within the pair bound of x86's saturating AVX2 kernels (no VNNI); 'x86-vnni', "
                       "'arm64', 'reference' (the QDQ math) leave them unconstrained", check=choice(tuple(TARGETS)))
@@ -187,6 +196,8 @@ class Options:
                 raise UserError(f"{name} must be {check.text} (got {value!r})")
         if self.c_grid is not None and not all(is_number(c) and C_RANGE[0] <= c <= C_RANGE[1] for c in self.c_grid):
             raise UserError(f"every C of c_grid must be a number in [{C_RANGE[0]:g}, {C_RANGE[1]:g}] (got {self.c_grid!r})")
+        if not (isinstance(self.token_mask, str) and self.token_mask):
+            raise UserError(f"--token-mask must be auto, none or a model input's name (got {self.token_mask!r})")
         if self.percentile == 50.0:
             raise UserError(f"--percentile must be in (50, 100] (got {self.percentile!r})")
         if self.memory_budget is not None and not (is_int(self.memory_budget) and self.memory_budget >= 0):

@@ -20,7 +20,7 @@ import onnx
 
 from . import core, mixed, on_codes, rewrite, runtime, smooth, steps
 from ._threads import blas_workers_sleep, limit as limit_threads
-from .calib import load_batches, model_inputs
+from .calib import load_batches, model_inputs, token_masks
 from .capture import Spill, Stream, inputs
 from .errors import UserError
 from .npyfile import as_array
@@ -126,6 +126,7 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
                            input_shapes=dict(options.input_shapes), images=options.images, seed=options.seed,
                            lazy=True)
     first_batch = {name: np.array(as_array(a)) for name, a in batches[0].items()}  # its own copy, not a view
+    mask_name, masks = token_masks(options.token_mask, batches, model_inputs(base), dict(options.batch_axes))
     check_runs(base, first_batch, str(source) if source is not None else "the model", options.threads)
     base, smoothed = smooth.smooth(base, batches, options)  # --smooth: before anything reads the graph
     graph = base.graph
@@ -142,9 +143,11 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
     plans = {t.key: plan_layer(t, options) for t in targets}
     add_domains(base, plans)
 
+    padded = 1.0 - float(np.mean(np.concatenate([m.reshape(-1) for m in masks]))) if masks else 0.0
     report = Report(skipped=skipped, calibration_samples=sum(next(iter(b.values())).shape[0] for b in batches),
                     options=_jsonable(options), fixed_inputs=specialised.fixed, inlined_ifs=specialised.inlined,
-                    smoothed=smoothed, target=options.target, bounded_layers=sum(1 for plan in plans.values() if plan.spec.pair_bound))
+                    smoothed=smoothed, target=options.target, token_mask=mask_name, padded_fraction=padded,
+                    bounded_layers=sum(1 for plan in plans.values() if plan.spec.pair_bound))
     with tempfile.TemporaryDirectory(prefix="onnx_gpfq_spill_") as spill_dir:
         spill = Spill(options.memory_budget, spill_dir)
         try:
@@ -153,7 +156,7 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
             float_stream = Stream(held, base, threads=options.threads, spill=spill)
             quant_stream = Stream(held, base, threads=options.threads, spill=spill)
             del held
-            out = _quantize_layers(base, targets, plans, options, report, float_stream, quant_stream, first_batch)
+            out = _quantize_layers(base, targets, plans, options, report, float_stream, quant_stream, first_batch, masks)
         finally:
             spill.close()
         _record_target(out, options.target)
@@ -165,8 +168,10 @@ def _quantize(model, calibration, options: Options) -> tuple[onnx.ModelProto, Re
 
 
 def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[str, LayerPlan], options: Options,
-                     report: Report, float_stream: Stream, quant_stream: Stream, first_batch: dict) -> onnx.ModelProto:
-    """Layer by layer in topological order: capture X and X~, run GPFQ, rewrite; the output model."""
+                     report: Report, float_stream: Stream, quant_stream: Stream, first_batch: dict,
+                     masks: list[np.ndarray] | None = None) -> onnx.ModelProto:
+    """Layer by layer in topological order: capture X and X~, run GPFQ, rewrite; the output model.
+    masks: per calibration batch, (samples, tokens) True at real tokens (``calib.token_masks``), or None."""
     graph = base.graph
     weight_only = {t.node for t in targets if plans[t.key].weight_only or not t.INT8_KERNEL}
     # onnxruntime's QLinear kernels between layers are 8-bit only: 16-bit activations (all or some, --act-bits
@@ -228,7 +233,7 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
             if moments is None:
                 shared = k + 1 < len(targets) and targets[k + 1].patch_key == t.patch_key
                 moments = _accumulate(t, xs, xts, W, spec, options, k, may_project=not shared, order=order,
-                                      extras=(_extras(float_stream, index, t), _extras(quant_stream, index, t)))
+                                      extras=(_extras(float_stream, index, t), _extras(quant_stream, index, t)), masks=masks)
                 moments_cache = {key: moments}  # consecutive layers reading the same rows share them
             if t.OWN_OUTPUT is not None:  # the node's own output, read into the Moments: given back
                 float_stream.spill.release_all(xs)
@@ -311,13 +316,13 @@ def _extras(stream: Stream, index: GraphIndex, t: Layer):
 
 
 def _accumulate(t: Layer, xs, xts, W: np.ndarray, spec: core.QuantSpec, options: Options, k: int,
-                may_project: bool, order: np.ndarray | None = None, extras=None) -> core.Moments:
+                may_project: bool, order: np.ndarray | None = None, extras=None, masks=None) -> core.Moments:
     """The Moments of layer ``t`` (weights W (g, N0, N1g)) over all calibration batches, same
     rows in both streams. Where X~ still equals X (nothing quantized upstream) the rows are
     passed once; Moments are projected on W where that is cheaper and no other layer reads them.
-    order: a permutation of the N0 columns of X (W's rows already come in that order)."""
+    order: a permutation of the N0 columns of X (W's rows already come in that order). masks: see ``_row_plan``."""
     shapes = xs.shapes() if hasattr(xs, "shapes") else [x.shape for x in xs]  # spilled batches stay on disk
-    positions, keep = _row_plan(t, shapes, options, k)
+    positions, keep = _row_plan(t, shapes, options, k, masks)
     m = sum(len(idx) for idx in keep)
     groups, n0, n1 = W.shape
     x, xt = xs[0], xts[0]
@@ -341,14 +346,16 @@ def _accumulate(t: Layer, xs, xts, W: np.ndarray, spec: core.QuantSpec, options:
     return moments
 
 
-def _row_plan(t: Layer, shapes: list[tuple[int, ...]], options: Options, k: int) -> tuple[list, list[np.ndarray]]:
+def _row_plan(t: Layer, shapes: list[tuple[int, ...]], options: Options, k: int,
+              masks: list[np.ndarray] | None = None) -> tuple[list, list[np.ndarray]]:
     """Which rows of X layer ``t`` (the k-th) accumulates, per batch: (positions, keep).
 
     positions[b]: per-sample patch positions for ``Layer.rows`` (None: all). Each sample gets
     min(max_patches, max_rows // samples) of them (at least one). keep[b]: indices into the rows
-    that batch yields; when the samples alone exceed max_rows, a seeded uniform subset of max_rows
-    rows over all batches. Seeded by (seed, k, batch), so both streams use the same rows and the
-    output does not depend on anything else.
+    that batch yields; with token masks (per batch (samples, tokens), True at real tokens) only
+    the rows at real tokens, where the layer's rows are tokens of that mask (``Layer.row_tokens``);
+    when they exceed max_rows, a seeded uniform subset of max_rows rows over all batches. Seeded by
+    (seed, k, batch), so both streams use the same rows and the output does not depend on anything else.
     """
     samples = sum(t.samples(shape) for shape in shapes)
     per_sample = max(1, min(options.max_patches, options.max_rows // max(samples, 1)))
@@ -356,12 +363,19 @@ def _row_plan(t: Layer, shapes: list[tuple[int, ...]], options: Options, k: int)
                  for b, shape in enumerate(shapes)]
     counts = [p.size if p is not None else t.samples(shape) * t.rows_per_sample(shape)
               for p, shape in zip(positions, shapes)]
-    total = sum(counts)
+    rows = [np.arange(c) for c in counts]
+    if masks is not None:
+        tokens = [t.row_tokens(shape, p) for shape, p in zip(shapes, positions)]
+        if all(tok is not None and m.shape == tuple(shape[:2]) for tok, m, shape in zip(tokens, masks, shapes)):
+            real = [np.flatnonzero(m.reshape(-1)[tok]) for tok, m in zip(tokens, masks)]
+            if sum(r.size for r in real):  # (no real token among the sampled rows: keep them all)
+                rows = real
+    total = sum(r.size for r in rows)
     if total <= options.max_rows:
-        return positions, [np.arange(c) for c in counts]
+        return positions, rows
     chosen = np.sort(np.random.default_rng([options.seed, k]).choice(total, options.max_rows, replace=False))
-    edges = np.cumsum([0] + counts)
-    return positions, [chosen[(chosen >= lo) & (chosen < hi)] - lo for lo, hi in zip(edges[:-1], edges[1:])]
+    edges = np.cumsum([0] + [r.size for r in rows])
+    return positions, [r[chosen[(chosen >= lo) & (chosen < hi)] - lo] for r, lo, hi in zip(rows, edges[:-1], edges[1:])]
 
 
 def _corrected_bias(t: Layer, index: GraphIndex, result) -> np.ndarray | None:

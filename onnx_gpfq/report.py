@@ -66,6 +66,8 @@ class Report:
     inlined_ifs: list = field(default_factory=list)  # If nodes replaced by the branch the fixed inputs take
     smoothed: list = field(default_factory=list)  # smooth.Smoothed per smoothable tensor (--smooth)
     promotions: list = field(default_factory=list)  # mixed.Promotion per activation tensor (--act-bits auto)
+    token_mask: str | None = None  # --token-mask: the input marking padded tokens, None: every row used
+    padded_fraction: float = 0.0  # of the calibration tokens, the share it marks as padding
 
     @property
     def weight_fraction(self) -> float:
@@ -104,6 +106,9 @@ class Report:
             lines.append(f"smoothing: {len(on)} of {len(self.smoothed)} smoothable activation tensors migrated "
                          f"(alpha {', '.join(sorted({f'{m.alpha:g}' for m in on})) or '-'}); their layers' 8-bit "
                          f"output error {gain:.2f}x lower")
+        if self.token_mask:
+            lines.append(f"token mask {self.token_mask}: {self.padded_fraction:.0%} of the calibration tokens are padding; "
+                         "the MatMul rows of X there left out of GPFQ")
         for p in (p for p in self.promotions if p.promoted):
             lines.append(f"16-bit activation {p.tensor[-48:]}: 8-bit output error {p.cost:.2e}; {len(p.consumers)} "
                          f"layer(s) writing or reading it leave the int8 kernels (readers: {p.macs / 1e6:.1f} M "
@@ -141,6 +146,8 @@ class Report:
             "inlined_ifs": self.inlined_ifs,
             "smoothed": [vars(m) for m in self.smoothed],
             "act16": [vars(p) | {"consumers": list(p.consumers)} for p in self.promotions],
+            "token_mask": self.token_mask,
+            "padded_fraction": self.padded_fraction,
         }
 
 

@@ -139,6 +139,12 @@ class Layer:
         (None for an absent one)."""
         raise NotImplementedError
 
+    def row_tokens(self, x_shape: tuple[int, ...], positions: np.ndarray | None) -> np.ndarray | None:
+        """For each row ``rows`` yields from an input of ``x_shape`` (with ``positions``), the flat index
+        sample * tokens + token of the (samples, tokens) position it comes from, where the rows are
+        the tokens of a (samples, tokens, features) input; None otherwise (no token mask applies)."""
+        return None
+
     def positions(self, x_shape: tuple[int, ...], max_patches: int, rng: np.random.Generator) -> np.ndarray | None:
         """Row positions to keep per sample: (N, P) indices into the L rows of each sample, or None for all."""
         per_sample = self.rows_per_sample(x_shape)

@@ -43,6 +43,13 @@ class MatMul(Layer):
     def rows_per_sample(self, x_shape):
         return tokens(x_shape)
 
+    def row_tokens(self, x_shape, positions):
+        if len(x_shape) != 3:
+            return None
+        samples, length = x_shape[0], x_shape[1]
+        picked = np.broadcast_to(np.arange(length), (samples, length)) if positions is None else positions
+        return (np.arange(samples)[:, None] * length + picked).reshape(-1)
+
     def rows(self, x, positions):
         x = np.asarray(x, dtype=np.float32)
         k = x.shape[-1]
