@@ -118,7 +118,7 @@ def token_masks(choice: str, batches: list[Batch], inputs: list[InputSpec],
 
     "auto" takes the input named ``attention_mask`` (the name transformer exporters give it) when its
     calibration values are 2-D zeros and ones with samples on axis 0, and quietly none otherwise; an input
-    named by the user must be such an input (UserError). A mask that marks every token as padding is not used.
+    named by the user must be such an input, with at least one real token (UserError).
     """
     if choice == "none":
         return None, None
@@ -138,7 +138,9 @@ def token_masks(choice: str, batches: list[Batch], inputs: list[InputSpec],
         raise UserError(f"--token-mask {name!r} cannot mark padded tokens: {problem}")
     masks = [m != 0 for m in masks]
     if not any(m.any() for m in masks):
-        return None, None
+        if choice == "auto":
+            return None, None
+        raise UserError(f"--token-mask {name!r} cannot mark padded tokens: it is 0 (padding) at every token")
     return name, masks
 
 

@@ -110,6 +110,8 @@ def test_which_input_marks_the_padding():
         token_masks("attention_mask", [counts], inputs)
     with pytest.raises(UserError, match=r"not \(samples, tokens\)"):
         token_masks("x", [data], inputs)
+    with pytest.raises(UserError, match="0 \\(padding\\) at every token"):  # e.g. token_type_ids of single sentences
+        token_masks("attention_mask", [dict(data, attention_mask=0 * data["attention_mask"])], inputs)
 
 
 def test_bad_token_mask_is_one_line_error(capsys, tmp_path):
