@@ -165,6 +165,20 @@ def parse_smooth(value) -> str | float:
     return alpha
 
 
+def parse_damp(value) -> str | float:
+    """'auto' or a ridge weight >= 0 (also as text)."""
+    text = str(value).strip().lower() if isinstance(value, str) else value
+    if text == "auto":
+        return text
+    try:
+        damp = float(text) if not isinstance(text, bool) else None
+    except (TypeError, ValueError):
+        damp = None
+    if damp is None or not 0.0 <= damp <= 1e6:
+        raise UserError(f"--damp must be auto or a number in [0, 1e6] (got {value!r})")
+    return damp
+
+
 def parse_weight_bits(value: str | int) -> int | str:
     """'4' -> 4, 'ternary' -> 'ternary'; anything else is a UserError."""
     text = str(value).strip().lower()

@@ -16,8 +16,8 @@ from dataclasses import dataclass, fields, replace
 from .calib import ImageOptions
 from .choices import (ACT_BITS, ACT_CALIBRATIONS, C_RANGE, FLAG, GRANULARITIES, METHODS, PLACEMENTS, POSITIVE,  # noqa: F401
                       SCALE_RULES, WEIGHT_BITS, WEIGHT_FORMATS, Check, check_choice, choice, is_int, is_number, opt,
-                      parse_act_bits, parse_batch_axis, parse_budget, parse_input_shape, parse_size, parse_smooth, parse_sparsity,
-                      parse_weight_bits)  # the parsers and choice tuples stay importable from here
+                      parse_act_bits, parse_batch_axis, parse_budget, parse_damp, parse_input_shape, parse_size, parse_smooth,
+                      parse_sparsity, parse_weight_bits)  # the parsers and choice tuples stay importable from here
 from .config import RULE_KEYS, RULE_TYPES, LayerRule, load_config, load_config_fix_inputs  # noqa: F401
 from .errors import UserError
 from .formats import FORMATS, RECURRENT_CHOICES
@@ -58,6 +58,9 @@ class Options:
       may be promoted (a count: floor(budget x tensors)).
     smooth: "auto" (the default: SmoothQuant-style migration, strength per tensor by the consumers'
       8-bit output error, smooth.py), "off", or a fixed strength alpha in (0, 1].
+    damp: the ridge of QuantSpec.damp (0: none), or "auto": per layer the one of core.DAMP_CANDIDATES
+      whose codes, fitted without an eighth of the layer's rows, give the least output error on that
+      eighth; the layer is then fitted on all its rows with it (``core.quantize_layer_held_out``).
     max_patches: conv patches / tokens (rows of X) sampled per calibration sample and layer.
     max_rows: rows of X per layer over the whole calibration set (after max_patches): beyond it each
       sample gets fewer patches (at least one), then a seeded subset of rows is kept. Bounds the
@@ -109,9 +112,11 @@ class Options:
     bias_correction: bool = opt(True, "add the mean output shift that quantization leaves (weights, activation clips) "
                                 "back to each bias: b' = b + mu_X^T W - mu_X~^T Q", action=argparse.BooleanOptionalAction,
                                 check=FLAG, shown="on")
-    damp: float = opt(0.0, "ridge against fitting the calibration rows: GPFQ minimises ||XW - X~Q||^2 + lam ||W - Q||^2, "
-                      "lam = DAMP x the mean ||X~_t||^2 of the layer's fan-in (0: off)", kind=float,
-                      check=Check("number", low=0.0, high=1e6, text="a number >= 0"))
+    damp: float | str = opt(0.0, "ridge against fitting the calibration rows: GPFQ minimises ||XW - X~Q||^2 + "
+                            "lam ||W - Q||^2, lam = DAMP x the mean ||X~_t||^2 of the layer's fan-in (0: off); auto: per "
+                            "layer 0 or 1, whichever gives less output error on an eighth of its calibration rows held "
+                            "out of two trial fits, then a fit on all rows with it (2-3x the time)", metavar="{auto,DAMP}",
+                            shown="0")
     full_range: bool = opt(False, "use the full two's-complement range [-2^(b-1), 2^(b-1)-1]", action="store_true",
                            check=FLAG)
     weight_format: str = opt("int8", "int8: codes in int8 containers, runs on int8 kernels; int4: packed INT4 with "
@@ -177,6 +182,7 @@ class Options:
         put(self, "weight_bits", parse_weight_bits(self.weight_bits))
         put(self, "act_bits", parse_act_bits(self.act_bits))
         put(self, "smooth", parse_smooth(self.smooth))
+        put(self, "damp", parse_damp(self.damp))
         put(self, "act16_budget", parse_budget(self.act16_budget))
         if self.sparsity is None or isinstance(self.sparsity, str):
             put(self, "sparsity", parse_sparsity(self.sparsity))
@@ -304,7 +310,7 @@ class Options:
             search="full" if self.full_search else "auto",
             sparsity=self.sparsity,
             bias_correction=self.bias_correction,
-            damp=float(self.damp),
+            damp=0.0 if self.damp == "auto" else float(self.damp),  # auto: quantize.py tries DAMP_CANDIDATES
         )
 
 

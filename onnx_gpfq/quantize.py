@@ -229,16 +229,21 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
             if order is not None:
                 W = W[:, order, :]
             key = (t.patch_key, order is not None)
-            moments = moments_cache.get(key)
+            moments, held_out = moments_cache.get(key, (None, None))
             if moments is None:
                 shared = k + 1 < len(targets) and targets[k + 1].patch_key == t.patch_key
-                moments = _accumulate(t, xs, xts, W, spec, options, k, may_project=not shared, order=order,
-                                      extras=(_extras(float_stream, index, t), _extras(quant_stream, index, t)), masks=masks)
-                moments_cache = {key: moments}  # consecutive layers reading the same rows share them
+                moments, held_out = _accumulate(t, xs, xts, W, spec, options, k, may_project=not shared, order=order,
+                                                extras=(_extras(float_stream, index, t), _extras(quant_stream, index, t)),
+                                                masks=masks)
+                moments_cache = {key: (moments, held_out)}  # consecutive layers reading the same rows share them
             if t.OWN_OUTPUT is not None:  # the node's own output, read into the Moments: given back
                 float_stream.spill.release_all(xs)
                 quant_stream.spill.release_all(xts)
-            result = core.quantize_layer(W, moments, spec)
+            if held_out is not None:
+                fit, X_h, Xt_h = held_out
+                result, damp, _ = core.quantize_layer_held_out(W, fit, spec, X_h, Xt_h, full=moments)
+            else:
+                result, damp = core.quantize_layer(W, moments, spec), spec.damp
             if order is not None:
                 result = replace(result, codes=result.codes[:, np.argsort(order), :])
 
@@ -254,7 +259,7 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
             report.layers.append(LayerReport(
                 t.key, t.op_type, t.graph_shape or t.w_shape, bits, spec.granularity + (f":{block}" if block else ""), spec.scale_rule,
                 float(np.median(result.C)), float(result.rel_error), float(result.rel_error_rtn), float(result.sparsity),
-                result.form, int(moments.m), time.perf_counter() - layer_start))
+                result.form, int(moments.m), time.perf_counter() - layer_start, damp))
             progress.update()
     finally:
         progress.close()
@@ -316,11 +321,14 @@ def _extras(stream: Stream, index: GraphIndex, t: Layer):
 
 
 def _accumulate(t: Layer, xs, xts, W: np.ndarray, spec: core.QuantSpec, options: Options, k: int,
-                may_project: bool, order: np.ndarray | None = None, extras=None, masks=None) -> core.Moments:
+                may_project: bool, order: np.ndarray | None = None, extras=None,
+                masks=None) -> tuple[core.Moments, tuple[np.ndarray, np.ndarray] | None]:
     """The Moments of layer ``t`` (weights W (g, N0, N1g)) over all calibration batches, same
-    rows in both streams. Where X~ still equals X (nothing quantized upstream) the rows are
-    passed once; Moments are projected on W where that is cheaper and no other layer reads them.
-    order: a permutation of the N0 columns of X (W's rows already come in that order). masks: see ``_row_plan``."""
+    rows in both streams, and with --damp auto (Moments without the held-out rows, X_h, X~_h), the
+    held-out rows (g, m_h, N0) a seeded eighth of every batch's rows (HELD_OUT) (else None). Where X~
+    still equals X (nothing quantized upstream) the rows are passed once; Moments are projected on W
+    where that is cheaper and no other layer reads them. order: a permutation of the N0 columns of X
+    (W's rows already come in that order). masks: see ``_row_plan``."""
     shapes = xs.shapes() if hasattr(xs, "shapes") else [x.shape for x in xs]  # spilled batches stay on disk
     positions, keep = _row_plan(t, shapes, options, k, masks)
     m = sum(len(idx) for idx in keep)
@@ -331,6 +339,8 @@ def _accumulate(t: Layer, xs, xts, W: np.ndarray, spec: core.QuantSpec, options:
     passes = core.search_passes(spec, m, n0, n1, groups)
     form = core.choose_form(m, n0, n1, groups, passes=passes, projected=project)
     moments = core.Moments(groups, n0, form, W=W if project and form == "gram" else None, rows=m)
+    held = [] if options.damp == "auto" else None
+    fit = core.Moments(groups, n0, form, W=moments.W, rows=m) if held is not None else None  # without the held-out rows
     for b, (pos, idx) in enumerate(zip(positions, keep)):
         if b > 0:
             x, xt = xs[b], xts[b]
@@ -342,8 +352,19 @@ def _accumulate(t: Layer, xs, xts, W: np.ndarray, spec: core.QuantSpec, options:
             return r if order is None else np.ascontiguousarray(r[..., order])
 
         rows = rows_of(x, 0)
-        moments.update(rows, rows if same else rows_of(xt, 1))
-    return moments
+        rows_t = rows if same else rows_of(xt, 1)
+        moments.update(rows, rows_t)
+        if held is not None:
+            out = np.random.default_rng([options.seed, k, b, 1]).random(rows.shape[1]) < HELD_OUT
+            out[:1] &= not out.all()  # every batch keeps a row for the fit
+            held.append((rows[:, out], rows_t[:, out]))
+            fit.update(rows[:, ~out], rows_t[:, ~out])
+    if not held or not sum(h[0].shape[1] for h in held):
+        return moments, None
+    return moments, (fit, np.concatenate([h[0] for h in held], axis=1), np.concatenate([h[1] for h in held], axis=1))
+
+
+HELD_OUT = 0.125  # --damp auto: the share of a layer's rows held out of its fit, to choose the ridge on
 
 
 def _row_plan(t: Layer, shapes: list[tuple[int, ...]], options: Options, k: int,

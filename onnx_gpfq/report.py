@@ -26,6 +26,7 @@ class LayerReport:
     form: str  # "gram" | "residual" | "shared"
     rows: int  # rows of X used (samples x patches)
     seconds: float
+    damp: float = 0.0  # the ridge the layer was quantized with (--damp; auto: chosen on held-out rows)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,10 @@ class Report:
             lines.append(f"smoothing: {len(on)} of {len(self.smoothed)} smoothable activation tensors migrated "
                          f"(alpha {', '.join(sorted({f'{m.alpha:g}' for m in on})) or '-'}); their layers' 8-bit "
                          f"output error {gain:.2f}x lower")
+        if self.options.get("damp") == "auto":
+            ridged = [layer for layer in self.layers if layer.damp > 0]
+            lines.append(f"--damp auto: {len(ridged)} of {len(self.layers)} layers fitted with the ridge "
+                         f"(damp {', '.join(sorted({f'{layer.damp:g}' for layer in ridged})) or '-'}), chosen on held-out rows")
         if self.token_mask:
             lines.append(f"token mask {self.token_mask}: {self.padded_fraction:.0%} of the calibration tokens are padding; "
                          "the MatMul rows of X there left out of GPFQ")

@@ -277,3 +277,20 @@ def test_bias_correction_is_on_by_default_and_can_be_turned_off(capsys, tmp_path
     shift = {flag: np.abs((ort.InferenceSession(str(p)).run(None, {"input": x})[0] - y).mean(axis=0)).mean()
              for flag, p in paths.items()}
     assert shift[""] < 0.5 * shift["--no-bias-correction"], shift
+
+
+def test_damp_auto_chooses_each_layers_ridge_on_held_out_rows(capsys, tmp_path):
+    """--damp auto: per layer a ridge of core.DAMP_CANDIDATES, chosen by fits on 7/8 of the rows (the
+    rest held out), then fitted on all of them; reported per layer; deterministic; a bad --damp is one line."""
+    from onnx_gpfq.core import DAMP_CANDIDATES
+
+    out, again, report, plain = (tmp_path / n for n in ("a.onnx", "b.onnx", "r.json", "p.json"))
+    assert run(["quantize", MLP, "-o", out, "--calib", CALIB, "--damp", "auto", "--report", report, "--quiet"], capsys)[0] == 0
+    assert run(["quantize", MLP, "-o", again, "--calib", CALIB, "--damp", "auto", "--quiet"], capsys)[0] == 0
+    assert out.read_bytes() == again.read_bytes()
+    assert run(["quantize", MLP, "-o", tmp_path / "p.onnx", "--calib", CALIB, "--report", plain, "--quiet"], capsys)[0] == 0
+    layers, plain_layers = json.loads(report.read_text())["layers"], json.loads(plain.read_text())["layers"]
+    assert all(layer["damp"] in DAMP_CANDIDATES for layer in layers)
+    assert [a["rows"] for a in layers] == [b["rows"] for b in plain_layers]  # the final fit uses every row
+    for bad in ("-1", "often"):
+        assert_user_error(["quantize", MLP, "-o", tmp_path / "x.onnx", "--calib", CALIB, "--damp", bad], capsys, "--damp")

@@ -990,3 +990,30 @@ def test_damp_zero_changes_nothing_and_a_ridge_is_validated():
     for bad in (-1.0, float("nan"), True, "0.1"):
         with pytest.raises(ValueError, match="damp"):
             QuantSpec(Alphabet.from_bits(4), damp=bad)
+
+
+@pytest.mark.parametrize("m, chosen", [(30, 1.0), (3000, 0.0)])
+def test_held_out_rows_choose_the_ridge(m, chosen):
+    """quantize_layer_held_out: each candidate's held-out error is ||X_h W - Xt_h Q||^2 of the codes that
+    quantize_layer gives with that damp, and the least one wins; with ``full`` the layer is then fitted
+    on all rows with it. Fitted on fewer rows than the fan-in, GPFQ overfits them and the ridge wins on
+    fresh rows; on plenty of rows it only costs."""
+    rng = np.random.default_rng(12)
+    g, n0, n1 = 1, 40, 6
+    X, Xt = correlated(rng, g, m + 400, n0, noise=0.3)
+    W = rng.standard_normal((g, n0, n1)) * 0.3
+    spec = QuantSpec(Alphabet.from_bits(4))
+    moments = moments_of(X[:, :m], Xt[:, :m], "gram")
+    X_h, Xt_h = X[:, m:], Xt[:, m:]
+    result, damp, errors = P_.quantize_layer_held_out(W, moments, spec, X_h, Xt_h)
+    assert set(errors) == set(P_.DAMP_CANDIDATES) and damp == min(errors, key=errors.get) == chosen, errors
+    for d, err in errors.items():
+        alone = P_.quantize_layer(W, moments_of(X[:, :m], Xt[:, :m], "gram"), QuantSpec(Alphabet.from_bits(4), damp=d))
+        assert err == pytest.approx(float(np.sum((X_h @ W - Xt_h @ alone.weights()) ** 2)), rel=1e-9)
+        if d == damp:
+            np.testing.assert_array_equal(result.codes, alone.codes)
+            full = moments_of(X, Xt, "gram")
+            refit, refit_damp, _ = P_.quantize_layer_held_out(W, moments, spec, X_h, Xt_h, full=full)
+            with_all = P_.quantize_layer(W, moments_of(X, Xt, "gram"), QuantSpec(Alphabet.from_bits(4), damp=d))
+            assert refit_damp == d
+            np.testing.assert_array_equal(refit.codes, with_all.codes)

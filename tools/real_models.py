@@ -77,6 +77,8 @@ EXTRA_VARIANTS = [
     # the ridge against fitting the calibration rows (--damp), for choosing its default
     ("gpfq W8A8 damp1", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "damp": 1.0}),
     ("gpfq W4A8 damp1", "gpfq", {"method": "gpfq", "weight_bits": 4, "act_bits": 8, "damp": 1.0}),
+    ("gpfq W8A8 damp-auto", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "damp": "auto"}),
+    ("gpfq W4A8 damp-auto", "gpfq", {"method": "gpfq", "weight_bits": 4, "act_bits": 8, "damp": "auto"}),
 ]
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -114,3 +114,30 @@ def _columns(W: np.ndarray, moments: Moments, spec: QuantSpec, r: np.ndarray, bs
     if form.lam is not None:
         chosen = {m: c._replace(err=c.err - ridge_error(form.lam, Wc, c.codes, c.delta, bsize)) for m, c in chosen.items()}
     return chosen[spec.method], chosen["rtn"], float(form.wfw.sum())
+
+
+DAMP_CANDIDATES = (0.0, 1.0)  # the ridges --damp auto chooses from (QuantSpec.damp)
+
+
+def quantize_layer_held_out(W: np.ndarray, moments: Moments, spec: QuantSpec, X_h: np.ndarray, Xt_h: np.ndarray,
+                            full: Moments | None = None, damps: tuple[float, ...] = DAMP_CANDIDATES
+                            ) -> tuple[LayerResult, float, dict[float, float]]:
+    """The ridge (QuantSpec.damp) of ``damps`` whose codes, fitted on ``moments``, give the least output
+    error on held-out rows the moments never saw, ||X_h W - Xt_h Q||^2 (X_h, Xt_h: (g, m_h, N0), the same
+    rows in both networks; ties go to the earlier ridge), and the layer quantized with it: on ``full``
+    (the Moments of all rows, held-out ones included) when given, else the fit itself.
+    GPFQ fits its calibration rows: where they are few for the fan-in, the ridge's pull towards W
+    generalises better, where they are many it only costs. Returns (result, its damp, the held-out
+    error of each damp, in output units^2)."""
+    W = np.asarray(W, dtype=np.float64)
+    W = W[None] if W.ndim == 2 else W
+    X_h, Xt_h = (np.asarray(a, dtype=np.float64) for a in (X_h, Xt_h))
+    target = np.einsum("gmi,gin->gmn", X_h, W)
+    best, errors = None, {}
+    for damp in damps:
+        result = quantize_layer(W, moments, replace(spec, damp=float(damp)))
+        errors[damp] = float(np.sum((target - np.einsum("gmi,gin->gmn", Xt_h, result.weights())) ** 2))
+        if best is None or errors[damp] < errors[best[1]]:
+            best = (result, damp)
+    result = best[0] if full is None else quantize_layer(W, full, replace(spec, damp=best[1]))
+    return result, best[1], errors
