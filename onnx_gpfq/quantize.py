@@ -322,13 +322,13 @@ def _extras(stream: Stream, index: GraphIndex, t: Layer):
 
 def _accumulate(t: Layer, xs, xts, W: np.ndarray, spec: core.QuantSpec, options: Options, k: int,
                 may_project: bool, order: np.ndarray | None = None, extras=None,
-                masks=None) -> tuple[core.Moments, tuple[np.ndarray, np.ndarray] | None]:
+                masks=None) -> tuple[core.Moments, tuple[core.Moments, np.ndarray, np.ndarray] | None]:
     """The Moments of layer ``t`` (weights W (g, N0, N1g)) over all calibration batches, same
-    rows in both streams, and with --damp auto (Moments without the held-out rows, X_h, X~_h), the
-    held-out rows (g, m_h, N0) a seeded eighth of every batch's rows (HELD_OUT) (else None). Where X~
-    still equals X (nothing quantized upstream) the rows are passed once; Moments are projected on W
-    where that is cheaper and no other layer reads them. order: a permutation of the N0 columns of X
-    (W's rows already come in that order). masks: see ``_row_plan``."""
+    rows in both streams; with --damp auto also (the Moments without the held-out rows, X_h, X~_h):
+    the held-out rows, each (g, m_h, N0), are a seeded eighth of every batch's rows (HELD_OUT); else
+    None. Where X~ still equals X (nothing quantized upstream) the rows are passed once; Moments are
+    projected on W where that is cheaper and no other layer reads them. order: a permutation of the N0
+    columns of X (W's rows already come in that order). masks: see ``_row_plan``."""
     shapes = xs.shapes() if hasattr(xs, "shapes") else [x.shape for x in xs]  # spilled batches stay on disk
     positions, keep = _row_plan(t, shapes, options, k, masks)
     m = sum(len(idx) for idx in keep)
