@@ -151,32 +151,28 @@ def parse_budget(value) -> float:
     return number
 
 
-def parse_smooth(value) -> str | float:
-    """'auto' / 'off' / a fixed migration strength alpha in (0, 1] (also as text)."""
+def _word_or_number(value, words: tuple[str, ...], in_range, error: str) -> str | float:
+    """One of ``words``, or a number (also as text) for which ``in_range`` holds; else UserError(error)."""
     text = str(value).strip().lower() if isinstance(value, str) else value
-    if text in ("auto", "off"):
+    if text in words:
         return text
     try:
-        alpha = float(text) if not isinstance(text, bool) else None
+        number = float(text) if not isinstance(text, bool) else None
     except (TypeError, ValueError):
-        alpha = None
-    if alpha is None or not 0.0 < alpha <= 1.0:
-        raise UserError(f"--smooth must be auto, off or a number in (0, 1] (got {value!r})")
-    return alpha
+        number = None
+    if number is None or not in_range(number):
+        raise UserError(f"{error} (got {value!r})")
+    return number
+
+
+def parse_smooth(value) -> str | float:
+    """'auto' / 'off' / a fixed migration strength alpha in (0, 1] (also as text)."""
+    return _word_or_number(value, ("auto", "off"), lambda a: 0.0 < a <= 1.0, "--smooth must be auto, off or a number in (0, 1]")
 
 
 def parse_damp(value) -> str | float:
-    """'auto' or a ridge weight >= 0 (also as text)."""
-    text = str(value).strip().lower() if isinstance(value, str) else value
-    if text == "auto":
-        return text
-    try:
-        damp = float(text) if not isinstance(text, bool) else None
-    except (TypeError, ValueError):
-        damp = None
-    if damp is None or not 0.0 <= damp <= 1e6:
-        raise UserError(f"--damp must be auto or a number in [0, 1e6] (got {value!r})")
-    return damp
+    """'auto' or a ridge weight in [0, 1e6] (also as text)."""
+    return _word_or_number(value, ("auto",), lambda d: 0.0 <= d <= 1e6, "--damp must be auto or a number in [0, 1e6]")
 
 
 def parse_weight_bits(value: str | int) -> int | str:
