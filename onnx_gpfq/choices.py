@@ -175,6 +175,11 @@ def parse_damp(value) -> str | float:
     return _word_or_number(value, ("auto",), lambda d: 0.0 <= d <= 1e6, "--damp must be auto or a number in [0, 1e6]")
 
 
+def parse_upstream(value) -> str | float:
+    """'auto' or the share beta in [0, 1] of the upstream error each layer takes back (also as text)."""
+    return _word_or_number(value, ("auto",), lambda b: 0.0 <= b <= 1.0, "--upstream must be auto or a number in [0, 1]")
+
+
 def parse_weight_bits(value: str | int) -> int | str:
     """'4' -> 4, 'ternary' -> 'ternary'; anything else is a UserError."""
     text = str(value).strip().lower()

@@ -17,7 +17,7 @@ from .calib import ImageOptions
 from .choices import (ACT_BITS, ACT_CALIBRATIONS, C_RANGE, FLAG, GRANULARITIES, METHODS, PLACEMENTS, POSITIVE,  # noqa: F401
                       SCALE_RULES, WEIGHT_BITS, WEIGHT_FORMATS, Check, check_choice, choice, is_int, is_number, opt,
                       parse_act_bits, parse_batch_axis, parse_budget, parse_damp, parse_input_shape, parse_size, parse_smooth,
-                      parse_sparsity, parse_weight_bits)  # the parsers and choice tuples stay importable from here
+                      parse_sparsity, parse_upstream, parse_weight_bits)  # the parsers and choice tuples stay importable from here
 from .config import RULE_KEYS, RULE_TYPES, LayerRule, load_config, load_config_fix_inputs  # noqa: F401
 from .errors import UserError
 from .formats import FORMATS, RECURRENT_CHOICES
@@ -61,6 +61,10 @@ class Options:
     damp: the ridge of QuantSpec.damp (0: none), or "auto": per layer the one of core.DAMP_CANDIDATES
       whose codes, fitted without an eighth of the layer's rows, give the least output error on that
       eighth; the layer is then fitted on all its rows with it (``core.quantize_layer_held_out``).
+    upstream: QuantSpec.upstream, the share beta in [0, 1] of the error that quantization upstream leaves
+      in a layer's input which its codes take back (1: GPFQ's path following; 0: only the layer's own
+      rounding error), or "auto": per layer one of core.UPSTREAM_CANDIDATES, chosen like --damp auto
+      (with --damp auto both at once, over every pair).
     max_patches: conv patches / tokens (rows of X) sampled per calibration sample and layer.
     max_rows: rows of X per layer over the whole calibration set (after max_patches): beyond it each
       sample gets fewer patches (at least one), then a seeded subset of rows is kept. Bounds the
@@ -117,6 +121,11 @@ class Options:
                             "layer 0 or 1, whichever gives less output error on an eighth of its calibration rows held "
                             "out of two trial fits, then a fit on all rows with it (2-3x the time)", metavar="{auto,DAMP}",
                             shown="0")
+    upstream: float | str = opt(1.0, "share of the error that quantization upstream leaves in a layer's input which the "
+                                "layer's weights take back: GPFQ fits X~Q to (X~ + BETA (X - X~)) W; 1: the paper's path "
+                                "following, 0: only the layer's own rounding error; auto: per layer one of 0, 0.5, 1 by the "
+                                "output error on an eighth of its rows held out of trial fits, as --damp auto",
+                                metavar="{auto,BETA}", shown="1")
     full_range: bool = opt(False, "use the full two's-complement range [-2^(b-1), 2^(b-1)-1]", action="store_true",
                            check=FLAG)
     weight_format: str = opt("int8", "int8: codes in int8 containers, runs on int8 kernels; int4: packed INT4 with "
@@ -183,6 +192,7 @@ class Options:
         put(self, "act_bits", parse_act_bits(self.act_bits))
         put(self, "smooth", parse_smooth(self.smooth))
         put(self, "damp", parse_damp(self.damp))
+        put(self, "upstream", parse_upstream(self.upstream))
         put(self, "act16_budget", parse_budget(self.act16_budget))
         if self.sparsity is None or isinstance(self.sparsity, str):
             put(self, "sparsity", parse_sparsity(self.sparsity))
@@ -311,6 +321,7 @@ class Options:
             sparsity=self.sparsity,
             bias_correction=self.bias_correction,
             damp=0.0 if self.damp == "auto" else float(self.damp),  # auto: quantize.py tries DAMP_CANDIDATES
+            upstream=1.0 if self.upstream == "auto" else float(self.upstream),  # auto: UPSTREAM_CANDIDATES
         )
 
 

@@ -241,9 +241,12 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
                 quant_stream.spill.release_all(xts)
             if held_out is not None:
                 fit, X_h, Xt_h = held_out
-                result, damp, _ = core.quantize_layer_held_out(W, fit, spec, X_h, Xt_h, full=moments)
+                result, chosen, _ = core.quantize_layer_held_out(
+                    W, fit, spec, X_h, Xt_h, full=moments,
+                    damps=core.DAMP_CANDIDATES if options.damp == "auto" else (spec.damp,),
+                    upstreams=core.UPSTREAM_CANDIDATES if options.upstream == "auto" else None)
             else:
-                result, damp = core.quantize_layer(W, moments, spec), spec.damp
+                result, chosen = core.quantize_layer(W, moments, spec), spec
             if order is not None:
                 result = replace(result, codes=result.codes[:, np.argsort(order), :])
 
@@ -259,7 +262,7 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
             report.layers.append(LayerReport(
                 t.key, t.op_type, t.graph_shape or t.w_shape, bits, spec.granularity + (f":{block}" if block else ""), spec.scale_rule,
                 float(np.median(result.C)), float(result.rel_error), float(result.rel_error_rtn), float(result.sparsity),
-                result.form, int(moments.m), time.perf_counter() - layer_start, damp))
+                result.form, int(moments.m), time.perf_counter() - layer_start, chosen.damp, chosen.upstream))
             progress.update()
     finally:
         progress.close()
@@ -324,7 +327,7 @@ def _accumulate(t: Layer, xs, xts, W: np.ndarray, spec: core.QuantSpec, options:
                 may_project: bool, order: np.ndarray | None = None, extras=None,
                 masks=None) -> tuple[core.Moments, tuple[core.Moments, np.ndarray, np.ndarray] | None]:
     """The Moments of layer ``t`` (weights W (g, N0, N1g)) over all calibration batches, same
-    rows in both streams; with --damp auto also (the Moments without the held-out rows, X_h, X~_h):
+    rows in both streams; with --damp auto or --upstream auto also (the Moments without the held-out rows, X_h, X~_h):
     the held-out rows, each (g, m_h, N0), are a seeded eighth of every batch's rows (HELD_OUT); else
     None. Where X~ still equals X (nothing quantized upstream) the rows are passed once; Moments are
     projected on W where that is cheaper and no other layer reads them. order: a permutation of the N0
@@ -339,7 +342,7 @@ def _accumulate(t: Layer, xs, xts, W: np.ndarray, spec: core.QuantSpec, options:
     passes = core.search_passes(spec, m, n0, n1, groups)
     form = core.choose_form(m, n0, n1, groups, passes=passes, projected=project)
     moments = core.Moments(groups, n0, form, W=W if project and form == "gram" else None, rows=m)
-    held = [] if options.damp == "auto" else None
+    held = [] if "auto" in (options.damp, options.upstream) else None
     fit = core.Moments(groups, n0, form, W=moments.W, rows=m) if held is not None else None  # without the held-out rows
     for b, (pos, idx) in enumerate(zip(positions, keep)):
         if b > 0:
@@ -364,7 +367,7 @@ def _accumulate(t: Layer, xs, xts, W: np.ndarray, spec: core.QuantSpec, options:
     return moments, (fit, np.concatenate([h[0] for h in held], axis=1), np.concatenate([h[1] for h in held], axis=1))
 
 
-HELD_OUT = 0.125  # --damp auto: the share of a layer's rows held out of its fit, to choose the ridge on
+HELD_OUT = 0.125  # --damp / --upstream auto: the share of a layer's rows held out of its fit, to choose on
 
 
 def _row_plan(t: Layer, shapes: list[tuple[int, ...]], options: Options, k: int,

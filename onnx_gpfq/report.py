@@ -3,6 +3,7 @@ float and why, and the totals (weight bytes, the fraction of the model's weights
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from . import cpu
@@ -27,6 +28,7 @@ class LayerReport:
     rows: int  # rows of X used (samples x patches)
     seconds: float
     damp: float = 0.0  # the ridge the layer was quantized with (--damp; auto: chosen on held-out rows)
+    upstream: float = 1.0  # the share of the upstream error its codes take back (--upstream; auto: held-out rows)
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,11 @@ class Report:
             ridged = [layer for layer in self.layers if layer.damp > 0]
             lines.append(f"--damp auto: {len(ridged)} of {len(self.layers)} layers fitted with the ridge "
                          f"(damp {', '.join(sorted({f'{layer.damp:g}' for layer in ridged})) or '-'}), chosen on held-out rows")
+        if self.options.get("upstream") == "auto":
+            counts = Counter(layer.upstream for layer in self.layers if layer.form != "shared")
+            lines.append("--upstream auto: layers taking back " + ", ".join(
+                f"{share:g} of the upstream error: {counts[share]}" for share in sorted(counts, reverse=True))
+                + ", chosen on held-out rows")
         if self.token_mask:
             lines.append(f"token mask {self.token_mask}: {self.padded_fraction:.0%} of the calibration tokens are padding; "
                          "the MatMul rows of X there left out of GPFQ")

@@ -294,3 +294,33 @@ def test_damp_auto_chooses_each_layers_ridge_on_held_out_rows(capsys, tmp_path):
     assert [a["rows"] for a in layers] == [b["rows"] for b in plain_layers]  # the final fit uses every row
     for bad in ("-1", "often"):
         assert_user_error(["quantize", MLP, "-o", tmp_path / "x.onnx", "--calib", CALIB, "--damp", bad], capsys, "--damp")
+
+
+def test_upstream_share_fixed_or_chosen_per_layer_on_held_out_rows(capsys, tmp_path):
+    """--upstream 1 is the default (byte-identical output), 0 changes the codes; auto picks per layer one of
+    core.UPSTREAM_CANDIDATES on held-out rows (with --damp auto, a pair), reported per layer and in one line;
+    deterministic; every row fitted in the end; a bad --upstream is one line."""
+    from onnx_gpfq.core import DAMP_CANDIDATES, UPSTREAM_CANDIDATES
+
+    p = {n: tmp_path / f"{n}.onnx" for n in ("default", "one", "zero", "auto", "again", "both")}
+    r = {n: tmp_path / f"{n}.json" for n in p}
+    flags = {"default": [], "one": ["--upstream", "1"], "zero": ["--upstream", "0"], "auto": ["--upstream", "auto"],
+             "again": ["--upstream", "auto"], "both": ["--upstream", "auto", "--damp", "auto"]}
+    printed = {}
+    for n, f in flags.items():
+        code, out, err = run(["quantize", MLP, "-o", p[n], "--calib", CALIB, "--report", r[n], *f], capsys)
+        assert code == 0, n
+        printed[n] = out + err
+    assert p["one"].read_bytes() == p["default"].read_bytes()
+    assert p["zero"].read_bytes() != p["default"].read_bytes()
+    assert p["auto"].read_bytes() == p["again"].read_bytes()
+    layers = {n: json.loads(r[n].read_text())["layers"] for n in p}
+    assert {layer["upstream"] for layer in layers["default"]} == {1.0}
+    assert {layer["upstream"] for layer in layers["zero"]} == {0.0}
+    assert all(layer["upstream"] in UPSTREAM_CANDIDATES for layer in layers["auto"])
+    assert all(layer["upstream"] in UPSTREAM_CANDIDATES and layer["damp"] in DAMP_CANDIDATES for layer in layers["both"])
+    assert [a["rows"] for a in layers["auto"]] == [b["rows"] for b in layers["default"]]  # the final fit uses every row
+    assert "--upstream auto: layers taking back" in printed["auto"] and "--upstream auto" not in printed["default"]
+    for bad in ("-0.5", "2", "some"):
+        assert_user_error(["quantize", MLP, "-o", tmp_path / "x.onnx", "--calib", CALIB, "--upstream", bad], capsys,
+                          "--upstream")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -1005,15 +1006,92 @@ def test_held_out_rows_choose_the_ridge(m, chosen):
     spec = QuantSpec(Alphabet.from_bits(4))
     moments = moments_of(X[:, :m], Xt[:, :m], "gram")
     X_h, Xt_h = X[:, m:], Xt[:, m:]
-    result, damp, errors = P_.quantize_layer_held_out(W, moments, spec, X_h, Xt_h)
-    assert set(errors) == set(P_.DAMP_CANDIDATES) and damp == min(errors, key=errors.get) == chosen, errors
-    for d, err in errors.items():
+    result, used, errors = P_.quantize_layer_held_out(W, moments, spec, X_h, Xt_h)
+    damp = used.damp
+    assert set(errors) == {(d, 1.0) for d in P_.DAMP_CANDIDATES}, errors
+    assert (damp, used.upstream) == min(errors, key=errors.get) and damp == chosen, errors
+    for (d, _), err in errors.items():
         alone = P_.quantize_layer(W, moments_of(X[:, :m], Xt[:, :m], "gram"), QuantSpec(Alphabet.from_bits(4), damp=d))
         assert err == pytest.approx(float(np.sum((X_h @ W - Xt_h @ alone.weights()) ** 2)), rel=1e-9)
         if d == damp:
             np.testing.assert_array_equal(result.codes, alone.codes)
             full = moments_of(X, Xt, "gram")
-            refit, refit_damp, _ = P_.quantize_layer_held_out(W, moments, spec, X_h, Xt_h, full=full)
+            refit, refit_spec, _ = P_.quantize_layer_held_out(W, moments, spec, X_h, Xt_h, full=full)
             with_all = P_.quantize_layer(W, moments_of(X, Xt, "gram"), QuantSpec(Alphabet.from_bits(4), damp=d))
-            assert refit_damp == d
+            assert refit_spec.damp == d
             np.testing.assert_array_equal(refit.codes, with_all.codes)
+
+
+@pytest.mark.parametrize("noise, chosen", [(0.3, 0.0), (3.0, 1.0)])
+def test_held_out_rows_choose_the_upstream_share(noise, chosen):
+    """quantize_layer_held_out over QuantSpec.upstream: each share's held-out error is that of
+    quantize_layer's codes with it, the least wins. With 30 rows for a fan-in of 40, a small upstream
+    error X - Xt (noise 0.3) is fitted on the rows at the cost of fresh ones: taking none of it back wins;
+    a large one (noise 3) is mostly taken back on fresh rows too (Xt still carries X): the whole of it
+    (GPFQ's path following) wins."""
+    rng = np.random.default_rng(5)
+    g, n0, n1, m = 1, 40, 6, 30
+    X, _ = correlated(rng, g, m + 400, n0)
+    Xt = X + noise * rng.standard_normal(X.shape)
+    W = rng.standard_normal((g, n0, n1)) * 0.3
+    spec = QuantSpec(Alphabet.from_bits(8))
+    moments = moments_of(X[:, :m], Xt[:, :m], "gram")
+    X_h, Xt_h = X[:, m:], Xt[:, m:]
+    result, used, errors = P_.quantize_layer_held_out(W, moments, spec, X_h, Xt_h, damps=(0.0,),
+                                                       upstreams=P_.UPSTREAM_CANDIDATES)
+    assert set(errors) == {(0.0, u) for u in P_.UPSTREAM_CANDIDATES}
+    assert used.upstream == min(errors, key=errors.get)[1] == chosen, errors
+    for (_, u), err in errors.items():
+        alone = P_.quantize_layer(W, moments, replace(spec, upstream=u))
+        assert err == pytest.approx(float(np.sum((X_h @ W - Xt_h @ alone.weights()) ** 2)), rel=1e-9)
+        if u == used.upstream:
+            np.testing.assert_array_equal(result.codes, alone.codes)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.4])
+@pytest.mark.parametrize("m", [40, 150])  # the fused residual kernel (m <= 64) and the blocked residual form
+def test_upstream_share_is_gpfq_towards_the_blended_input(m, beta):
+    """QuantSpec.upstream = beta: every form takes the reference's decisions on X_b = Xt + beta (X - Xt)
+    and Xt, reports the data's own error ||XW - Xt Q||^2 / ||XW||^2, and bias correction still takes
+    back mu_x^T W - mu_xt^T Q with X's mean. Moments.blend's statistics are those of the blended rows."""
+    rng = np.random.default_rng(71 + m)
+    g, n0, n1 = 2, 22, 5
+    X, Xt = correlated(rng, g, m, n0, noise=0.4, dead=(5,))
+    W = rng.standard_normal((g, n0, n1)) * 0.3
+    Xb = Xt + beta * (X - Xt)
+    alphabet = Alphabet.from_bits(4)
+    spec = QuantSpec(alphabet, scale_rule="fixed", c=0.5, upstream=beta, bias_correction=True)
+    r, _ = P_.step_ranges(W, "channel")
+    delta_rows = np.broadcast_to(P_.steps_from_ranges(r, 0.5, alphabet.K), W.shape)
+    want, _ = ref.gpfq_layer(Xb, Xt, W, delta_rows, alphabet.lo, alphabet.hi)
+    plain, _ = ref.gpfq_layer(X, Xt, W, delta_rows, alphabet.lo, alphabet.hi)
+    assert (want != plain).any(), "the blend must change some decision"
+    G, H, F = gram(Xb, Xt)
+    for name, mom in (("gram", moments_of(X, Xt, "gram")), ("residual", moments_of(X, Xt, "residual")),
+                      ("projected", _projected(X, Xt, W))):
+        blended = mom.blend(beta)
+        np.testing.assert_allclose(blended.mu_x, X.mean(axis=1), rtol=1e-12)
+        if name == "gram":
+            for got, exp in ((blended.G, G), (blended.H, H), (blended.F, F)):
+                np.testing.assert_allclose(got, exp, rtol=1e-9, atol=1e-9)
+        elif name == "projected":
+            np.testing.assert_allclose(blended.GW, G @ W, rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(blended.A, np.tril(G) @ W, rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(blended.xw2, np.einsum("gmn,gmn->gn", Xb @ W, Xb @ W), rtol=1e-9)
+            np.testing.assert_allclose(blended.G_sup, P_.moments.superdiagonal(G), rtol=1e-9, atol=1e-9)
+        else:
+            np.testing.assert_allclose(blended.X, Xb, rtol=1e-6, atol=1e-6)
+        res = P_.quantize_layer(W, mom, spec)
+        np.testing.assert_array_equal(res.codes, want, err_msg=name)
+        Q = res.codes * delta_rows
+        U = X @ W - Xt @ Q
+        data = float(np.einsum("gmn,gmn->", U, U)) / float(np.einsum("gmn,gmn->", X @ W, X @ W))
+        assert res.rel_error == pytest.approx(data, rel=1e-6), name
+        bias = np.einsum("gi,gin->gn", X.mean(axis=1), W) - np.einsum("gi,gin->gn", Xt.mean(axis=1), Q)
+        np.testing.assert_allclose(res.bias_delta, bias, rtol=1e-6, atol=1e-9)
+    assert moments_of(X, Xt, "gram").blend(1.0).G is not None  # beta = 1: the Moments themselves
+    mom = moments_of(X, Xt, "gram")
+    assert mom.blend(1.0) is mom
+    for bad in (-0.1, 1.5, float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match="upstream"):
+            QuantSpec(alphabet, upstream=bad)

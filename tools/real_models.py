@@ -60,7 +60,8 @@ VARIANTS = [  # (label, quantizer, options)
 
 # Run only when --variants names them (not part of the default set or of BENCHMARKS.md's table):
 # the minimal activation placement, --act-calibration minmax (the default before auto), bias correction off,
-# smoothing off, 16-bit activations, 8-bit weights with float or 16-bit activations, and the ridge (--damp).
+# smoothing off, 16-bit activations, 8-bit weights with float or 16-bit activations, the ridge (--damp) and the
+# upstream share (--upstream).
 EXTRA_VARIANTS = [
     ("gpfq W8A8 minimal", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "act_placement": "minimal"}),
     ("gpfq W8A8 no-smooth", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "smooth": "off"}),
@@ -79,6 +80,15 @@ EXTRA_VARIANTS = [
     ("gpfq W4A8 damp1", "gpfq", {"method": "gpfq", "weight_bits": 4, "act_bits": 8, "damp": 1.0}),
     ("gpfq W8A8 damp-auto", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "damp": "auto"}),
     ("gpfq W4A8 damp-auto", "gpfq", {"method": "gpfq", "weight_bits": 4, "act_bits": 8, "damp": "auto"}),
+    # how much of the upstream error each layer takes back (--upstream), for choosing its default
+    ("gpfq W8A8 upstream-auto", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "upstream": "auto"}),
+    ("gpfq W4A8 upstream-auto", "gpfq", {"method": "gpfq", "weight_bits": 4, "act_bits": 8, "upstream": "auto"}),
+    ("gpfq W8A8 upstream0.5", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "upstream": 0.5}),
+    ("gpfq W4A8 upstream0.5", "gpfq", {"method": "gpfq", "weight_bits": 4, "act_bits": 8, "upstream": 0.5}),
+    ("gpfq W8A8 upstream0", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "upstream": 0.0}),
+    ("gpfq W4A8 upstream0", "gpfq", {"method": "gpfq", "weight_bits": 4, "act_bits": 8, "upstream": 0.0}),
+    ("gpfq W8A8 both-auto", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "damp": "auto", "upstream": "auto"}),
+    ("gpfq W4A8 both-auto", "gpfq", {"method": "gpfq", "weight_bits": 4, "act_bits": 8, "damp": "auto", "upstream": "auto"}),
 ]
 
 

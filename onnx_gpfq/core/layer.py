@@ -71,6 +71,7 @@ def quantize_layer(W: np.ndarray, moments: Moments, spec: QuantSpec) -> LayerRes
     if moments.m == 0:
         raise ValueError("quantize_layer: moments saw no calibration rows")
     g, n0, n1 = W.shape
+    data, moments = moments, moments.blend(spec.upstream)  # the fit's target X_b W (QuantSpec.upstream)
     per_column = spec.search_per_channel and spec.granularity != "tensor"
     grid = spec.c_grid if spec.scale_rule == "search" else (spec.c,)
     # Columns are independent problems once each chooses its own C: wide layers run in chunks
@@ -82,6 +83,9 @@ def quantize_layer(W: np.ndarray, moments: Moments, spec: QuantSpec) -> LayerRes
         Choice(*(np.concatenate([getattr(p[i], f) for p in parts], axis=a) for f, a in
                  (("codes", 2), ("delta", 2), ("C", 1), ("err", 1)))) for i in (0, 1))
     denom = float(sum(p[2] for p in parts))
+    if moments is not data:  # the errors reported are the data's, ||X w - Xt q||^2, not the fit target's
+        (best_err, denom), rtn_err = data.errors(W, _dequantized(best, bsize, n0)), data.errors(W, _dequantized(rtn, bsize, n0))[0]
+        best, rtn, denom = best._replace(err=best_err), rtn._replace(err=rtn_err), float(denom.sum())
 
     def rel(err):
         num = max(float(err.sum()), 0.0)
@@ -89,7 +93,7 @@ def quantize_layer(W: np.ndarray, moments: Moments, spec: QuantSpec) -> LayerRes
 
     bias_delta = None
     if spec.bias_correction:  # b' = b + mu_x^T W - mu_xt^T Q
-        Q = best.codes * rows_of(best.delta, bsize, n0)
+        Q = _dequantized(best, bsize, n0)
         bias_delta = (np.einsum("gi,gin->gn", moments.mu_x, W) - np.einsum("gi,gin->gn", moments.mu_xt, Q))
     zeros = best.codes.size - np.count_nonzero(best.codes)  # = mean(codes == 0) * size, no bool temporary
     return LayerResult(
@@ -97,6 +101,11 @@ def quantize_layer(W: np.ndarray, moments: Moments, spec: QuantSpec) -> LayerRes
         rel_error_rtn=rel(rtn.err), sparsity=zeros / best.codes.size, bias_delta=bias_delta,
         form="projected" if moments.W is not None else moments.form, group_size=bsize,
     )
+
+
+def _dequantized(choice: Choice, bsize: int, n0: int) -> np.ndarray:
+    """(g, N0, N1g) float64 codes times steps of a search choice."""
+    return choice.codes * rows_of(choice.delta, bsize, n0)
 
 
 def _columns(W: np.ndarray, moments: Moments, spec: QuantSpec, r: np.ndarray, bsize: int, grid, per_column: bool,
@@ -117,27 +126,34 @@ def _columns(W: np.ndarray, moments: Moments, spec: QuantSpec, r: np.ndarray, bs
 
 
 DAMP_CANDIDATES = (0.0, 1.0)  # the ridges --damp auto chooses from (QuantSpec.damp)
+UPSTREAM_CANDIDATES = (1.0, 0.5, 0.0)  # the shares --upstream auto chooses from (QuantSpec.upstream)
 
 
 def quantize_layer_held_out(W: np.ndarray, moments: Moments, spec: QuantSpec, X_h: np.ndarray, Xt_h: np.ndarray,
-                            full: Moments | None = None, damps: tuple[float, ...] = DAMP_CANDIDATES
-                            ) -> tuple[LayerResult, float, dict[float, float]]:
-    """The ridge (QuantSpec.damp) of ``damps`` whose codes, fitted on ``moments``, give the least output
-    error on held-out rows the moments never saw, ||X_h W - Xt_h Q||^2 (X_h, Xt_h: (g, m_h, N0), the same
-    rows in both networks; ties go to the earlier ridge), and the layer quantized with it: on ``full``
-    (the Moments of all rows, held-out ones included) when given, else the fit itself.
-    GPFQ fits its calibration rows: where they are few for the fan-in, the ridge's pull towards W
-    generalises better, where they are many it only costs. Returns (result, its damp, the held-out
-    error of each damp, in output units^2)."""
+                            full: Moments | None = None, damps: tuple[float, ...] = DAMP_CANDIDATES,
+                            upstreams: tuple[float, ...] | None = None
+                            ) -> tuple[LayerResult, QuantSpec, dict[tuple[float, float], float]]:
+    """The ridge (QuantSpec.damp) of ``damps`` and upstream share (QuantSpec.upstream) of ``upstreams``
+    (None: spec's own) whose codes, fitted on ``moments``, give the least output error on held-out rows
+    the moments never saw, ||X_h W - Xt_h Q||^2 (X_h, Xt_h: (g, m_h, N0), the same rows in both networks;
+    ties go to the earlier pair, damps outer), and the layer quantized with them: on ``full`` (the Moments
+    of all rows, held-out ones included) when given, else the fit itself.
+    GPFQ fits its calibration rows, the upstream error (X - Xt) w on them included: where they are few for
+    the fan-in, the ridge's pull towards W, or taking back less of the upstream error, generalises better;
+    where they are many it only costs. Returns (result, the spec it was quantized with, the held-out error
+    of each (damp, upstream), in output units^2)."""
     W = np.asarray(W, dtype=np.float64)
     W = W[None] if W.ndim == 2 else W
     X_h, Xt_h = (np.asarray(a, dtype=np.float64) for a in (X_h, Xt_h))
     target = np.einsum("gmi,gin->gmn", X_h, W)
     best, errors = None, {}
     for damp in damps:
-        result = quantize_layer(W, moments, replace(spec, damp=float(damp)))
-        errors[damp] = float(np.sum((target - np.einsum("gmi,gin->gmn", Xt_h, result.weights())) ** 2))
-        if best is None or errors[damp] < errors[best[1]]:
-            best = (result, damp)
-    result = best[0] if full is None else quantize_layer(W, full, replace(spec, damp=best[1]))
+        for upstream in (spec.upstream,) if upstreams is None else upstreams:
+            trial = replace(spec, damp=float(damp), upstream=float(upstream))
+            result = quantize_layer(W, moments, trial)
+            key = (trial.damp, trial.upstream)
+            errors[key] = float(np.sum((target - np.einsum("gmi,gin->gmn", Xt_h, result.weights())) ** 2))
+            if best is None or errors[key] < errors[(best[1].damp, best[1].upstream)]:
+                best = (result, trial)
+    result = best[0] if full is None else quantize_layer(W, full, best[1])
     return result, best[1], errors

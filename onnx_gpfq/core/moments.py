@@ -291,6 +291,60 @@ class Moments:
         """(g, N0, N0) float64 Xt^T Xt."""
         return self._gram("_H")
 
+    def blend(self, beta: float) -> "Moments":
+        """The Moments of the rows (X_b, Xt), X_b = Xt + beta (X - Xt), from these statistics (no pass
+        over data; the residual form blends its rows): G_b = beta G + (1 - beta) H,
+        F_b = beta^2 F + beta (1 - beta) (G + G^T) + (1 - beta)^2 H, and projected on W
+        A_b = beta A + (1 - beta) tril(H) W, (G W)_b = beta G W + (1 - beta) H W,
+        ||X_b w||^2 = beta^2 ||X w||^2 + 2 beta (1 - beta) w^T G w + (1 - beta)^2 w^T H w.
+        H, Xt and both means stay: mu_x is still X's, so bias correction takes back the float network's
+        mean shift. beta = 1 gives these Moments back (QuantSpec.upstream)."""
+        beta = float(beta)
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"Moments.blend: beta must be in [0, 1] (got {beta!r})")
+        if beta == 1.0:
+            return self
+        a, b = beta, 1.0 - beta
+        out = Moments(self.groups, self.n0, self.form, W=self.W, rows=self._expected)
+        out.m, out.rows_dtype, out._sx, out._sxt = self.m, self.rows_dtype, self._sx.copy(), self._sxt.copy()
+        if self.form == "residual":
+            X, Xt = self._rows()
+            Xb = Xt if beta == 0.0 else (X if Xt is X else (a * X + b * Xt).astype(X.dtype, copy=False))
+            out._cat = (Xb, Xt)
+            return out
+        H = self.H  # flushes the pending rows
+        out._H = H
+        if self.W is None:
+            G = self._G
+            out._G = a * G + b * H
+            out._F = a * a * self._F + a * b * (G + G.transpose(0, 2, 1)) + b * b * H
+        else:
+            W = self.W
+            HW = np.matmul(H, W)
+            out._A = a * self._A + b * np.matmul(np.tril(H), W)
+            out._GW = a * self._GW + b * HW
+            out._xw2 = (a * a * self._xw2 + 2.0 * a * b * np.einsum("gin,gin->gn", W, self._GW)
+                        + b * b * np.einsum("gin,gin->gn", W, HW))
+            out._gsup = a * self._gsup + b * superdiagonal(H)
+        return out
+
+    def errors(self, W: np.ndarray, Q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(||X w - Xt q||^2, ||X w||^2) per column, each (g, N1g), for W and dequantized Q (g, N0, N1g)
+        (projected Moments: W must be the W they were projected on)."""
+        W, Q = (np.asarray(a, dtype=np.float64) for a in (W, Q))
+        if self.form == "residual":
+            X, Xt = self._rows()
+            XW = np.matmul(X, W.astype(X.dtype)).astype(np.float64)
+            U = XW - np.matmul(Xt, Q.astype(Xt.dtype))
+            return np.einsum("gmn,gmn->gn", U, U), np.einsum("gmn,gmn->gn", XW, XW)
+        qhq = np.einsum("gin,gin->gn", Q, np.matmul(self.H, Q))
+        if self.W is None:
+            wfw = np.einsum("gin,gin->gn", W, np.matmul(self._F, W))
+            return wfw - 2.0 * np.einsum("gin,gin->gn", Q, np.matmul(self._G, W)) + qhq, wfw
+        if self.W.shape != W.shape or not np.array_equal(self.W, W):
+            raise ValueError("Moments.errors: projected Moments give the errors of the W they were projected on only")
+        return self._xw2 - 2.0 * np.einsum("gin,gin->gn", Q, self._GW) + qhq, self._xw2.copy()
+
     @property
     def F(self) -> np.ndarray:
         """(g, N0, N0) float64 X^T X."""

@@ -119,6 +119,12 @@ class QuantSpec:
       fan-in (per group): exactly GPFQ on X and Xt with the rows sqrt(lam) I appended. It pulls each
       decision toward rounding w itself, and makes rows with a zero column of Xt round w (instead of
       0). The step search compares the damped errors; the reported errors are the data term. 0: none.
+    upstream: beta in [0, 1], the share of the error quantization upstream leaves in the layer's input,
+      (X - Xt) w, that the layer's codes take back: GPFQ fits Xt q to X_b w, X_b = Xt + beta (X - Xt)
+      (Moments.blend). 1 (the paper's path following): the whole of it; 0: none, only the layer's own
+      rounding error on the inputs it will see, ||Xt (w - q)||^2 (GPTQ's objective). Fitting the
+      upstream error also fits its noise on the calibration rows; where those are few, less of it
+      generalises better. Reported errors and bias correction stay those of X (||X w - Xt q||^2, mu_x).
     """
 
     alphabet: Alphabet
@@ -134,6 +140,7 @@ class QuantSpec:
     bias_correction: bool = False
     pair_bound: int | None = None
     damp: float = 0.0
+    upstream: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.alphabet, Alphabet):
@@ -174,6 +181,9 @@ class QuantSpec:
             raise ValueError(f"QuantSpec.pair_bound must be None or an int >= 1 (got {pb!r})")
         if isinstance(self.damp, bool) or not (self.damp == 0 or _positive_number(self.damp)):
             raise ValueError(f"QuantSpec.damp must be a finite number >= 0 (got {self.damp!r})")
+        up = self.upstream
+        if isinstance(up, bool) or not isinstance(up, (int, float, np.floating, np.integer)) or not 0.0 <= up <= 1.0:
+            raise ValueError(f"QuantSpec.upstream must be a number in [0, 1] (got {up!r})")
 
 
 def _positive_number(x) -> bool:
