@@ -84,8 +84,9 @@ def quantize_layer(W: np.ndarray, moments: Moments, spec: QuantSpec) -> LayerRes
                  (("codes", 2), ("delta", 2), ("C", 1), ("err", 1)))) for i in (0, 1))
     denom = float(sum(p[2] for p in parts))
     if moments is not data:  # the errors reported are the data's, ||X w - Xt q||^2, not the fit target's
-        (best_err, denom), rtn_err = data.errors(W, _dequantized(best, bsize, n0)), data.errors(W, _dequantized(rtn, bsize, n0))[0]
-        best, rtn, denom = best._replace(err=best_err), rtn._replace(err=rtn_err), float(denom.sum())
+        best_err, xw2 = data.errors(W, _dequantized(best, bsize, n0))
+        rtn_err, _ = data.errors(W, _dequantized(rtn, bsize, n0))
+        best, rtn, denom = best._replace(err=best_err), rtn._replace(err=rtn_err), float(xw2.sum())
 
     def rel(err):
         num = max(float(err.sum()), 0.0)

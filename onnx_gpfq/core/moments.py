@@ -315,7 +315,7 @@ class Moments:
         H = self.H  # flushes the pending rows
         out._H = H
         if self.W is None:
-            G = self._G
+            G = self.G
             out._G = a * G + b * H
             out._F = a * a * self._F + a * b * (G + G.transpose(0, 2, 1)) + b * b * H
         else:
@@ -339,11 +339,11 @@ class Moments:
             return np.einsum("gmn,gmn->gn", U, U), np.einsum("gmn,gmn->gn", XW, XW)
         qhq = np.einsum("gin,gin->gn", Q, np.matmul(self.H, Q))
         if self.W is None:
-            wfw = np.einsum("gin,gin->gn", W, np.matmul(self._F, W))
-            return wfw - 2.0 * np.einsum("gin,gin->gn", Q, np.matmul(self._G, W)) + qhq, wfw
+            wfw = np.einsum("gin,gin->gn", W, np.matmul(self.F, W))
+            return wfw - 2.0 * np.einsum("gin,gin->gn", Q, np.matmul(self.G, W)) + qhq, wfw
         if self.W.shape != W.shape or not np.array_equal(self.W, W):
             raise ValueError("Moments.errors: projected Moments give the errors of the W they were projected on only")
-        return self._xw2 - 2.0 * np.einsum("gin,gin->gn", Q, self._GW) + qhq, self._xw2.copy()
+        return self.xw2 - 2.0 * np.einsum("gin,gin->gn", Q, self.GW) + qhq, self.xw2.copy()
 
     @property
     def F(self) -> np.ndarray:
