@@ -1052,8 +1052,9 @@ def test_held_out_rows_choose_the_upstream_share(noise, chosen):
 @pytest.mark.parametrize("m", [40, 150])  # the fused residual kernel (m <= 64) and the blocked residual form
 def test_upstream_share_is_gpfq_towards_the_blended_input(m, beta):
     """QuantSpec.upstream = beta: every form takes the reference's decisions on X_b = Xt + beta (X - Xt)
-    and Xt, reports the data's own error ||XW - Xt Q||^2 / ||XW||^2, and bias correction still takes
-    back mu_x^T W - mu_xt^T Q with X's mean. Moments.blend's statistics are those of the blended rows."""
+    and Xt, reports the data's own error ||XW - Xt Q||^2 / ||XW||^2, and bias correction takes back the
+    mean of the fitted error, mu_b^T W - mu_xt^T Q with X_b's mean. Moments.blend's statistics are those
+    of the blended rows."""
     rng = np.random.default_rng(71 + m)
     g, n0, n1 = 2, 22, 5
     X, Xt = correlated(rng, g, m, n0, noise=0.4, dead=(5,))
@@ -1070,7 +1071,8 @@ def test_upstream_share_is_gpfq_towards_the_blended_input(m, beta):
     for name, mom in (("gram", moments_of(X, Xt, "gram")), ("residual", moments_of(X, Xt, "residual")),
                       ("projected", _projected(X, Xt, W))):
         blended = mom.blend(beta)
-        np.testing.assert_allclose(blended.mu_x, X.mean(axis=1), rtol=1e-12)
+        np.testing.assert_allclose(blended.mu_x, Xb.mean(axis=1), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(blended.mu_xt, Xt.mean(axis=1), rtol=1e-12)
         if name == "gram":
             for got, exp in ((blended.G, G), (blended.H, H), (blended.F, F)):
                 np.testing.assert_allclose(got, exp, rtol=1e-9, atol=1e-9)
@@ -1087,7 +1089,7 @@ def test_upstream_share_is_gpfq_towards_the_blended_input(m, beta):
         U = X @ W - Xt @ Q
         data = float(np.einsum("gmn,gmn->", U, U)) / float(np.einsum("gmn,gmn->", X @ W, X @ W))
         assert res.rel_error == pytest.approx(data, rel=1e-6), name
-        bias = np.einsum("gi,gin->gn", X.mean(axis=1), W) - np.einsum("gi,gin->gn", Xt.mean(axis=1), Q)
+        bias = np.einsum("gi,gin->gn", Xb.mean(axis=1), W) - np.einsum("gi,gin->gn", Xt.mean(axis=1), Q)
         np.testing.assert_allclose(res.bias_delta, bias, rtol=1e-6, atol=1e-9)
     assert moments_of(X, Xt, "gram").blend(1.0).G is not None  # beta = 1: the Moments themselves
     mom = moments_of(X, Xt, "gram")

@@ -30,9 +30,9 @@ class LayerResult:
     dequantized weight = codes * scale repeated along the fan-in (see dequantize / weights()).
     C (g, N1g) chosen C per column. rel_error = ||XW - Xt Q||_F^2 / ||XW||_F^2 summed over all
     groups, rel_error_rtn the same for RTN with the same step rule, granularity and search.
-    sparsity: fraction of zero codes. bias_delta (g, N1g) = mu_x^T W - mu_xt^T Q (add to the
-    bias) when requested. form: which form computed it. group_size: fan-in rows per scale entry
-    (N0 for channel/tensor).
+    sparsity: fraction of zero codes. bias_delta (g, N1g) = mu_b^T W - mu_xt^T Q (add to the
+    bias) when requested: mu_b = mu_xt + beta (mu_x - mu_xt), beta = QuantSpec.upstream. form: which
+    form computed it. group_size: fan-in rows per scale entry (N0 for channel/tensor).
     """
 
     codes: np.ndarray
@@ -93,9 +93,10 @@ def quantize_layer(W: np.ndarray, moments: Moments, spec: QuantSpec) -> LayerRes
         return num / denom if denom > 0 else (0.0 if num == 0 else math.inf)
 
     bias_delta = None
-    if spec.bias_correction:  # b' = b + mu_x^T W - mu_xt^T Q
+    if spec.bias_correction:  # b' = b + mu_b^T W - mu_xt^T Q: the mean of the error the codes were fitted to
         Q = _dequantized(best, bsize, n0)
-        bias_delta = (np.einsum("gi,gin->gn", moments.mu_x, W) - np.einsum("gi,gin->gn", moments.mu_xt, Q))
+        mu_b = moments.mu_x  # the fit's Moments: X_b's mean, mu_xt + beta (mu_x - mu_xt) (Moments.blend)
+        bias_delta = np.einsum("gi,gin->gn", mu_b, W) - np.einsum("gi,gin->gn", moments.mu_xt, Q)
     zeros = best.codes.size - np.count_nonzero(best.codes)  # = mean(codes == 0) * size, no bool temporary
     return LayerResult(
         codes=best.codes, scale=np.where(best.delta > 0, best.delta, 1.0), C=best.C, rel_error=rel(best.err),

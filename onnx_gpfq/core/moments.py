@@ -297,8 +297,8 @@ class Moments:
         F_b = beta^2 F + beta (1 - beta) (G + G^T) + (1 - beta)^2 H, and projected on W
         A_b = beta A + (1 - beta) tril(H) W, (G W)_b = beta G W + (1 - beta) H W,
         ||X_b w||^2 = beta^2 ||X w||^2 + 2 beta (1 - beta) w^T G w + (1 - beta)^2 w^T H w.
-        H, Xt and both means stay: mu_x is still X's, so bias correction takes back the float network's
-        mean shift. beta = 1 gives these Moments back (QuantSpec.upstream)."""
+        mu_x becomes X_b's mean (bias correction takes back the mean of the error the codes are fitted to);
+        H, Xt and mu_xt stay. beta = 1 gives these Moments back (QuantSpec.upstream)."""
         beta = float(beta)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"Moments.blend: beta must be in [0, 1] (got {beta!r})")
@@ -306,7 +306,7 @@ class Moments:
             return self
         a, b = beta, 1.0 - beta
         out = Moments(self.groups, self.n0, self.form, W=self.W, rows=self._expected)
-        out.m, out.rows_dtype, out._sx, out._sxt = self.m, self.rows_dtype, self._sx.copy(), self._sxt.copy()
+        out.m, out.rows_dtype, out._sx, out._sxt = self.m, self.rows_dtype, a * self._sx + b * self._sxt, self._sxt.copy()
         if self.form == "residual":
             X, Xt = self._rows()
             Xb = Xt if beta == 0.0 else (X if Xt is X else (a * X + b * Xt).astype(X.dtype, copy=False))

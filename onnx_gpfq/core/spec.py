@@ -124,7 +124,8 @@ class QuantSpec:
       (Moments.blend). 1 (the paper's path following): the whole of it; 0: none, only the layer's own
       rounding error on the inputs it will see, ||Xt (w - q)||^2 (GPTQ's objective). Fitting the
       upstream error also fits its noise on the calibration rows; where those are few, less of it
-      generalises better. Reported errors and bias correction stay those of X (||X w - Xt q||^2, mu_x).
+      generalises better. Reported errors stay those of X (||X w - Xt q||^2); bias correction takes back
+      the mean of the fitted error, mu_b^T w - mu_xt^T q (mu_b: X_b's mean).
     """
 
     alphabet: Alphabet
