@@ -93,7 +93,7 @@ def check_choice(name: str, value, choices) -> None:
 class Check:
     """What a value must be: one of ``choices``, or an int / a finite number in [low, high]."""
 
-    kind: str  # "choice" | "int" | "number" | "bool"
+    kind: str  # "choice" | "int" | "number" | "bool" | "bool_or_none"
     choices: tuple = ()
     low: float = -math.inf
     high: float = math.inf
@@ -104,6 +104,8 @@ class Check:
             return value in self.choices
         if self.kind == "bool":
             return isinstance(value, bool)
+        if self.kind == "bool_or_none":
+            return value is None or isinstance(value, bool)
         good = is_int(value) if self.kind == "int" else is_number(value)
         return good and self.low <= value <= self.high
 
@@ -127,6 +129,7 @@ def choice(values) -> Check:
 
 POSITIVE = Check("int", low=1, high=2**31 - 1, text="a positive integer below 2^31")
 FLAG = Check("bool", text="True or False")
+FLAG_OR_NONE = Check("bool_or_none", text="True, False or None")
 
 
 def parse_act_bits(value) -> int | None:

@@ -14,10 +14,11 @@ import fnmatch
 from dataclasses import dataclass, fields, replace
 
 from .calib import ImageOptions
-from .choices import (ACT_BITS, ACT_CALIBRATIONS, C_RANGE, FLAG, GRANULARITIES, METHODS, PLACEMENTS, POSITIVE,  # noqa: F401
-                      SCALE_RULES, WEIGHT_BITS, WEIGHT_FORMATS, Check, check_choice, choice, is_int, is_number, opt,
-                      parse_act_bits, parse_batch_axis, parse_budget, parse_damp, parse_input_shape, parse_size, parse_smooth,
-                      parse_sparsity, parse_upstream, parse_weight_bits)  # the parsers and choice tuples stay importable from here
+from .choices import (ACT_BITS, ACT_CALIBRATIONS, C_RANGE, FLAG, FLAG_OR_NONE, GRANULARITIES, METHODS,  # noqa: F401
+                      PLACEMENTS, POSITIVE, SCALE_RULES, WEIGHT_BITS, WEIGHT_FORMATS, Check, check_choice, choice,
+                      is_int, is_number, opt, parse_act_bits, parse_batch_axis, parse_budget, parse_damp,
+                      parse_input_shape, parse_size, parse_smooth, parse_sparsity, parse_upstream,
+                      parse_weight_bits)  # the parsers and choice tuples stay importable from here
 from .config import RULE_KEYS, RULE_TYPES, LayerRule, load_config, load_config_fix_inputs  # noqa: F401
 from .errors import UserError
 from .formats import FORMATS, RECURRENT_CHOICES
@@ -113,9 +114,11 @@ class Options:
                             "layers where the default goes coarse to fine (6)", action="store_true", check=FLAG)
     sparsity: Sparsity | None = opt(None, "sparsity-promoting thresholding with absolute threshold LAMBDA",
                                     metavar="{soft,hard}:LAMBDA", shown="off")
-    bias_correction: bool = opt(True, "add the mean output shift that quantization leaves (weights, activation clips) "
-                                "back to each bias: b' = b + mu_X^T W - mu_X~^T Q", action=argparse.BooleanOptionalAction,
-                                check=FLAG, shown="on")
+    bias_correction: bool | None = opt(None, "add the mean output shift that quantization leaves (weights, activation "
+                                       "clips) back to each bias: b' = b + mu_X^T W - mu_X~^T Q (with --upstream BETA: "
+                                       "the mean of the error the codes were fitted to)",
+                                       action=argparse.BooleanOptionalAction, check=FLAG_OR_NONE,
+                                       shown="on for --method gpfq, off for rtn")
     damp: float | str = opt(0.0, "ridge against fitting the calibration rows: GPFQ minimises ||XW - X~Q||^2 + "
                             "lam ||W - Q||^2, lam = DAMP x the mean ||X~_t||^2 of the layer's fan-in (0: off); auto: per "
                             "layer 0 or 1, whichever gives less output error on an eighth of its calibration rows held "
@@ -319,7 +322,9 @@ class Options:
             **({"c_grid": tuple(self.c_grid)} if self.c_grid else {}),
             search="full" if self.full_search else "auto",
             sparsity=self.sparsity,
-            bias_correction=self.bias_correction,
+            # default: GPFQ's layers only; rounding's own steps, scored against the float output, shrink weights
+            # and the correction then over-corrects (README, Bias correction)
+            bias_correction=self.bias_correction if self.bias_correction is not None else layer.method == "gpfq",
             damp=0.0 if self.damp == "auto" else float(self.damp),  # auto: quantize.py tries DAMP_CANDIDATES
             upstream=1.0 if self.upstream == "auto" else float(self.upstream),  # auto: UPSTREAM_CANDIDATES
         )

@@ -250,7 +250,7 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
             if order is not None:
                 result = replace(result, codes=result.codes[:, np.argsort(order), :])
 
-            bias = _corrected_bias(t, index, result) if options.bias_correction else None
+            bias = _corrected_bias(t, index, result)  # None where the layer's spec has no correction
             block = plan.block_size
             scale = onnx_scale(t, result.scale, spec.granularity)
             if not block and t.x in acts and (bias is not None or t.b):  # zero channels: keep the int32 bias exact

@@ -261,9 +261,9 @@ def test_evaluate_bad_data(capsys, tmp_path):
 
 
 def test_bias_correction_is_on_by_default_and_can_be_turned_off(capsys, tmp_path):
-    """--bias-correction is the default (b' = b + mu_X^T W - mu_X~^T Q); --no-bias-correction turns it
+    """--bias-correction is GPFQ's default (b' = b + mu_X^T W - mu_X~^T Q); --no-bias-correction turns it
     off. Corrected, the quantized model's mean output shift against float, over the calibration
-    samples, is smaller."""
+    samples, is smaller. With --method rtn it is off unless asked for."""
     import onnxruntime as ort
 
     paths = {flag: tmp_path / f"{flag or 'default'}.onnx" for flag in ("", "--bias-correction", "--no-bias-correction")}
@@ -277,6 +277,11 @@ def test_bias_correction_is_on_by_default_and_can_be_turned_off(capsys, tmp_path
     shift = {flag: np.abs((ort.InferenceSession(str(p)).run(None, {"input": x})[0] - y).mean(axis=0)).mean()
              for flag, p in paths.items()}
     assert shift[""] < 0.5 * shift["--no-bias-correction"], shift
+    rtn = {flag: tmp_path / f"rtn{flag or 'default'}.onnx" for flag in ("", "--bias-correction", "--no-bias-correction")}
+    for flag, path in rtn.items():
+        argv = ["quantize", MLP, "-o", path, "--calib", CALIB, "--weight-bits", "3", "--method", "rtn", "--quiet"]
+        assert run(argv + ([flag] if flag else []), capsys)[0] == 0
+    assert rtn[""].read_bytes() == rtn["--no-bias-correction"].read_bytes() != rtn["--bias-correction"].read_bytes()
 
 
 def test_damp_auto_chooses_each_layers_ridge_on_held_out_rows(capsys, tmp_path):

@@ -59,9 +59,9 @@ VARIANTS = [  # (label, quantizer, options)
 ]
 
 # Run only when --variants names them (not part of the default set or of BENCHMARKS.md's table):
-# the minimal activation placement, --act-calibration minmax (the default before auto), bias correction off,
-# smoothing off, 16-bit activations, 8-bit weights with float or 16-bit activations, the ridge (--damp) and the
-# upstream share (--upstream).
+# the minimal activation placement, --act-calibration minmax (the default before auto), bias correction on for
+# RTN and off for GPFQ, smoothing off, 16-bit activations, 8-bit weights with float or 16-bit activations, the
+# ridge (--damp) and the upstream share (--upstream).
 EXTRA_VARIANTS = [
     ("gpfq W8A8 minimal", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "act_placement": "minimal"}),
     ("gpfq W8A8 no-smooth", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "smooth": "off"}),
@@ -69,7 +69,9 @@ EXTRA_VARIANTS = [
     ("rtn W8A8 act16", "gpfq", {"method": "rtn", "weight_bits": 8, "act_bits": "auto", "act16_budget": 0.25}),
     ("gpfq W8A8 minmax", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "act_calibration": "minmax"}),
     ("gpfq W4A8 minmax", "gpfq", {"method": "gpfq", "weight_bits": 4, "act_bits": 8, "act_calibration": "minmax"}),
-    # bias correction (on by default since the suite measured it): the runs without it
+    # bias correction (GPFQ's default since the suite measured it, off for RTN): the runs with RTN, GPFQ's without
+    ("rtn W8A8 bias-corr", "gpfq", {"method": "rtn", "weight_bits": 8, "act_bits": 8, "bias_correction": True}),
+    ("rtn W4A8 bias-corr", "gpfq", {"method": "rtn", "weight_bits": 4, "act_bits": 8, "bias_correction": True}),
     ("gpfq W8A8 no-bias-corr", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "bias_correction": False}),
     ("gpfq W4A8 no-bias-corr", "gpfq", {"method": "gpfq", "weight_bits": 4, "act_bits": 8, "bias_correction": False}),
     # ceilings: what 8-bit weights give with float or 16-bit activations (how much of a gap is the activations')
