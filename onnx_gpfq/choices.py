@@ -174,8 +174,9 @@ def parse_smooth(value) -> str | float:
 
 
 def parse_damp(value) -> str | float:
-    """'auto' or a ridge weight in [0, 1e6] (also as text)."""
-    return _word_or_number(value, ("auto",), lambda d: 0.0 <= d <= 1e6, "--damp must be auto or a number in [0, 1e6]")
+    """'auto', 'rows' or a ridge weight in [0, 1e6] (also as text)."""
+    return _word_or_number(value, ("auto", "rows"), lambda d: 0.0 <= d <= 1e6,
+                           "--damp must be auto, rows or a number in [0, 1e6]")
 
 
 def parse_upstream(value) -> str | float:

@@ -61,7 +61,9 @@ class Options:
       8-bit output error, smooth.py), "off", or a fixed strength alpha in (0, 1].
     damp: the ridge of QuantSpec.damp (0: none), or "auto": per layer the one of core.DAMP_CANDIDATES
       whose codes, fitted without an eighth of the layer's rows, give the least output error on that
-      eighth; the layer is then fitted on all its rows with it (``core.quantize_layer_held_out``).
+      eighth; the layer is then fitted on all its rows with it (``core.quantize_layer_held_out``); or
+      "rows": core.FEW_ROWS_DAMP on the layers fitted on fewer rows than they have inputs, 0 elsewhere
+      (``core.rows_damp``).
     upstream: QuantSpec.upstream, the share beta in [0, 1] of the error that quantization upstream leaves
       in a layer's input which its codes take back (1: GPFQ's path following; 0: only the layer's own
       rounding error), or "auto": per layer one of core.UPSTREAM_CANDIDATES, chosen like --damp auto
@@ -119,11 +121,12 @@ class Options:
                                        "the mean of the error the codes were fitted to)",
                                        action=argparse.BooleanOptionalAction, check=FLAG_OR_NONE,
                                        shown="on for --method gpfq, off for rtn")
-    damp: float | str = opt(0.0, "ridge against fitting the calibration rows: GPFQ minimises ||XW - X~Q||^2 + "
+    damp: float | str = opt("rows", "ridge against fitting the calibration rows: GPFQ minimises ||XW - X~Q||^2 + "
                             "lam ||W - Q||^2, lam = DAMP x the mean ||X~_t||^2 of the layer's fan-in (0: off); auto: per "
                             "layer 0 or 1, whichever gives less output error on an eighth of its calibration rows held "
-                            "out of two trial fits, then a fit on all rows with it (2-3x the time)", metavar="{auto,DAMP}",
-                            shown="0")
+                            "out of two trial fits, then a fit on all rows with it (2-3x the time); rows: 1 on the layers "
+                            "with fewer calibration rows than inputs (underdetermined fits), 0 elsewhere",
+                            metavar="{auto,rows,DAMP}", shown="rows")
     upstream: float | str = opt(1.0, "share of the error that quantization upstream leaves in a layer's input which the "
                                 "layer's weights take back: GPFQ fits X~Q to (X~ + BETA (X - X~)) W; 1: the paper's path "
                                 "following, 0: only the layer's own rounding error; auto: per layer one of 0, 0.5, 1 by the "
@@ -325,7 +328,7 @@ class Options:
             # default: GPFQ's layers only; rounding's own steps, scored against the float output, shrink weights
             # and the correction then over-corrects (README, Bias correction)
             bias_correction=self.bias_correction if self.bias_correction is not None else layer.method == "gpfq",
-            damp=0.0 if self.damp == "auto" else float(self.damp),  # auto: quantize.py tries DAMP_CANDIDATES
+            damp=0.0 if self.damp in ("auto", "rows") else float(self.damp),  # set per layer in quantize.py
             upstream=1.0 if self.upstream == "auto" else float(self.upstream),  # auto: UPSTREAM_CANDIDATES
         )
 

@@ -239,6 +239,8 @@ def _quantize_layers(base: onnx.ModelProto, targets: list[Layer], plans: dict[st
             if t.OWN_OUTPUT is not None:  # the node's own output, read into the Moments: given back
                 float_stream.spill.release_all(xs)
                 quant_stream.spill.release_all(xts)
+            if options.damp == "rows":
+                spec = replace(spec, damp=core.rows_damp(moments.m, W.shape[1]))
             if held_out is not None:
                 fit, X_h, Xt_h = held_out
                 result, chosen, _ = core.quantize_layer_held_out(

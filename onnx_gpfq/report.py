@@ -109,8 +109,11 @@ class Report:
             lines.append(f"smoothing: {len(on)} of {len(self.smoothed)} smoothable activation tensors migrated "
                          f"(alpha {', '.join(sorted({f'{m.alpha:g}' for m in on})) or '-'}); their layers' 8-bit "
                          f"output error {gain:.2f}x lower")
+        ridged = [layer for layer in self.layers if layer.damp > 0]
+        if self.options.get("damp") == "rows" and ridged:
+            lines.append(f"--damp rows: {len(ridged)} of {len(self.layers)} layers had fewer calibration rows than "
+                         f"inputs and were fitted with the ridge")
         if self.options.get("damp") == "auto":
-            ridged = [layer for layer in self.layers if layer.damp > 0]
             lines.append(f"--damp auto: {len(ridged)} of {len(self.layers)} layers fitted with the ridge "
                          f"(damp {', '.join(sorted({f'{layer.damp:g}' for layer in ridged})) or '-'}), chosen on held-out rows")
         if self.options.get("upstream") == "auto":

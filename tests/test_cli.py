@@ -301,6 +301,33 @@ def test_damp_auto_chooses_each_layers_ridge_on_held_out_rows(capsys, tmp_path):
         assert_user_error(["quantize", MLP, "-o", tmp_path / "x.onnx", "--calib", CALIB, "--damp", bad], capsys, "--damp")
 
 
+def test_damp_rows_ridges_exactly_the_layers_with_fewer_rows_than_inputs(capsys, tmp_path):
+    """--damp rows (the default): core.FEW_ROWS_DAMP on the layers fitted on fewer calibration rows than they
+    have inputs (100 samples: digits_mlp's fc2 (256 inputs) and fc3 (128), not fc1 (64)), 0 on the others;
+    said in one report line where some are; with every layer well determined it changes nothing."""
+    from onnx_gpfq.core import FEW_ROWS_DAMP
+
+    few = tmp_path / "few.npz"
+    np.savez(few, input=np.load(CALIB)["input"][:100])
+    outs = {}
+    for calib, flag in ((few, "rows"), (few, "0"), (Path(CALIB), "rows"), (Path(CALIB), "0")):
+        path, report = tmp_path / f"{calib.stem}-{flag}.onnx", tmp_path / f"{calib.stem}-{flag}.json"
+        code, out, err = run(["quantize", MLP, "-o", path, "--calib", calib, "--damp", flag, "--report", report], capsys)
+        assert code == 0
+        layers = json.loads(report.read_text())["layers"]
+        outs[calib.stem, flag] = path.read_bytes()
+        if flag == "rows":
+            fan_in = [layer["weight_shape"][1] for layer in layers]  # Gemm (transB): (outputs, inputs)
+            assert [layer["damp"] for layer in layers] == [FEW_ROWS_DAMP if layer["rows"] < n else 0.0
+                                                          for layer, n in zip(layers, fan_in)]
+            ridged = sum(layer["rows"] < n for layer, n in zip(layers, fan_in))
+            assert ridged == (2 if calib == few else 0)
+            line = f"--damp rows: {ridged} of {len(layers)} layers had fewer calibration rows than inputs"
+            assert (line in out + err) == (ridged > 0)
+    assert outs["few", "rows"] != outs["few", "0"]
+    assert outs[Path(CALIB).stem, "rows"] == outs[Path(CALIB).stem, "0"]
+
+
 def test_upstream_share_fixed_or_chosen_per_layer_on_held_out_rows(capsys, tmp_path):
     """--upstream 1 is the default (byte-identical output), 0 changes the codes; auto picks per layer one of
     core.UPSTREAM_CANDIDATES on held-out rows (with --damp auto, a pair), reported per layer and in one line;

@@ -78,6 +78,8 @@ EXTRA_VARIANTS = [
     ("gpfq W8", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": None}),
     ("gpfq W8A16", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 16}),
     # the ridge against fitting the calibration rows (--damp), for choosing its default
+    ("gpfq W8A8 damp0", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "damp": 0.0}),
+    ("gpfq W4A8 damp0", "gpfq", {"method": "gpfq", "weight_bits": 4, "act_bits": 8, "damp": 0.0}),
     ("gpfq W8A8 damp1", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "damp": 1.0}),
     ("gpfq W4A8 damp1", "gpfq", {"method": "gpfq", "weight_bits": 4, "act_bits": 8, "damp": 1.0}),
     ("gpfq W8A8 damp-auto", "gpfq", {"method": "gpfq", "weight_bits": 8, "act_bits": 8, "damp": "auto"}),

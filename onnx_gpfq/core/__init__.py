@@ -30,7 +30,8 @@ from .fused import RESIDUAL_FUSED_MAX_M
 from ._numba_cache import drop_stale, load_from_cache_without_refresh
 from .cost import choose_form, projection_pays
 from .gram import GRAM_BLOCK, gpfq_gram, tril_matmul
-from .layer import DAMP_CANDIDATES, UPSTREAM_CANDIDATES, LayerResult, quantize_layer, quantize_layer_held_out
+from .layer import (DAMP_CANDIDATES, FEW_ROWS_DAMP, UPSTREAM_CANDIDATES, LayerResult, quantize_layer,
+                    quantize_layer_held_out, rows_damp)
 from .moments import Moments
 from .residual import gpfq_residual
 from .rounding import Rule, quantize_codes, rtn_codes
@@ -46,7 +47,7 @@ del _module
 
 __all__ = [
     "Alphabet", "Sparsity", "QuantSpec", "Moments", "LayerResult", "quantize_layer", "quantize_layer_held_out",
-    "DAMP_CANDIDATES", "UPSTREAM_CANDIDATES", "choose_form",
+    "DAMP_CANDIDATES", "FEW_ROWS_DAMP", "UPSTREAM_CANDIDATES", "choose_form", "rows_damp",
     "projection_pays", "search_passes", "gpfq_gram", "gpfq_residual", "rtn_codes", "quantize_codes",
     "step_ranges", "steps_from_ranges", "dequantize", "output_error", "tril_matmul", "Rule",
     "DEFAULT_C_GRID", "GRAM_BLOCK", "RESIDUAL_FUSED_MAX_M", "METHODS", "GRANULARITIES", "SCALE_RULES", "SEARCHES",

@@ -128,6 +128,15 @@ def _columns(W: np.ndarray, moments: Moments, spec: QuantSpec, r: np.ndarray, bs
 
 
 DAMP_CANDIDATES = (0.0, 1.0)  # the ridges --damp auto chooses from (QuantSpec.damp)
+FEW_ROWS_DAMP = 1.0  # --damp rows: the ridge of a layer with fewer calibration rows than fan-in inputs
+
+
+def rows_damp(m: int, n0: int) -> float:
+    """--damp rows: the ridge (QuantSpec.damp) for a layer fitted on m rows of n0 inputs. With m < n0 the
+    least-squares fit is underdetermined: GPFQ can match the few rows with codes far from W (an SE block's
+    1x1 convs on pooled rows, a classifier after pooling: one row per calibration sample), so those layers
+    get FEW_ROWS_DAMP; the others none."""
+    return FEW_ROWS_DAMP if m < n0 else 0.0
 UPSTREAM_CANDIDATES = (1.0, 0.5, 0.0)  # the shares --upstream auto chooses from (QuantSpec.upstream)
 
 
