@@ -21,7 +21,7 @@ MODELS = ["digits_mlp", "digits_cnn", "digits_vit"]
 BITS = [8, 4, 3, 2, "ternary"]
 # MSQ runs with unconstrained codes (target reference): with C = 1 the largest code of a channel is 127, and the
 # default target's pair bound would clip its neighbours, which is no longer the paper's baseline; nor is bias
-# correction, which the package turns on by default.
+# correction, which the package turns on by default for GPFQ.
 METHODS = {"GPFQ": dict(method="gpfq"), "RTN": dict(method="rtn"),
            "MSQ": dict(method="rtn", scale_rule="fixed", target="reference", bias_correction=False)}
 BEGIN, END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"
