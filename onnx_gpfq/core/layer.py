@@ -95,8 +95,8 @@ def quantize_layer(W: np.ndarray, moments: Moments, spec: QuantSpec) -> LayerRes
     bias_delta = None
     if spec.bias_correction:  # b' = b + mu_b^T W - mu_xt^T Q: the mean of the error the codes were fitted to
         Q = _dequantized(best, bsize, n0)
-        mu_b = moments.mu_x  # the fit's Moments: X_b's mean, mu_xt + beta (mu_x - mu_xt) (Moments.blend)
-        bias_delta = np.einsum("gi,gin->gn", mu_b, W) - np.einsum("gi,gin->gn", moments.mu_xt, Q)
+        # moments are the fit's (Moments.blend): mu_x is X_b's mean, mu_xt + beta (mu_x - mu_xt)
+        bias_delta = np.einsum("gi,gin->gn", moments.mu_x, W) - np.einsum("gi,gin->gn", moments.mu_xt, Q)
     zeros = best.codes.size - np.count_nonzero(best.codes)  # = mean(codes == 0) * size, no bool temporary
     return LayerResult(
         codes=best.codes, scale=np.where(best.delta > 0, best.delta, 1.0), C=best.C, rel_error=rel(best.err),
@@ -128,6 +128,7 @@ def _columns(W: np.ndarray, moments: Moments, spec: QuantSpec, r: np.ndarray, bs
 
 
 DAMP_CANDIDATES = (0.0, 1.0)  # the ridges --damp auto chooses from (QuantSpec.damp)
+UPSTREAM_CANDIDATES = (1.0, 0.5, 0.0)  # the shares --upstream auto chooses from (QuantSpec.upstream)
 FEW_ROWS_DAMP = 1.0  # --damp rows: the ridge of a layer with fewer calibration rows than fan-in inputs
 
 
@@ -137,7 +138,6 @@ def rows_damp(m: int, n0: int) -> float:
     1x1 convs on pooled rows, a classifier after pooling: one row per calibration sample), so those layers
     get FEW_ROWS_DAMP; the others none."""
     return FEW_ROWS_DAMP if m < n0 else 0.0
-UPSTREAM_CANDIDATES = (1.0, 0.5, 0.0)  # the shares --upstream auto chooses from (QuantSpec.upstream)
 
 
 def quantize_layer_held_out(W: np.ndarray, moments: Moments, spec: QuantSpec, X_h: np.ndarray, Xt_h: np.ndarray,
